@@ -1,0 +1,45 @@
+# Every user-facing action is a target here; `make train` and `make test` set everything up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Lightning's tip banners and wandb's network calls are noise on a laptop.
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+
+.PHONY: install train test test-slow lint format clean help
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+install: $(STAMP) ## create .venv and install normlab with dev and sweep extras
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,sweep]'
+	@# A CPU-only torch picked up from a local wheel cache breaks torchvision's ops; fail here, loudly.
+	$(BIN)/python -c "import torch, torchvision; torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)" \
+	  || { echo "torchvision cannot run its ops with this torch build: remove $(VENV) and reinstall"; exit 1; }
+	touch $@
+
+train: install ## train the default experiment (DenseNet-BC on digits, CPU)
+	$(BIN)/python -m normlab.train $(ARGS)
+
+test: install ## run the test suite (fast tests)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-slow: install ## run the slow tests too
+	$(BIN)/python -m pytest -m "slow or not slow" $(ARGS)
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check src tests experiments
+	$(BIN)/ruff format --check src tests experiments
+
+format: install ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests experiments
+	$(BIN)/ruff format src tests experiments
+
+clean: ## remove the venv, logs and caches
+	rm -rf $(VENV) logs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

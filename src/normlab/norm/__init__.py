@@ -1,0 +1,30 @@
+"""The norm registry used by every model: ``build_norm``, ``register_norm``, ``convert_norms``.
+
+Models never import a norm class; they take a spec (a name, a mapping or a callable) and call
+``get_norm_layer(spec)`` to get a factory ``num_features -> nn.Module``.
+"""
+
+from normlab.norm import builtin as _builtin  # noqa: F401  (registers the built-in norms)
+from normlab.norm.convert import convert_norms, norm_channels
+from normlab.norm.layers import LayerNorm2d, NoNorm
+from normlab.norm.registry import (
+    NORMS,
+    NormSpec,
+    build_norm,
+    get_norm_layer,
+    norm_name,
+    register_norm,
+)
+
+__all__ = [
+    "NORMS",
+    "LayerNorm2d",
+    "NoNorm",
+    "NormSpec",
+    "build_norm",
+    "convert_norms",
+    "get_norm_layer",
+    "norm_channels",
+    "norm_name",
+    "register_norm",
+]

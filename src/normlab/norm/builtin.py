@@ -1,0 +1,95 @@
+"""The built-in norms. Defaults here equal those in ``conf/norm/<name>.yaml``."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from normlab.errors import ConfigError
+from normlab.norm.layers import LayerNorm2d, NoNorm
+from normlab.norm.registry import register_norm
+
+
+@register_norm("bn")
+def batch_norm(
+    num_features: int,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = True,
+) -> nn.Module:
+    return nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)
+
+
+@register_norm("syncbn")
+def sync_batch_norm(
+    num_features: int,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = True,
+) -> nn.Module:
+    # torch's implementation; it synchronises only on CUDA and behaves as BN without a process group.
+    return nn.SyncBatchNorm(num_features, eps, momentum, affine, track_running_stats)
+
+
+@register_norm("ln")
+def layer_norm(num_features: int, eps: float = 1e-6, affine: bool = True) -> nn.Module:
+    return LayerNorm2d(num_features, eps=eps, affine=affine)
+
+
+def resolve_num_groups(
+    num_channels: int, num_groups: int | None, group_size: int | None, max_groups: int
+) -> int:
+    """Pick the GroupNorm group count: exact when asked for, else the largest divisor ≤ max_groups."""
+    if num_groups is not None and group_size is not None:
+        raise ConfigError("gn: set either norm.num_groups or norm.group_size, not both")
+    if num_groups is not None:
+        if num_groups < 1 or num_channels % num_groups:
+            raise ConfigError(
+                f"gn: {num_channels} channels are not divisible by norm.num_groups={num_groups}"
+            )
+        return num_groups
+    if group_size is not None:
+        if group_size < 1 or num_channels % group_size:
+            raise ConfigError(
+                f"gn: {num_channels} channels are not divisible by norm.group_size={group_size}"
+            )
+        return num_channels // group_size
+    if max_groups < 1:
+        raise ConfigError(f"gn: norm.max_groups must be ≥ 1, got {max_groups}")
+    return max(g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0)
+
+
+@register_norm("gn")
+def group_norm(
+    num_features: int,
+    num_groups: int | None = None,
+    group_size: int | None = None,
+    max_groups: int = 32,
+    eps: float = 1e-5,
+    affine: bool = True,
+) -> nn.Module:
+    groups = resolve_num_groups(num_features, num_groups, group_size, max_groups)
+    return nn.GroupNorm(groups, num_features, eps=eps, affine=affine)
+
+
+@register_norm("in")
+def instance_norm(
+    num_features: int,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = False,
+) -> nn.Module:
+    return nn.InstanceNorm2d(num_features, eps, momentum, affine, track_running_stats)
+
+
+@register_norm("frozen_bn")
+def frozen_batch_norm(num_features: int, eps: float = 1e-5) -> nn.Module:
+    return FrozenBatchNorm2d(num_features, eps=eps)
+
+
+@register_norm("none")
+def no_norm(num_features: int) -> nn.Module:
+    return NoNorm(num_features)

@@ -1,0 +1,80 @@
+"""Swap every norm layer of an existing model for another kind, keeping what both can hold."""
+
+from __future__ import annotations
+
+import timm.layers
+import torch
+import torchvision.models.convnext
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops import FrozenBatchNorm2d
+
+from normlab.norm.layers import LayerNorm2d, NoNorm
+from normlab.norm.registry import NormSpec, get_norm_layer
+
+# LayerNorms that normalise the channel axis of N×C×H×W input. A plain nn.LayerNorm normalises
+# the last axis (channels-last blocks, transformers) and is left alone.
+_CHANNELS_FIRST_LAYER_NORMS = (
+    LayerNorm2d,
+    timm.layers.LayerNorm2d,
+    torchvision.models.convnext.LayerNorm2d,
+)
+_STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def norm_channels(module: nn.Module) -> int | None:
+    """The channel count of a 2-D norm layer, or None if ``module`` is not one."""
+    if isinstance(module, _BatchNorm) and not isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d)):
+        return module.num_features
+    if isinstance(module, nn.InstanceNorm2d):
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, FrozenBatchNorm2d):
+        return module.weight.shape[0]
+    if isinstance(module, _CHANNELS_FIRST_LAYER_NORMS):
+        return module.normalized_shape[0]
+    if isinstance(module, NoNorm):
+        return module.num_features
+    return None
+
+
+def _floating_tensor(module: nn.Module) -> torch.Tensor | None:
+    """A floating-point parameter or buffer: the device and dtype the replacement must have."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return next((t for t in tensors if t.is_floating_point()), None)
+
+
+@torch.no_grad()
+def _transfer_state(source: nn.Module, target: nn.Module) -> None:
+    for name in _STATE_NAMES:
+        src, dst = getattr(source, name, None), getattr(target, name, None)
+        if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
+            dst.copy_(src)
+
+
+def _convert(module: nn.Module, norm_layer) -> nn.Module:
+    channels = norm_channels(module)
+    if channels is not None:
+        replacement = norm_layer(channels)
+        reference = _floating_tensor(module)
+        if reference is not None:
+            replacement.to(device=reference.device, dtype=reference.dtype)
+        _transfer_state(module, replacement)
+        replacement.train(module.training)
+        return replacement
+    for name, child in module.named_children():
+        converted = _convert(child, norm_layer)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def convert_norms(model: nn.Module, spec: NormSpec) -> nn.Module:
+    """Replace every 2-D norm layer in ``model`` with ``spec``'s kind and return the model.
+
+    Affine weights and running statistics are copied wherever both layers have them with equal
+    shapes; the model is changed in place (except when ``model`` is itself a norm layer, in which
+    case the returned module is its replacement).
+    """
+    return _convert(model, get_norm_layer(spec))

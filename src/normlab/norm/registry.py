@@ -1,0 +1,91 @@
+"""The norm registry: names → factories `(num_features, **kwargs) -> nn.Module`.
+
+A *spec* is what users write in configs and what models accept as `norm=`:
+
+- a registered name: ``"bn"``;
+- a mapping with ``name`` plus keyword arguments: ``{"name": "gn", "num_groups": 8}``
+  (an OmegaConf ``DictConfig`` from Hydra works the same);
+- a callable ``num_features -> nn.Module`` (used as is).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from normlab.errors import ConfigError
+
+NormFactory = Callable[..., nn.Module]
+NormLayer = Callable[[int], nn.Module]
+NormSpec = Union[str, Mapping[str, Any], NormLayer]
+
+NORMS: dict[str, NormFactory] = {}
+
+
+def register_norm(name: str, *, override: bool = False) -> Callable[[NormFactory], NormFactory]:
+    """Decorator: register ``factory(num_features, **kwargs) -> nn.Module`` under ``name``."""
+
+    def decorator(factory: NormFactory) -> NormFactory:
+        if name in NORMS and not override:
+            raise ValueError(f"norm {name!r} is already registered (pass override=True to replace)")
+        NORMS[name] = factory
+        return factory
+
+    return decorator
+
+
+def _split_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    kwargs = dict(spec)
+    if "name" not in kwargs:
+        raise ConfigError(f"norm spec {kwargs} has no 'name'; registered norms: {registered()}")
+    return str(kwargs.pop("name")), kwargs
+
+
+def registered() -> str:
+    return ", ".join(sorted(NORMS))
+
+
+def norm_name(spec: NormSpec | None) -> str | None:
+    """The registered name a spec refers to, or None for a plain callable."""
+    if spec is None or (callable(spec) and not isinstance(spec, Mapping)):
+        return None
+    return _split_spec(spec)[0]
+
+
+def get_norm_layer(spec: NormSpec) -> NormLayer:
+    """Resolve a spec into a callable ``num_features -> nn.Module``, validating it at once.
+
+    Models call this once in their constructor and then build every norm through the result,
+    so a misspelt name or argument fails before any layer is created.
+    """
+    if callable(spec) and not isinstance(spec, Mapping):
+        return spec
+    if not isinstance(spec, (str, Mapping)):
+        raise ConfigError(f"norm spec must be a name, a mapping or a callable, got {spec!r}")
+    name, kwargs = _split_spec(spec)
+    if name not in NORMS:
+        raise ConfigError(f"unknown norm {name!r}; registered norms: {registered()}")
+    factory = NORMS[name]
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    allowed = [p for p in params if p != "num_features"]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown and not takes_any:
+        raise ConfigError(
+            f"norm {name!r} does not take {', '.join(unknown)}; its arguments: {', '.join(allowed)}"
+        )
+    return functools.partial(factory, **kwargs)
+
+
+def build_norm(spec: NormSpec, num_features: int) -> nn.Module:
+    """Build one norm layer for ``num_features`` channels from a spec."""
+    return get_norm_layer(spec)(num_features)
