@@ -1,0 +1,143 @@
+"""Image classification as a LightningModule: any model from the registry-driven zoo, any norm."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from normlab.tasks.optim import build_optimizer, build_scheduler
+from normlab.utils.figures import confusion_matrix_figure, figure_to_array, image_grid, log_image
+
+
+def _plain(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return None if config is None else dict(config)
+
+
+class ClassificationModule(pl.LightningModule):
+    """Cross-entropy classification with top-1/top-5 accuracy and visual diagnostics.
+
+    ``model``, ``optimizer`` and ``scheduler`` are Hydra configs (``_target_``; the latter two
+    ``_partial_``), stored in the checkpoint's hyperparameters so that
+    ``ClassificationModule.load_from_checkpoint(path)`` rebuilds everything on its own.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        num_classes: int,
+        scheduler: Mapping[str, Any] | None = None,
+        scheduler_interval: str = "step",
+        label_smoothing: float = 0.0,
+        decay_norm_and_bias: bool = False,
+        num_misclassified: int = 32,
+    ) -> None:
+        super().__init__()
+        model, optimizer, scheduler = _plain(model), _plain(optimizer), _plain(scheduler)
+        self.save_hyperparameters(logger=False)
+        self.model: nn.Module = instantiate(model)
+
+        top_k = min(5, num_classes)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, top_k=1),
+                f"acc_top{top_k}": MulticlassAccuracy(num_classes, top_k=top_k),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_acc_best = MaxMetric()
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self._misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self._loss(logits, targets)
+        self.train_metrics.update(logits, targets)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(targets))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._misclassified.clear()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.val_metrics.update(logits, targets)
+        self.val_confusion.update(logits, targets)
+        self.log("val/loss", self._loss(logits, targets), prog_bar=True, batch_size=len(targets))
+        self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(targets))
+        self._keep_misclassified(images, logits.argmax(dim=1), targets)
+
+    def _keep_misclassified(
+        self, images: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor
+    ) -> None:
+        room = self.hparams.num_misclassified - sum(len(t) for _, _, t in self._misclassified)
+        wrong = (predictions != targets).nonzero().flatten()[: max(room, 0)]
+        if len(wrong):
+            self._misclassified.append(
+                (images[wrong].cpu(), predictions[wrong].cpu(), targets[wrong].cpu())
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best.update(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        matrix = self.val_confusion.compute()
+        self.val_confusion.reset()
+        if self.trainer.sanity_checking or not self.trainer.loggers:
+            return
+        names = getattr(self.trainer.datamodule, "class_names", None) or [
+            str(i) for i in range(self.hparams.num_classes)
+        ]
+        step = self.global_step
+        figure = confusion_matrix_figure(matrix, names)
+        log_image(self.trainer.loggers, "val/confusion_matrix", figure_to_array(figure), step)
+        if self._misclassified:
+            images, predictions, targets = (torch.cat(parts) for parts in zip(*self._misclassified))
+            caption = "  ".join(f"{names[t]}→{names[p]}" for p, t in zip(predictions, targets))
+            log_image(
+                self.trainer.loggers,
+                "val/misclassified",
+                image_grid(images),
+                step,
+                caption=f"true→predicted, row by row: {caption}",
+            )
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.test_metrics.update(logits, targets)
+        self.log("test/loss", self._loss(logits, targets), batch_size=len(targets))
+        self.log_dict(self.test_metrics, batch_size=len(targets))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(
+            self.hparams.optimizer, self.model, self.hparams.decay_norm_and_bias
+        )
+        scheduler = build_scheduler(
+            self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches)
+        )
+        if scheduler is None:
+            return {"optimizer": optimizer}
+        interval = self.hparams.scheduler_interval
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

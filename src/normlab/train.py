@@ -1,0 +1,104 @@
+"""Training entry point: ``python -m normlab.train experiment=densenet_digits norm=gn``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from normlab.errors import ConfigError
+from normlab.utils.run import CONFIG_DIR, RunInfo, git_sha, register_resolvers, save_run_info
+
+log = logging.getLogger("normlab.train")
+register_resolvers()
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a config group such as ``callbacks`` or ``logger``."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def _fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Model fields marked ``???`` (class count, input channels) come from the data."""
+    for key in ("num_classes", "in_channels"):
+        if key in cfg.model and OmegaConf.is_missing(cfg.model, key):
+            cfg.model[key] = getattr(datamodule, key)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then test the best checkpoint; return the final metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    _fill_from_datamodule(cfg, datamodule)
+    # The model is built here, before any data is read, so a bad norm or model fails at once.
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    module: pl.LightningModule = instantiate(task, _recursive_=False)
+
+    info = save_run_info(cfg, output_dir, git_sha())
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), RunInfo(info)]
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**info["config"], "git_sha": info["git_sha"]})
+
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint (fast_dev_run or no validation): testing current weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if best_score := getattr(trainer.checkpoint_callback, "best_model_score", None):
+        metrics["best_model_score"] = float(best_score)
+    log.info("run dir: %s", output_dir)
+    return metrics
+
+
+def _config_error(error: BaseException) -> ConfigError | None:
+    """The ConfigError behind an exception (Hydra's instantiate wraps what targets raise)."""
+    while error is not None:
+        if isinstance(error, ConfigError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def exit_on_config_error(error: Exception) -> None:
+    """Report a configuration mistake as one line and exit 2; re-raise anything else."""
+    config_error = _config_error(error)
+    if config_error is None:
+        raise error
+    # One line naming the key and what is allowed; a traceback would bury it.
+    print(f"normlab: configuration error: {config_error}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry; returns ``cfg.optimized_metric`` for sweepers (Optuna)."""
+    try:
+        metrics = train(cfg)
+    except Exception as error:
+        exit_on_config_error(error)
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+    return metrics[name]
+
+
+if __name__ == "__main__":
+    main()
