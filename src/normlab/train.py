@@ -8,7 +8,6 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,14 +28,14 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def _fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
     """Model fields marked ``???`` (class count, input channels) come from the data."""
     for key in ("num_classes", "in_channels"):
-        if key in cfg.model and OmegaConf.is_missing(cfg.model, key):
+        if key in cfg.model.keys() and OmegaConf.is_missing(cfg.model, key):
             cfg.model[key] = getattr(datamodule, key)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics."""
     pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir = Path(cfg.paths.output_dir)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     _fill_from_datamodule(cfg, datamodule)

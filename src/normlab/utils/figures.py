@@ -58,6 +58,7 @@ def log_image(
     """Log an H×W×3 uint8 image to every logger that displays images (wandb, TensorBoard)."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[image], step=step, caption=[caption] if caption else None)
+            extra = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[image], step=step, **extra)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")

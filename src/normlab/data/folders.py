@@ -1,0 +1,377 @@
+"""Data modules over files on disk: CIFAR-10/100 (python version) and ImageFolder trees.
+
+Both check the on-disk layout in ``__init__`` (so ``num_classes`` / ``class_names`` are known before
+the model is built, and a wrong path fails before any training starts) and decode images lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.transforms import v2
+
+from normlab.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageClassificationDataModule,
+    TransformSubset,
+    to_float_normalized,
+)
+from normlab.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR
+# --------------------------------------------------------------------------------------------------
+
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+
+CIFAR100_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
+    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom",
+    "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake",
+    "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm",
+]  # fmt: skip
+
+# Fixed, independent of `seed`: the train/val carve-out never changes between runs.
+CIFAR_VAL_SPLIT_SEED = 0
+
+
+def _no_md5(files: list[list[str]]) -> list[list[str | None]]:
+    return [[name, None] for name, _ in files]
+
+
+class CIFAR10NoMD5(CIFAR10):
+    """``CIFAR10`` with every md5 set to None: torchvision then only checks that the files exist,
+    and its real parsing code (``__init__`` / ``_load_meta``) runs unchanged."""
+
+    train_list = _no_md5(CIFAR10.train_list)
+    test_list = _no_md5(CIFAR10.test_list)
+    meta = {**CIFAR10.meta, "md5": None}
+
+
+class CIFAR100NoMD5(CIFAR100):
+    """``CIFAR100`` without md5 checks (see :class:`CIFAR10NoMD5`)."""
+
+    train_list = _no_md5(CIFAR100.train_list)
+    test_list = _no_md5(CIFAR100.test_list)
+    meta = {**CIFAR100.meta, "md5": None}
+
+
+_DATASETS: dict[str, type[CIFAR10]] = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+_DATASETS_NO_MD5: dict[str, type[CIFAR10]] = {"cifar10": CIFAR10NoMD5, "cifar100": CIFAR100NoMD5}
+_PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+class CIFARDataModule(ImageClassificationDataModule):
+    """CIFAR-10 or CIFAR-100 from the python version under ``root``.
+
+    ``root`` must contain ``cifar-10-batches-py/`` (``data_batch_1``..``5``, ``test_batch``,
+    ``batches.meta``) or ``cifar-100-python/`` (``train``, ``test``, ``meta``); with
+    ``download=True`` torchvision fetches them in :meth:`prepare_data`. A fraction
+    ``val_fraction`` of the official training set becomes the validation split (fixed generator,
+    so the split is the same in every run); test is the official test set.
+    ``check_integrity=False`` skips torchvision's md5 checks (files need only exist and parse).
+    """
+
+    in_channels = 3
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        variant: Literal["cifar10", "cifar100"] = "cifar10",
+        download: bool = False,
+        val_fraction: float = 0.1,
+        check_integrity: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        image_size: int = 32,
+        augment: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, image_size, augment, seed)
+        if variant not in _DATASETS:
+            raise ConfigError(f"data.variant must be one of {sorted(_DATASETS)}, got {variant!r}")
+        if (
+            isinstance(val_fraction, bool)
+            or not isinstance(val_fraction, (int, float))
+            or not 0.0 < val_fraction < 1.0
+        ):
+            raise ConfigError(
+                f"data.val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}"
+            )
+        self.root = os.path.expanduser(os.fspath(root))
+        self.variant = variant
+        self.download = bool(download)
+        self.val_fraction = float(val_fraction)
+        self.check_integrity = bool(check_integrity)
+        self.dataset_cls = (_DATASETS if self.check_integrity else _DATASETS_NO_MD5)[variant]
+        self.folder = os.path.join(self.root, self.dataset_cls.base_folder)
+        self.num_classes = 10 if variant == "cifar10" else 100
+        self.class_names = list(CIFAR10_CLASSES if variant == "cifar10" else CIFAR100_CLASSES)
+        self.mean, self.std = CIFAR_STATS[variant]
+        if not self.download:
+            self._check_files()
+            self.class_names = self._read_class_names()
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def _expected_files(self) -> list[str]:
+        cls = self.dataset_cls
+        return [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+    def _check_files(self) -> None:
+        pretty = _PRETTY[self.variant]
+        hint = (
+            f"put the {pretty} python version there (from {self.dataset_cls.filename}) or set "
+            "data.download=true where internet is available"
+        )
+        if not os.path.isdir(self.folder):
+            raise ConfigError(f"data.root: {self.folder} not found; {hint}")
+        missing = [
+            f for f in self._expected_files() if not os.path.isfile(os.path.join(self.folder, f))
+        ]
+        if missing:
+            raise ConfigError(
+                f"data.root: {self.folder} lacks {', '.join(missing)} "
+                f"(expected {', '.join(self._expected_files())}); {hint}"
+            )
+
+    def _read_class_names(self) -> list[str]:
+        meta = self.dataset_cls.meta
+        path = os.path.join(self.folder, meta["filename"])
+        try:
+            with open(path, "rb") as f:
+                names = pickle.load(f, encoding="latin1")[meta["key"]]
+        except Exception as e:  # unreadable / not a CIFAR meta pickle
+            raise ConfigError(
+                f"data.root: {path} is not a readable {_PRETTY[self.variant]} meta pickle with "
+                f"key {meta['key']!r} ({type(e).__name__}: {e})"
+            ) from e
+        names = [str(n) for n in names]
+        if len(names) != self.num_classes:
+            raise ConfigError(
+                f"data.root: {path} lists {len(names)} classes, expected {self.num_classes} for "
+                f"data.variant={self.variant}"
+            )
+        return names
+
+    # -- transforms -------------------------------------------------------------------------------
+
+    def _resize(self) -> list[v2.Transform]:
+        if self.image_size == 32:
+            return []
+        return [v2.Resize(self.image_size, antialias=True)]
+
+    def train_transform(self) -> v2.Compose:
+        if not self.augment:
+            return self.eval_transform()
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomCrop(32, padding=4),
+                v2.RandomHorizontalFlip(),
+                *self._resize(),
+                *to_float_normalized(self.mean, self.std),
+            ]
+        )
+
+    def eval_transform(self) -> v2.Compose:
+        return v2.Compose(
+            [v2.ToImage(), *self._resize(), *to_float_normalized(self.mean, self.std)]
+        )
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        if not self.download:
+            return
+        try:
+            for train in (True, False):
+                self.dataset_cls(self.root, train=train, download=True)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(
+                f"data.download=true: fetching {_PRETTY[self.variant]} into {self.root} failed "
+                f"({type(e).__name__}: {e}); put the python version at {self.folder} instead"
+            ) from e
+
+    def _load(self, train: bool) -> CIFAR10:
+        try:
+            return self.dataset_cls(self.root, train=train, download=False)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise ConfigError(
+                f"data.root: {self.folder} failed torchvision's md5 check ({e}); re-fetch the "
+                "official python version, or set data.check_integrity=false to use these files"
+            ) from e
+
+    def _build(self) -> None:
+        if self.download:
+            self.prepare_data()  # no-op when the files are already there
+        self._check_files()
+        full_train = self._load(train=True)
+        test = self._load(train=False)
+        self.class_names = [str(c) for c in full_train.classes]
+
+        n = len(full_train)
+        n_val = max(1, round(n * self.val_fraction))
+        if n_val >= n:
+            raise ConfigError(
+                f"data.val_fraction={self.val_fraction} leaves no training images out of {n}"
+            )
+        generator = torch.Generator().manual_seed(CIFAR_VAL_SPLIT_SEED)
+        perm = torch.randperm(n, generator=generator)
+        val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+
+        test.transform = self.eval_transform()
+        self.train_set = TransformSubset(full_train, train_idx, self.train_transform())
+        self.val_set = TransformSubset(full_train, val_idx, self.eval_transform())
+        self.test_set = test
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageFolder
+# --------------------------------------------------------------------------------------------------
+
+
+def rgb_loader(path: str) -> Image.Image:
+    """Open an image file as 3-channel RGB (grayscale, palette and RGBA files included)."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # avoids PIL's palette-transparency warning
+        return image.convert("RGB")
+
+
+def find_class_folders(directory: str) -> list[str]:
+    """Sorted names of the non-hidden subfolders of ``directory`` (hidden ones such as
+    ``.ipynb_checkpoints`` are not classes)."""
+    return sorted(
+        entry.name
+        for entry in os.scandir(directory)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+
+
+class RGBImageFolder(ImageFolder):
+    """torchvision ``ImageFolder`` that always yields RGB images and ignores hidden folders."""
+
+    def __init__(self, root: str, transform: Any = None) -> None:
+        super().__init__(root, transform=transform, loader=rgb_loader)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = find_class_folders(os.fspath(directory))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+class ImageFolderDataModule(ImageClassificationDataModule):
+    """Images under ``root/train/<class>/`` and ``root/val/<class>/`` (and optionally
+    ``root/test/<class>/``; without it the test split is the val split).
+
+    Train: ``RandomResizedCrop(image_size)`` + horizontal flip; eval: ``Resize(int(1.14 *
+    image_size))`` + ``CenterCrop(image_size)``; ImageNet mean/std. All splits must have the same
+    class folders.
+    """
+
+    in_channels = 3
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        image_size: int = 32,
+        augment: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, image_size, augment, seed)
+        self.root = os.path.expanduser(os.fspath(root))
+        layout = "root/train/<class>/*.png|jpg|... and root/val/<class>/... (root/test/ optional)"
+        if not os.path.isdir(self.root):
+            raise ConfigError(f"data.root: {self.root} is not a directory; expected {layout}")
+        self.train_dir = os.path.join(self.root, "train")
+        self.val_dir = os.path.join(self.root, "val")
+        test_dir = os.path.join(self.root, "test")
+        self.test_dir = test_dir if os.path.isdir(test_dir) else self.val_dir
+        for d in (self.train_dir, self.val_dir):
+            if not os.path.isdir(d):
+                raise ConfigError(f"data.root: {d} not found; expected {layout}")
+
+        split_classes = {
+            d: find_class_folders(d) for d in {self.train_dir, self.val_dir, self.test_dir}
+        }
+        for d, names in split_classes.items():
+            if not names:
+                raise ConfigError(f"data.root: {d} has no class subfolders; expected {layout}")
+        train_classes = split_classes[self.train_dir]
+        for d in (self.val_dir, self.test_dir):
+            other = split_classes[d]
+            if other != train_classes:
+                only_train = sorted(set(train_classes) - set(other))
+                only_other = sorted(set(other) - set(train_classes))
+                raise ConfigError(
+                    f"data.root: class folders differ between {self.train_dir} and {d}: "
+                    f"only in train: {only_train}, only in {os.path.basename(d)}: {only_other}"
+                )
+        self.class_names = train_classes
+        self.num_classes = len(train_classes)
+
+    def train_transform(self) -> v2.Compose:
+        if not self.augment:
+            return self.eval_transform()
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomResizedCrop(self.image_size, antialias=True),
+                v2.RandomHorizontalFlip(),
+                *to_float_normalized(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    def eval_transform(self) -> v2.Compose:
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(int(self.image_size * 1.14), antialias=True),
+                v2.CenterCrop(self.image_size),
+                *to_float_normalized(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    def _folder(self, directory: str, transform: v2.Compose) -> RGBImageFolder:
+        try:
+            return RGBImageFolder(directory, transform=transform)
+        except FileNotFoundError as e:  # a class folder without any image file
+            raise ConfigError(f"data.root: {directory}: {e}") from e
+
+    def _build(self) -> None:
+        self.train_set = self._folder(self.train_dir, self.train_transform())
+        self.val_set = self._folder(self.val_dir, self.eval_transform())
+        self.test_set = (
+            self.val_set
+            if self.test_dir == self.val_dir
+            else self._folder(self.test_dir, self.eval_transform())
+        )

@@ -1,0 +1,156 @@
+"""Shared pieces of the image-classification data modules.
+
+- :class:`ImageClassificationDataModule`: the common constructor arguments (validated, with
+  config-key error messages), the seeded/deterministic training loader and the eval loaders;
+- :class:`TransformSubset`: a view of a dataset restricted to some indices with its own transform,
+  so one decoded copy of a training set serves both the augmented train split and the clean val
+  split;
+- normalisation constants and the v2 pipelines used by the CIFAR / ImageFolder modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from normlab.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_int(key: str, value: Any, *, minimum: int) -> int:
+    """``value`` as an int ≥ ``minimum``; ConfigError naming ``data.<key>`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"data.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def to_float_normalized(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    """uint8/float image → float32 in [0, 1] → normalised with ``mean``/``std``."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+class TransformSubset(Dataset):
+    """``dataset[indices[i]]`` with ``transform`` applied to the image (targets untouched)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: Sequence[int] | torch.Tensor,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, target = self.dataset[self.indices[index]]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
+class ImageClassificationDataModule(pl.LightningDataModule):
+    """Base class: subclasses set ``num_classes``, ``in_channels``, ``class_names`` in ``__init__``
+    and ``train_set`` / ``val_set`` / ``test_set`` in :meth:`setup`."""
+
+    num_classes: int
+    in_channels: int
+    class_names: list[str]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        image_size: int = 32,
+        augment: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.image_size = check_int("image_size", image_size, minimum=1)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.pin_memory = bool(pin_memory)
+        self.augment = bool(augment)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # -- subclasses -------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Create ``train_set``, ``val_set`` and ``test_set`` (called once)."""
+        raise NotImplementedError
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        # All three splits are cheap to index (data are decoded lazily or already in memory), so
+        # every stage builds them all; this keeps `dm.setup("fit")` followed by `trainer.test(dm)`
+        # simple and idempotent.
+        if self.train_set is None:
+            self._build()
+
+    def _ready(self) -> None:
+        if self.train_set is None:
+            self.setup()
+
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        assert dataset is not None
+        generator = None
+        if train:
+            # A fresh generator per call: the shuffled order depends only on `seed` (and the epoch).
+            generator = torch.Generator()
+            generator.manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._ready()
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self._ready()
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self._ready()
+        return self._loader(self.test_set, train=False)
+
+    # -- conveniences -----------------------------------------------------------------------------
+
+    @property
+    def train_size(self) -> int:
+        self._ready()
+        return len(self.train_set)  # type: ignore[arg-type]
+
+    @property
+    def val_size(self) -> int:
+        self._ready()
+        return len(self.val_set)  # type: ignore[arg-type]
+
+    @property
+    def test_size(self) -> int:
+        self._ready()
+        return len(self.test_set)  # type: ignore[arg-type]

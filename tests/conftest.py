@@ -1,0 +1,45 @@
+"""Shared fixtures: compose the real Hydra config in-process and run it in a temporary dir."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from normlab.utils.run import CONFIG_DIR, register_resolvers
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+register_resolvers()
+
+# Small, quick data for tests that exercise the wiring rather than the model.
+FAST = ["data.batch_size=8", "logger=csv", "callbacks.model_summary=null", "callbacks.progress_bar=null"]
+
+
+@pytest.fixture
+def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``compose_config(*overrides, config_name="config")`` → the config a CLI run would get."""
+
+    def _compose(*overrides: str, config_name: str = "config") -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        output_dir = tmp_path / "run"
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.runtime.cwd = str(tmp_path)
+            cfg.paths.output_dir = str(output_dir)
+        HydraConfig.instance().set_config(cfg)
+        # A real Hydra run hands the task the config without its `hydra` node.
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

@@ -1,0 +1,81 @@
+"""The Hydra entry points end to end: every norm in both models, loggers, checkpoints, eval."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab.eval import evaluate
+from normlab.norm import NORMS
+from normlab.train import train
+from normlab.utils.run import CONFIG_DIR
+from normlab.utils.wandb_offline import read_offline_run
+from tests.conftest import FAST
+
+NORM_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "norm").glob("*.yaml"))
+
+
+def test_every_registered_norm_has_a_config_and_back():
+    builtin = {"bn", "syncbn", "ln", "gn", "in", "frozen_bn", "none"}
+    assert builtin <= set(NORMS)
+    assert set(NORM_CONFIGS) == builtin
+
+
+@pytest.mark.parametrize("model", ["densenet_bc_100", "convnext_atto"])
+@pytest.mark.parametrize("norm", NORM_CONFIGS)
+def test_fast_dev_run_trains_every_norm(compose_config, model, norm):
+    cfg = compose_config("debug=fdr", f"norm={norm}", f"model={model}", *FAST)
+    metrics = train(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_short_run_writes_csv_wandb_checkpoint_and_evaluates(compose_config, tmp_path):
+    cfg = compose_config(
+        "debug=limit",
+        "norm=gn",
+        "logger=default",
+        "callbacks.model_summary=null",
+        "callbacks.progress_bar=null",
+        "data.batch_size=16",
+    )
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+
+    # CSV metrics, with the keys the dashboards rely on.
+    rows = _read_csv(run_dir / "csv" / "metrics.csv")
+    columns = set(rows[0])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc"} <= columns
+    assert any(column.startswith("lr-AdamW") for column in columns)  # LearningRateMonitor
+
+    # The wandb offline run: config, metric history, the confusion matrix and misclassified images.
+    run = read_offline_run(run_dir / "wandb")
+    assert run.config["norm"]["name"] == "gn"
+    assert run.config["model"]["_target_"] == "normlab.models.densenet_bc_100"
+    assert len(run.config["git_sha"]) >= 7
+    assert {"train/loss", "val/acc", "test/acc", "val/confusion_matrix/_type"} <= run.history_keys
+    assert run.group == "default" and "norm=gn" in run.tags
+    assert any("confusion_matrix" in path.name for path in run.media)
+
+    # Resolved config and git SHA in the run dir and inside the checkpoint.
+    assert "name: gn" in (run_dir / "config_resolved.yaml").read_text()
+    assert (run_dir / "git_sha.txt").read_text().strip()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    stored = torch.load(last, map_location="cpu", weights_only=False)["normlab"]
+    assert stored["config"]["norm"]["name"] == "gn"
+    assert stored["git_sha"] == (run_dir / "git_sha.txt").read_text().strip()
+
+    # normlab.eval rebuilds everything from the checkpoint and reproduces the test accuracy.
+    best = next(path for path in (run_dir / "checkpoints").glob("epoch*.ckpt"))
+    eval_cfg = compose_config(f"ckpt_path={best}", "logger=csv", config_name="eval")
+    evaluated = evaluate(eval_cfg)
+    assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
