@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,9 +18,17 @@ from normlab.utils.run import CONFIG_DIR, register_resolvers
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 register_resolvers()
+# Test tensors are tiny: intra-op threads only add overhead, and when anything else runs on the
+# two cores, oversubscribed thread pools make single tests ten times slower.
+torch.set_num_threads(1)
 
 # Small, quick data for tests that exercise the wiring rather than the model.
-FAST = ["data.batch_size=8", "logger=csv", "callbacks.model_summary=null", "callbacks.progress_bar=null"]
+FAST = [
+    "data.batch_size=8",
+    "logger=csv",
+    "callbacks.model_summary=null",
+    "callbacks.progress_bar=null",
+]
 
 
 @pytest.fixture

@@ -81,6 +81,19 @@ def test_every_registry_norm_trains(norm: str) -> None:
         assert isinstance(model.head.norm, LayerNorm2d) == (norm == "in")
 
 
+@pytest.mark.parametrize("norm", [*sorted(NORMS), {"name": "gn", "num_groups": 4}], ids=str)
+def test_linear_mlp_blocks_take_any_norm(norm: object) -> None:
+    # tiny and larger run the MLP channels-last (conv_mlp=False); the norm still sees NxCxHxW.
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ConvNeXt((1, 1, 1, 1), (8, 16, 32, 64), num_classes=5, norm=norm, patch_size=2)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_init_follows_timm() -> None:
     torch.manual_seed(0)
     model = convnext_atto(num_classes=10)

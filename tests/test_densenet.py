@@ -19,16 +19,6 @@ from normlab.models.densenet import (
 from normlab.norm import NORMS, get_norm_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny per op; intra-op threads only add overhead, and on a busy 2-core
-    # machine oversubscription made single tests ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

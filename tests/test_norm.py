@@ -95,7 +95,9 @@ def test_register_norm_from_user_code():
         return nn.Sequential(nn.BatchNorm2d(num_features), nn.Identity())
 
     try:
-        assert isinstance(build_norm({"name": "scaled_bn_for_test", "scale": 3.0}, 4), nn.Sequential)
+        assert isinstance(
+            build_norm({"name": "scaled_bn_for_test", "scale": 3.0}, 4), nn.Sequential
+        )
         with pytest.raises(ValueError, match="already registered"):
             register_norm("scaled_bn_for_test")(scaled_bn)
         from normlab.models import densenet_bc_100

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import FAST
 
 from normlab.eval import evaluate
 from normlab.norm import NORMS
 from normlab.train import train
 from normlab.utils.run import CONFIG_DIR
 from normlab.utils.wandb_offline import read_offline_run
-from tests.conftest import FAST
 
 NORM_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "norm").glob("*.yaml"))
 

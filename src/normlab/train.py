@@ -28,7 +28,8 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def _fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
     """Model fields marked ``???`` (class count, input channels) come from the data."""
     for key in ("num_classes", "in_channels"):
-        if key in cfg.model.keys() and OmegaConf.is_missing(cfg.model, key):
+        # `in cfg.model` is False for a ??? value, so ask the keys.
+        if key in cfg.model.keys() and OmegaConf.is_missing(cfg.model, key):  # noqa: SIM118
             cfg.model[key] = getattr(datamodule, key)
 
 
@@ -56,7 +57,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
-            log.warning("no best checkpoint (fast_dev_run or no validation): testing current weights")
+            log.warning(
+                "no best checkpoint (fast_dev_run or no validation): testing current weights"
+            )
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if best_score := getattr(trainer.checkpoint_callback, "best_model_score", None):

@@ -49,7 +49,11 @@ def _floating_tensor(module: nn.Module) -> torch.Tensor | None:
 def _transfer_state(source: nn.Module, target: nn.Module) -> None:
     for name in _STATE_NAMES:
         src, dst = getattr(source, name, None), getattr(target, name, None)
-        if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
+        if (
+            isinstance(src, torch.Tensor)
+            and isinstance(dst, torch.Tensor)
+            and src.shape == dst.shape
+        ):
             dst.copy_(src)
 
 

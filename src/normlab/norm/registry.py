@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -22,7 +22,7 @@ from normlab.errors import ConfigError
 
 NormFactory = Callable[..., nn.Module]
 NormLayer = Callable[[int], nn.Module]
-NormSpec = Union[str, Mapping[str, Any], NormLayer]
+NormSpec = str | Mapping[str, Any] | NormLayer
 
 NORMS: dict[str, NormFactory] = {}
 

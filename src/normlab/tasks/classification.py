@@ -42,18 +42,26 @@ class ClassificationModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         decay_norm_and_bias: bool = False,
         num_misclassified: int = 32,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         model, optimizer, scheduler = _plain(model), _plain(optimizer), _plain(scheduler)
         self.save_hyperparameters(logger=False)
         self.model: nn.Module = instantiate(model)
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
         top_k = min(5, num_classes)
         metrics = MetricCollection(
             {
-                "acc": MulticlassAccuracy(num_classes, top_k=1),
-                f"acc_top{top_k}": MulticlassAccuracy(num_classes, top_k=top_k),
-            }
+                # Micro average: the fraction of samples right, as papers report accuracy.
+                "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                f"acc_top{top_k}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+            },
+            # Top-1 and top-k share a state layout; grouping would merge them whenever the
+            # first batch is all correct, making top-k silently equal top-1.
+            compute_groups=False,
         )
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -63,12 +71,14 @@ class ClassificationModule(pl.LightningModule):
         self._misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return self.model(images.contiguous(memory_format=self._memory_format))
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
         loss = self._loss(logits, targets)
@@ -113,8 +123,12 @@ class ClassificationModule(pl.LightningModule):
         figure = confusion_matrix_figure(matrix, names)
         log_image(self.trainer.loggers, "val/confusion_matrix", figure_to_array(figure), step)
         if self._misclassified:
-            images, predictions, targets = (torch.cat(parts) for parts in zip(*self._misclassified))
-            caption = "  ".join(f"{names[t]}→{names[p]}" for p, t in zip(predictions, targets))
+            images, predictions, targets = (
+                torch.cat(parts) for parts in zip(*self._misclassified, strict=True)
+            )
+            caption = "  ".join(
+                f"{names[t]}→{names[p]}" for p, t in zip(predictions, targets, strict=True)
+            )
             log_image(
                 self.trainer.loggers,
                 "val/misclassified",
@@ -140,4 +154,7 @@ class ClassificationModule(pl.LightningModule):
         if scheduler is None:
             return {"optimizer": optimizer}
         interval = self.hparams.scheduler_interval
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }

@@ -20,7 +20,12 @@ def parameter_groups(
     being compared with the regulariser; most reference recipes (timm, ConvNeXt) exclude them.
     """
     if decay_norm_and_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+        return [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "weight_decay": weight_decay,
+            }
+        ]
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:

@@ -83,7 +83,9 @@ def read_offline_run(run_dir: Path | str) -> OfflineRun:
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            run.history.append({_item_key(i): json.loads(i.value_json) for i in record.history.item})
+            run.history.append(
+                {_item_key(i): json.loads(i.value_json) for i in record.history.item}
+            )
         elif kind == "config":
             for item in record.config.update:
                 run.config[_item_key(item)] = json.loads(item.value_json)

@@ -1,0 +1,64 @@
+"""The command line as a user types it: clear one-line errors and multirun sweeps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "normlab.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_unknown_norm_fails_at_once_listing_the_choices(tmp_path):
+    result = run_cli("norm=nope", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "norm/nope" in result.stderr
+    for name in ("bn", "syncbn", "ln", "gn", "in", "frozen_bn", "none"):
+        assert f"\t{name}\n" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_group_count_not_dividing_channels_is_one_clear_line(tmp_path):
+    result = run_cli("norm=gn", "norm.num_groups=7", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    assert errors == [
+        "normlab: configuration error: gn: 24 channels are not divisible by norm.num_groups=7"
+    ]
+    assert "Traceback" not in result.stderr
+    # It failed before any data was read or any epoch ran.
+    assert "Epoch" not in result.stdout
+
+
+def test_multirun_runs_one_job_per_norm(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "-m",
+        "debug=fdr",
+        "norm=bn,ln,gn",
+        "data.batch_size=8",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit())
+    assert [job.name for job in jobs] == ["0", "1", "2"]
+    norms = [OmegaConf.load(job / "config_resolved.yaml").norm.name for job in jobs]
+    assert norms == ["bn", "ln", "gn"]
