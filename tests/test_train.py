@@ -76,6 +76,33 @@ def test_short_run_writes_csv_wandb_checkpoint_and_evaluates(compose_config, tmp
 
     # normlab.eval rebuilds everything from the checkpoint and reproduces the test accuracy.
     best = next(path for path in (run_dir / "checkpoints").glob("epoch*.ckpt"))
-    eval_cfg = compose_config(f"ckpt_path={best}", "logger=csv", config_name="eval")
+    eval_cfg = compose_config(
+        f"ckpt_path={best}", "logger=csv", "trainer.limit_test_batches=2", config_name="eval"
+    )
     evaluated = evaluate(eval_cfg)
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+def test_imports_register_a_user_norm_for_the_run(compose_config, tmp_path, monkeypatch):
+    (tmp_path / "user_norms_for_test.py").write_text(
+        "from torch import nn\n"
+        "from normlab.norm import register_norm\n\n"
+        "@register_norm('user_gn1')\n"
+        "def user_gn1(num_features: int) -> nn.Module:\n"
+        "    return nn.GroupNorm(1, num_features)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose_config("debug=fdr", "imports=[user_norms_for_test]", "norm=none", *FAST)
+    cfg.norm.name = "user_gn1"
+    try:
+        assert math.isfinite(train(cfg)["train/loss"])
+    finally:
+        NORMS.pop("user_gn1", None)
+
+
+def test_missing_import_is_a_config_error(compose_config):
+    from normlab.errors import ConfigError
+
+    cfg = compose_config("imports=[no_such_module_here]", *FAST)
+    with pytest.raises(ConfigError, match="imports: cannot import 'no_such_module_here'"):
+        train(cfg)

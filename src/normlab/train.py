@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
@@ -25,6 +27,15 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(node) for node in group.values() if node and "_target_" in node]
 
 
+def import_user_modules(modules: list[str] | None) -> None:
+    """Import ``imports=[pkg.module, ...]`` so their ``@register_norm`` (etc.) calls run first."""
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"imports: cannot import {name!r} ({error})") from error
+
+
 def _fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
     """Model fields marked ``???`` (class count, input channels) come from the data."""
     for key in ("num_classes", "in_channels"):
@@ -33,8 +44,38 @@ def _fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -
             cfg.model[key] = getattr(datamodule, key)
 
 
+def _fit_and_test(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+) -> dict[str, float]:
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning(
+                "no best checkpoint (fast_dev_run or no validation): testing current weights"
+            )
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if best_score := getattr(trainer.checkpoint_callback, "best_model_score", None):
+        metrics["best_model_score"] = float(best_score)
+    return metrics
+
+
+def _finish_wandb(loggers: list) -> None:
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()  # a no-op when no run was started (e.g. fast_dev_run)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics."""
+    import_user_modules(cfg.get("imports"))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -51,19 +92,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams({**info["config"], "git_sha": info["git_sha"]})
 
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
-            log.warning(
-                "no best checkpoint (fast_dev_run or no validation): testing current weights"
-            )
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    if best_score := getattr(trainer.checkpoint_callback, "best_model_score", None):
-        metrics["best_model_score"] = float(best_score)
+    try:
+        metrics = _fit_and_test(cfg, trainer, module, datamodule)
+    finally:
+        # Close the wandb run now, not at interpreter exit: multirun jobs share one process,
+        # and a reader of the offline run needs it complete.
+        _finish_wandb(loggers)
     log.info("run dir: %s", output_dir)
     return metrics
 

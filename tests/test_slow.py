@@ -1,0 +1,54 @@
+"""Full training runs (`make test-slow`): the numbers the README promises."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(run_dir: Path, *overrides: str) -> float:
+    """Run the CLI as a user would; return the wall time in seconds."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "normlab.train", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    return elapsed
+
+
+def _test_accuracy(run_dir: Path) -> float:
+    with (run_dir / "csv" / "metrics.csv").open() as handle:
+        values = [row["test/acc"] for row in csv.DictReader(handle) if row.get("test/acc")]
+    return float(values[-1])
+
+
+@pytest.mark.slow
+def test_default_experiment_trains_to_97_percent_in_under_3_minutes(tmp_path):
+    elapsed = _train(tmp_path / "run", "experiment=densenet_digits")
+    accuracy = _test_accuracy(tmp_path / "run")
+    print(f"densenet_digits: test/acc={accuracy:.4f} in {elapsed:.0f} s")
+    assert accuracy >= 0.97
+    assert elapsed < 180
+
+
+@pytest.mark.slow
+def test_convnext_experiment_learns_digits(tmp_path):
+    _train(tmp_path / "run", "experiment=convnext_digits")
+    accuracy = _test_accuracy(tmp_path / "run")
+    print(f"convnext_digits: test/acc={accuracy:.4f}")
+    assert accuracy >= 0.95
