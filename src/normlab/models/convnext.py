@@ -18,13 +18,13 @@ for 32-px data such as CIFAR (a 2x2 map in the last stage).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
 from torch import nn
 
-from normlab.norm import NormSpec, get_norm_layer, norm_name
+from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_name
 
 __all__ = [
     "ConvNeXt",
@@ -36,9 +36,6 @@ __all__ = [
     "convnext_small",
     "convnext_tiny",
 ]
-
-# What ``get_norm_layer`` returns: channels -> norm module for NxCxHxW input.
-NormLayer = Callable[[int], nn.Module]
 
 
 class ConvNeXtBlock(nn.Module):

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from normlab.norm import NormSpec, get_norm_layer
-from normlab.norm.registry import NormLayer
+from normlab.norm import NormLayer, NormSpec, get_norm_layer
 
 __all__ = [
     "DenseNet",

@@ -9,6 +9,7 @@ from normlab.norm.convert import convert_norms, norm_channels
 from normlab.norm.layers import LayerNorm2d, NoNorm
 from normlab.norm.registry import (
     NORMS,
+    NormLayer,
     NormSpec,
     build_norm,
     get_norm_layer,
@@ -20,6 +21,7 @@ __all__ = [
     "NORMS",
     "LayerNorm2d",
     "NoNorm",
+    "NormLayer",
     "NormSpec",
     "build_norm",
     "convert_norms",
