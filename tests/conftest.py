@@ -22,14 +22,6 @@ register_resolvers()
 # two cores, oversubscribed thread pools make single tests ten times slower.
 torch.set_num_threads(1)
 
-# Small, quick data for tests that exercise the wiring rather than the model.
-FAST = [
-    "data.batch_size=8",
-    "logger=csv",
-    "callbacks.model_summary=null",
-    "callbacks.progress_bar=null",
-]
-
 
 @pytest.fixture
 def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
@@ -52,3 +44,14 @@ def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def fast() -> list[str]:
+    """Overrides for tests of the wiring rather than the model: small batches, quiet output."""
+    return [
+        "data.batch_size=8",
+        "logger=csv",
+        "callbacks.model_summary=null",
+        "callbacks.progress_bar=null",
+    ]

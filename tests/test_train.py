@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import FAST
 
 from normlab.eval import evaluate
 from normlab.norm import NORMS
@@ -27,8 +26,8 @@ def test_every_registered_norm_has_a_config_and_back():
 
 @pytest.mark.parametrize("model", ["densenet_bc_100", "convnext_atto"])
 @pytest.mark.parametrize("norm", NORM_CONFIGS)
-def test_fast_dev_run_trains_every_norm(compose_config, model, norm):
-    cfg = compose_config("debug=fdr", f"norm={norm}", f"model={model}", *FAST)
+def test_fast_dev_run_trains_every_norm(compose_config, fast, model, norm):
+    cfg = compose_config("debug=fdr", f"norm={norm}", f"model={model}", *fast)
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"])
     assert 0.0 <= metrics["test/acc"] <= 1.0
@@ -39,11 +38,11 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_short_run_writes_csv_wandb_checkpoint_and_evaluates(compose_config, tmp_path):
+def test_short_run_writes_csv_wandb_tensorboard_checkpoint_and_evaluates(compose_config, tmp_path):
     cfg = compose_config(
         "debug=limit",
         "norm=gn",
-        "logger=default",
+        "logger=many",
         "callbacks.model_summary=null",
         "callbacks.progress_bar=null",
         "data.batch_size=16",
@@ -66,6 +65,16 @@ def test_short_run_writes_csv_wandb_checkpoint_and_evaluates(compose_config, tmp
     assert run.group == "default" and "norm=gn" in run.tags
     assert any("confusion_matrix" in path.name for path in run.media)
 
+    # TensorBoard got the scalars and the images too.
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0})
+    accumulator.Reload()
+    assert {"train/loss", "val/acc"} <= set(accumulator.Tags()["scalars"])
+    assert {"val/confusion_matrix", "val/misclassified"} <= set(accumulator.Tags()["images"])
+
     # Resolved config and git SHA in the run dir and inside the checkpoint.
     assert "name: gn" in (run_dir / "config_resolved.yaml").read_text()
     assert (run_dir / "git_sha.txt").read_text().strip()
@@ -83,7 +92,7 @@ def test_short_run_writes_csv_wandb_checkpoint_and_evaluates(compose_config, tmp
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
-def test_imports_register_a_user_norm_for_the_run(compose_config, tmp_path, monkeypatch):
+def test_imports_register_a_user_norm_for_the_run(compose_config, fast, tmp_path, monkeypatch):
     (tmp_path / "user_norms_for_test.py").write_text(
         "from torch import nn\n"
         "from normlab.norm import register_norm\n\n"
@@ -92,7 +101,7 @@ def test_imports_register_a_user_norm_for_the_run(compose_config, tmp_path, monk
         "    return nn.GroupNorm(1, num_features)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = compose_config("debug=fdr", "imports=[user_norms_for_test]", "norm=none", *FAST)
+    cfg = compose_config("debug=fdr", "imports=[user_norms_for_test]", "norm=none", *fast)
     cfg.norm.name = "user_gn1"
     try:
         assert math.isfinite(train(cfg)["train/loss"])
@@ -100,9 +109,9 @@ def test_imports_register_a_user_norm_for_the_run(compose_config, tmp_path, monk
         NORMS.pop("user_gn1", None)
 
 
-def test_missing_import_is_a_config_error(compose_config):
+def test_missing_import_is_a_config_error(compose_config, fast):
     from normlab.errors import ConfigError
 
-    cfg = compose_config("imports=[no_such_module_here]", *FAST)
+    cfg = compose_config("imports=[no_such_module_here]", *fast)
     with pytest.raises(ConfigError, match="imports: cannot import 'no_such_module_here'"):
         train(cfg)
