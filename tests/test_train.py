@@ -66,11 +66,10 @@ def test_short_run_writes_csv_wandb_tensorboard_checkpoint_and_evaluates(compose
     assert any("confusion_matrix" in path.name for path in run.media)
 
     # TensorBoard got the scalars and the images too.
-    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(events) == 1
+    # (fit and test each write an event file; the accumulator reads the folder.)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0})
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     accumulator.Reload()
     assert {"train/loss", "val/acc"} <= set(accumulator.Tags()["scalars"])
     assert {"val/confusion_matrix", "val/misclassified"} <= set(accumulator.Tags()["images"])
