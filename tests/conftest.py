@@ -13,11 +13,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from normlab.utils.run import CONFIG_DIR, register_resolvers
+from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 register_resolvers()
+quiet_dependency_warnings()
 # Test tensors are tiny: intra-op threads only add overhead, and when anything else runs on the
 # two cores, oversubscribed thread pools make single tests ten times slower.
 torch.set_num_threads(1)
@@ -25,13 +26,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
-    """``compose_config(*overrides, config_name="config")`` → the config a CLI run would get."""
+    """``compose_config(*overrides, config_name="config", run="run")``: the config a CLI run
+    would get, writing to ``tmp_path / run``."""
 
-    def _compose(*overrides: str, config_name: str = "config") -> DictConfig:
+    def _compose(*overrides: str, config_name: str = "config", run: str = "run") -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-        output_dir = tmp_path / "run"
+        output_dir = tmp_path / run
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(output_dir)
             cfg.hydra.runtime.cwd = str(tmp_path)

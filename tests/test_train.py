@@ -85,7 +85,11 @@ def test_short_run_writes_csv_wandb_tensorboard_checkpoint_and_evaluates(compose
     # normlab.eval rebuilds everything from the checkpoint and reproduces the test accuracy.
     best = next(path for path in (run_dir / "checkpoints").glob("epoch*.ckpt"))
     eval_cfg = compose_config(
-        f"ckpt_path={best}", "logger=csv", "trainer.limit_test_batches=2", config_name="eval"
+        f"ckpt_path={best}",
+        "logger=csv",
+        "trainer.limit_test_batches=2",
+        config_name="eval",
+        run="eval",
     )
     evaluated = evaluate(eval_cfg)
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)

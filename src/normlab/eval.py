@@ -14,10 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
 from normlab.train import _instantiate_all, exit_on_config_error
-from normlab.utils.run import CONFIG_DIR, register_resolvers
+from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
 
 log = logging.getLogger("normlab.eval")
 register_resolvers()
+quiet_dependency_warnings()
 
 
 def load_run_info(ckpt_path: str) -> dict[str, Any]:

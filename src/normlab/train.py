@@ -14,10 +14,18 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
-from normlab.utils.run import CONFIG_DIR, RunInfo, git_sha, register_resolvers, save_run_info
+from normlab.utils.run import (
+    CONFIG_DIR,
+    RunInfo,
+    git_sha,
+    quiet_dependency_warnings,
+    register_resolvers,
+    save_run_info,
+)
 
 log = logging.getLogger("normlab.train")
 register_resolvers()
+quiet_dependency_warnings()
 
 
 def _instantiate_all(group: DictConfig | None) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,12 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def quiet_dependency_warnings() -> None:
+    """Silence deprecation notices raised inside dependencies that users cannot act on."""
+    # Lightning 2.6's pytree helper trips a torch>=2.10 deprecation on every run.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def register_resolvers() -> None:
