@@ -62,3 +62,10 @@ def test_multirun_runs_one_job_per_norm(tmp_path):
     assert [job.name for job in jobs] == ["0", "1", "2"]
     norms = [OmegaConf.load(job / "config_resolved.yaml").norm.name for job in jobs]
     assert norms == ["bn", "ln", "gn"]
+
+
+def test_required_value_left_unset_is_named(tmp_path):
+    result = run_cli("data=imagefolder", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "normlab: configuration error: data.root must be set" in result.stderr
+    assert "Traceback" not in result.stderr

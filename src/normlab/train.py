@@ -44,6 +44,31 @@ def import_user_modules(modules: list[str] | None) -> None:
             raise ConfigError(f"imports: cannot import {name!r} ({error})") from error
 
 
+# Model fields that the data module fills in (see _fill_from_datamodule).
+_FROM_DATA = {"model.num_classes", "model.in_channels"}
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys holding a literal ``???``, found without resolving interpolations."""
+    missing = []
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            missing.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
+            missing += _missing_keys(node[key], f"{prefix}{key}.")
+    return missing
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Every ``???`` value must be given before anything runs (the data module's excepted)."""
+    missing = sorted(set(_missing_keys(cfg)) - _FROM_DATA)
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} must be set, on the command line ({missing[0]}=...) "
+            "or in an experiment file"
+        )
+
+
 def _fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
     """Model fields marked ``???`` (class count, input channels) come from the data."""
     for key in ("num_classes", "in_channels"):
@@ -83,6 +108,7 @@ def _finish_wandb(loggers: list) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics."""
+    check_required(cfg)
     import_user_modules(cfg.get("imports"))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
