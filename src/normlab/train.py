@@ -71,9 +71,9 @@ def check_required(cfg: DictConfig) -> None:
 
 def _fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
     """Model fields marked ``???`` (class count, input channels) come from the data."""
-    for key in ("num_classes", "in_channels"):
-        # `in cfg.model` is False for a ??? value, so ask the keys.
-        if key in cfg.model.keys() and OmegaConf.is_missing(cfg.model, key):  # noqa: SIM118
+    for name in _FROM_DATA:
+        key = name.removeprefix("model.")
+        if OmegaConf.is_missing(cfg.model, key):
             cfg.model[key] = getattr(datamodule, key)
 
 
