@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
 from torch import nn
+from typing_extensions import Unpack
 
 from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_name
 
@@ -279,190 +281,66 @@ class ConvNeXt(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def convnext_atto(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "ln",
-    head_norm: NormSpec | None = None,
-    in_channels: int = 3,
-    patch_size: int = 4,
-    drop_path_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    ls_init_value: float | None = 1e-6,
-) -> ConvNeXt:
-    """ConvNeXt-Atto (timm): depths (2, 2, 6, 2), dims 40-320, 1x1-conv MLP; 3.7 M parameters."""
-    return ConvNeXt(
-        (2, 2, 6, 2),
-        (40, 80, 160, 320),
-        conv_mlp=True,
-        num_classes=num_classes,
-        norm=norm,
-        head_norm=head_norm,
-        in_channels=in_channels,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-        drop_rate=drop_rate,
-        ls_init_value=ls_init_value,
-    )
+class ConvNeXtOptions(TypedDict, total=False):
+    """Keyword arguments the named constructors pass on to :class:`ConvNeXt`."""
+
+    num_classes: int
+    norm: NormSpec
+    head_norm: NormSpec | None
+    in_channels: int
+    patch_size: int
+    drop_path_rate: float
+    drop_rate: float
+    ls_init_value: float | None
 
 
-def convnext_femto(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "ln",
-    head_norm: NormSpec | None = None,
-    in_channels: int = 3,
-    patch_size: int = 4,
-    drop_path_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    ls_init_value: float | None = 1e-6,
-) -> ConvNeXt:
-    """ConvNeXt-Femto (timm): depths (2, 2, 6, 2), dims 48-384, 1x1-conv MLP; 5.2 M parameters."""
-    return ConvNeXt(
-        (2, 2, 6, 2),
-        (48, 96, 192, 384),
-        conv_mlp=True,
-        num_classes=num_classes,
-        norm=norm,
-        head_norm=head_norm,
-        in_channels=in_channels,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-        drop_rate=drop_rate,
-        ls_init_value=ls_init_value,
-    )
+# timm's variants: depths, dims, and whether the block MLP is 1x1 convs (the small models).
+_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320), True),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384), True),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512), True),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640), True),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768), False),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768), False),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024), False),
+}
 
 
-def convnext_pico(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "ln",
-    head_norm: NormSpec | None = None,
-    in_channels: int = 3,
-    patch_size: int = 4,
-    drop_path_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    ls_init_value: float | None = 1e-6,
-) -> ConvNeXt:
-    """ConvNeXt-Pico (timm): depths (2, 2, 6, 2), dims 64-512, 1x1-conv MLP; 9.0 M parameters."""
-    return ConvNeXt(
-        (2, 2, 6, 2),
-        (64, 128, 256, 512),
-        conv_mlp=True,
-        num_classes=num_classes,
-        norm=norm,
-        head_norm=head_norm,
-        in_channels=in_channels,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-        drop_rate=drop_rate,
-        ls_init_value=ls_init_value,
-    )
+def _convnext(variant: str, options: ConvNeXtOptions) -> ConvNeXt:
+    depths, dims, conv_mlp = _VARIANTS[variant]
+    return ConvNeXt(depths, dims, conv_mlp=conv_mlp, **options)
 
 
-def convnext_nano(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "ln",
-    head_norm: NormSpec | None = None,
-    in_channels: int = 3,
-    patch_size: int = 4,
-    drop_path_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    ls_init_value: float | None = 1e-6,
-) -> ConvNeXt:
-    """ConvNeXt-Nano (timm): depths (2, 2, 8, 2), dims 80-640, 1x1-conv MLP; 15.6 M parameters."""
-    return ConvNeXt(
-        (2, 2, 8, 2),
-        (80, 160, 320, 640),
-        conv_mlp=True,
-        num_classes=num_classes,
-        norm=norm,
-        head_norm=head_norm,
-        in_channels=in_channels,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-        drop_rate=drop_rate,
-        ls_init_value=ls_init_value,
-    )
+def convnext_atto(**options: Unpack[ConvNeXtOptions]) -> ConvNeXt:
+    """ConvNeXt-Atto: depths (2, 2, 6, 2), dims 40-320, 1x1-conv MLP; 3.7 M parameters."""
+    return _convnext("atto", options)
 
 
-def convnext_tiny(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "ln",
-    head_norm: NormSpec | None = None,
-    in_channels: int = 3,
-    patch_size: int = 4,
-    drop_path_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    ls_init_value: float | None = 1e-6,
-) -> ConvNeXt:
-    """ConvNeXt-T: depths (3, 3, 9, 3), dims 96-768, linear MLP; 28.6 M parameters."""
-    return ConvNeXt(
-        (3, 3, 9, 3),
-        (96, 192, 384, 768),
-        conv_mlp=False,
-        num_classes=num_classes,
-        norm=norm,
-        head_norm=head_norm,
-        in_channels=in_channels,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-        drop_rate=drop_rate,
-        ls_init_value=ls_init_value,
-    )
+def convnext_femto(**options: Unpack[ConvNeXtOptions]) -> ConvNeXt:
+    """ConvNeXt-Femto: depths (2, 2, 6, 2), dims 48-384, 1x1-conv MLP; 5.2 M parameters."""
+    return _convnext("femto", options)
 
 
-def convnext_small(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "ln",
-    head_norm: NormSpec | None = None,
-    in_channels: int = 3,
-    patch_size: int = 4,
-    drop_path_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    ls_init_value: float | None = 1e-6,
-) -> ConvNeXt:
-    """ConvNeXt-S: depths (3, 3, 27, 3), dims 96-768, linear MLP; 50.2 M parameters."""
-    return ConvNeXt(
-        (3, 3, 27, 3),
-        (96, 192, 384, 768),
-        conv_mlp=False,
-        num_classes=num_classes,
-        norm=norm,
-        head_norm=head_norm,
-        in_channels=in_channels,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-        drop_rate=drop_rate,
-        ls_init_value=ls_init_value,
-    )
+def convnext_pico(**options: Unpack[ConvNeXtOptions]) -> ConvNeXt:
+    """ConvNeXt-Pico: depths (2, 2, 6, 2), dims 64-512, 1x1-conv MLP; 9.0 M parameters."""
+    return _convnext("pico", options)
 
 
-def convnext_base(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "ln",
-    head_norm: NormSpec | None = None,
-    in_channels: int = 3,
-    patch_size: int = 4,
-    drop_path_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    ls_init_value: float | None = 1e-6,
-) -> ConvNeXt:
-    """ConvNeXt-B: depths (3, 3, 27, 3), dims 128-1024, linear MLP; 88.6 M parameters."""
-    return ConvNeXt(
-        (3, 3, 27, 3),
-        (128, 256, 512, 1024),
-        conv_mlp=False,
-        num_classes=num_classes,
-        norm=norm,
-        head_norm=head_norm,
-        in_channels=in_channels,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-        drop_rate=drop_rate,
-        ls_init_value=ls_init_value,
-    )
+def convnext_nano(**options: Unpack[ConvNeXtOptions]) -> ConvNeXt:
+    """ConvNeXt-Nano: depths (2, 2, 8, 2), dims 80-640, 1x1-conv MLP; 15.6 M parameters."""
+    return _convnext("nano", options)
+
+
+def convnext_tiny(**options: Unpack[ConvNeXtOptions]) -> ConvNeXt:
+    """ConvNeXt-Tiny: depths (3, 3, 9, 3), dims 96-768, linear MLP; 28.6 M parameters."""
+    return _convnext("tiny", options)
+
+
+def convnext_small(**options: Unpack[ConvNeXtOptions]) -> ConvNeXt:
+    """ConvNeXt-Small: depths (3, 3, 27, 3), dims 96-768, linear MLP; 50.2 M parameters."""
+    return _convnext("small", options)
+
+
+def convnext_base(**options: Unpack[ConvNeXtOptions]) -> ConvNeXt:
+    """ConvNeXt-Base: depths (3, 3, 27, 3), dims 128-1024, linear MLP; 88.6 M parameters."""
+    return _convnext("base", options)

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from typing_extensions import Unpack
 
 from normlab.norm import NormLayer, NormSpec, get_norm_layer
 
@@ -264,108 +265,53 @@ class DenseNet(nn.Module):
         return self.classifier(x)
 
 
-def densenet121(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "bn",
-    in_channels: int = 3,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> DenseNet:
-    """DenseNet-121 (k=32), torchvision layout."""
-    return DenseNet(
-        32,
-        (6, 12, 24, 16),
-        64,
-        drop_rate=drop_rate,
-        num_classes=num_classes,
-        norm=norm,
-        in_channels=in_channels,
-        memory_efficient=memory_efficient,
-    )
+class DenseNetOptions(TypedDict, total=False):
+    """Keyword arguments the named constructors pass on to :class:`DenseNet`."""
+
+    num_classes: int
+    norm: NormSpec
+    in_channels: int
+    drop_rate: float
+    memory_efficient: bool
 
 
-def densenet161(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "bn",
-    in_channels: int = 3,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> DenseNet:
-    """DenseNet-161 (k=48), torchvision layout."""
-    return DenseNet(
-        48,
-        (6, 12, 36, 24),
-        96,
-        drop_rate=drop_rate,
-        num_classes=num_classes,
-        norm=norm,
-        in_channels=in_channels,
-        memory_efficient=memory_efficient,
-    )
+# torchvision's ImageNet variants: growth rate, layers per block, stem channels.
+_IMAGENET_VARIANTS: dict[int, tuple[int, tuple[int, ...], int]] = {
+    121: (32, (6, 12, 24, 16), 64),
+    161: (48, (6, 12, 36, 24), 96),
+    169: (32, (6, 12, 32, 32), 64),
+    201: (32, (6, 12, 48, 32), 64),
+}
 
 
-def densenet169(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "bn",
-    in_channels: int = 3,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> DenseNet:
-    """DenseNet-169 (k=32), torchvision layout."""
-    return DenseNet(
-        32,
-        (6, 12, 32, 32),
-        64,
-        drop_rate=drop_rate,
-        num_classes=num_classes,
-        norm=norm,
-        in_channels=in_channels,
-        memory_efficient=memory_efficient,
-    )
+def _imagenet_densenet(depth: int, options: DenseNetOptions) -> DenseNet:
+    growth_rate, block_config, num_init_features = _IMAGENET_VARIANTS[depth]
+    return DenseNet(growth_rate, block_config, num_init_features, **options)
 
 
-def densenet201(
-    *,
-    num_classes: int = 1000,
-    norm: NormSpec = "bn",
-    in_channels: int = 3,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> DenseNet:
-    """DenseNet-201 (k=32), torchvision layout."""
-    return DenseNet(
-        32,
-        (6, 12, 48, 32),
-        64,
-        drop_rate=drop_rate,
-        num_classes=num_classes,
-        norm=norm,
-        in_channels=in_channels,
-        memory_efficient=memory_efficient,
-    )
+def densenet121(**options: Unpack[DenseNetOptions]) -> DenseNet:
+    """DenseNet-121 (k=32), torchvision layout; 8.0 M parameters."""
+    return _imagenet_densenet(121, options)
 
 
-def densenet_bc_100(
-    *,
-    num_classes: int = 10,
-    norm: NormSpec = "bn",
-    in_channels: int = 3,
-    drop_rate: float = 0.0,
-    memory_efficient: bool = False,
-) -> DenseNet:
-    """CIFAR DenseNet-BC, depth 100, k=12: 3 blocks of 16 bottleneck layers (769,162 params)."""
+def densenet161(**options: Unpack[DenseNetOptions]) -> DenseNet:
+    """DenseNet-161 (k=48), torchvision layout; 28.7 M parameters."""
+    return _imagenet_densenet(161, options)
+
+
+def densenet169(**options: Unpack[DenseNetOptions]) -> DenseNet:
+    """DenseNet-169 (k=32), torchvision layout; 14.1 M parameters."""
+    return _imagenet_densenet(169, options)
+
+
+def densenet201(**options: Unpack[DenseNetOptions]) -> DenseNet:
+    """DenseNet-201 (k=32), torchvision layout; 20.0 M parameters."""
+    return _imagenet_densenet(201, options)
+
+
+def densenet_bc_100(**options: Unpack[DenseNetOptions]) -> DenseNet:
+    """CIFAR DenseNet-BC, depth 100, k=12: 3 blocks of 16 bottleneck layers (769,162 params at
+    10 classes, the default here)."""
     growth_rate = 12
-    return DenseNet(
-        growth_rate,
-        (16, 16, 16),
-        2 * growth_rate,
-        drop_rate=drop_rate,
-        num_classes=num_classes,
-        norm=norm,
-        in_channels=in_channels,
-        stem="cifar",
-        memory_efficient=memory_efficient,
-    )
+    options = {"num_classes": 10, **options}
+    return DenseNet(growth_rate, (16, 16, 16), 2 * growth_rate, stem="cifar", **options)
