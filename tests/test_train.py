@@ -57,7 +57,8 @@ def test_short_run_writes_csv_wandb_tensorboard_checkpoint_and_evaluates(compose
     assert any(column.startswith("lr-AdamW") for column in columns)  # LearningRateMonitor
 
     # The wandb offline run: config, metric history, the confusion matrix and misclassified images.
-    run = read_offline_run(run_dir / "wandb")
+    run = read_offline_run(run_dir / "wandb", wait=60)
+    assert run.complete
     assert run.config["norm"]["name"] == "gn"
     assert run.config["model"]["_target_"] == "normlab.models.densenet_bc_100"
     assert len(run.config["git_sha"]) >= 7

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ class OfflineRun:
     tags: list[str] = field(default_factory=list)
     group: str = ""
     name: str = ""
+    # True once the run's final `exit` record is on disk: wandb's core process writes the log
+    # asynchronously, and may still be writing after `wandb.finish()` has returned.
+    complete: bool = False
 
     @property
     def history_keys(self) -> set[str]:
@@ -52,6 +56,8 @@ def _records(path: Path):
             position += block_left
             continue
         length, kind = struct.unpack_from("<HB", data, position + 4)
+        if position + _CHUNK_HEADER + length > len(data):  # still being written
+            return
         payload = data[position + _CHUNK_HEADER : position + _CHUNK_HEADER + length]
         position += _CHUNK_HEADER + length
         if kind == 0 and length == 0:  # zero fill at the end of a block or file
@@ -71,9 +77,20 @@ def _item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_offline_run(run_dir: Path | str) -> OfflineRun:
-    """Parse ``offline-run-*/run-*.wandb`` under ``run_dir`` (the run folder itself or a parent)."""
-    run_dir = Path(run_dir)
+def read_offline_run(run_dir: Path | str, wait: float = 0.0) -> OfflineRun:
+    """Parse ``offline-run-*/run-*.wandb`` under ``run_dir`` (the run folder itself or a parent).
+
+    ``wait``: seconds to keep re-reading until the run is complete (its exit record written).
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        run = _read_once(Path(run_dir))
+        if run.complete or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _read_once(run_dir: Path) -> OfflineRun:
     logs = [run_dir] if run_dir.suffix == ".wandb" else sorted(run_dir.rglob("run-*.wandb"))
     if len(logs) != 1:
         raise FileNotFoundError(f"expected one wandb run under {run_dir}, found {len(logs)}")
@@ -98,4 +115,6 @@ def read_offline_run(run_dir: Path | str) -> OfflineRun:
             run.tags = list(record.run.tags)
             run.group = record.run.run_group
             run.name = record.run.display_name
+        elif kind == "exit":
+            run.complete = True
     return run
