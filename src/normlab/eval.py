@@ -13,7 +13,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
-from normlab.train import _instantiate_all, exit_on_config_error
+from normlab.train import exit_on_config_error, instantiate_group
 from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
 
 log = logging.getLogger("normlab.eval")
@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule: pl.LightningDataModule = instantiate(data_cfg)
     module_class = get_class(trained.task._target_)
     module = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=_instantiate_all(cfg.get("logger")))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")))
     log.info("evaluating %s (trained at git %s)", cfg.ckpt_path, info["git_sha"])
     trainer.test(module, datamodule=datamodule)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -28,7 +28,7 @@ register_resolvers()
 quiet_dependency_warnings()
 
 
-def _instantiate_all(group: DictConfig | None) -> list:
+def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a config group such as ``callbacks`` or ``logger``."""
     if not group:
         return []
@@ -120,8 +120,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module: pl.LightningModule = instantiate(task, _recursive_=False)
 
     info = save_run_info(cfg, output_dir, git_sha())
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), RunInfo(info)]
-    loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RunInfo(info)]
+    loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     for logger in trainer.loggers:
         logger.log_hyperparams({**info["config"], "git_sha": info["git_sha"]})

@@ -15,8 +15,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
+from typing_extensions import Unpack
 
-from normlab.data.transforms import ImageClassificationDataModule
+from normlab.data.transforms import ImageClassificationDataModule, LoaderOptions
 
 # Fixed, independent of `seed`: the splits never change between runs.
 SPLIT_RANDOM_STATE = 0
@@ -80,14 +81,9 @@ class DigitsDataModule(ImageClassificationDataModule):
 
     def __init__(
         self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        image_size: int = 32,
-        augment: bool = True,
-        seed: int = 0,
+        **loader_options: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, image_size, augment, seed)
+        super().__init__(**loader_options)
         self.class_names = [str(d) for d in range(10)]
         self.split_indices: dict[str, np.ndarray] = {}
         self.mean = 0.0

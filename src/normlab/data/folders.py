@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.transforms import v2
+from typing_extensions import Unpack
 
 from normlab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageClassificationDataModule,
+    LoaderOptions,
     TransformSubset,
     to_float_normalized,
 )
@@ -103,14 +105,9 @@ class CIFARDataModule(ImageClassificationDataModule):
         download: bool = False,
         val_fraction: float = 0.1,
         check_integrity: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        image_size: int = 32,
-        augment: bool = True,
-        seed: int = 0,
+        **loader_options: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, image_size, augment, seed)
+        super().__init__(**loader_options)
         if variant not in _DATASETS:
             raise ConfigError(f"data.variant must be one of {sorted(_DATASETS)}, got {variant!r}")
         if (
@@ -300,14 +297,9 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def __init__(
         self,
         root: str | os.PathLike[str],
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        image_size: int = 32,
-        augment: bool = True,
-        seed: int = 0,
+        **loader_options: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, image_size, augment, seed)
+        super().__init__(**loader_options)
         self.root = os.path.expanduser(os.fspath(root))
         layout = "root/train/<class>/*.png|jpg|... and root/val/<class>/... (root/test/ optional)"
         if not os.path.isdir(self.root):

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import lightning.pytorch as pl
 import torch
@@ -57,6 +57,17 @@ class TransformSubset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, target
+
+
+class LoaderOptions(TypedDict, total=False):
+    """The loading arguments every data module takes; see :class:`ImageClassificationDataModule`."""
+
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    image_size: int
+    augment: bool
+    seed: int
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
