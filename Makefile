@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train test test-slow lint format clean help
+.PHONY: install train test test-slow lint format clean help exp-retinanet-digits
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -31,6 +31,9 @@ test: install ## run the test suite (fast tests)
 
 test-slow: install ## run the slow tests too
 	$(BIN)/python -m pytest -m "slow or not slow" $(ARGS)
+
+exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
+	$(BIN)/python experiments/retinanet_digits/run.py $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check src tests experiments

@@ -69,3 +69,22 @@ def test_required_value_left_unset_is_named(tmp_path):
     assert result.returncode == 2
     assert "normlab: configuration error: data.root must be set" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_detection_options_are_checked_before_any_data_is_written(tmp_path):
+    result = run_cli("experiment=retinanet_digits", "model.box_loss=iou", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    assert errors == [
+        "normlab: configuration error: model.box_loss='iou' is not one of l1, smooth_l1, giou"
+    ]
+    assert not (tmp_path / "data").exists()
+
+    result = run_cli(
+        "experiment=retinanet_digits",
+        "norm=ln",
+        "model.weights_backbone=IMAGENET1K_V1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "norm='ln' cannot take the BatchNorm weights" in result.stderr

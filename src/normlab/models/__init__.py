@@ -18,6 +18,11 @@ from normlab.models.densenet import (
     densenet201,
     densenet_bc_100,
 )
+from normlab.models.retinanet import (
+    retinanet_resnet18_fpn,
+    retinanet_resnet34_fpn,
+    retinanet_resnet50_fpn,
+)
 
 __all__ = [
     "ConvNeXt",
@@ -34,4 +39,7 @@ __all__ = [
     "densenet169",
     "densenet201",
     "densenet_bc_100",
+    "retinanet_resnet18_fpn",
+    "retinanet_resnet34_fpn",
+    "retinanet_resnet50_fpn",
 ]

@@ -9,19 +9,12 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from normlab.tasks.optim import build_optimizer, build_scheduler
+from normlab.tasks.optim import configure_optimization, plain_config
 from normlab.utils.figures import confusion_matrix_figure, figure_to_array, image_grid, log_image
-
-
-def _plain(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return None if config is None else dict(config)
 
 
 class ClassificationModule(pl.LightningModule):
@@ -45,7 +38,7 @@ class ClassificationModule(pl.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        model, optimizer, scheduler = _plain(model), _plain(optimizer), _plain(scheduler)
+        model, optimizer, scheduler = map(plain_config, (model, optimizer, scheduler))
         self.save_hyperparameters(logger=False)
         self.model: nn.Module = instantiate(model)
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -145,16 +138,4 @@ class ClassificationModule(pl.LightningModule):
         self.log_dict(self.test_metrics, batch_size=len(targets))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(
-            self.hparams.optimizer, self.model, self.hparams.decay_norm_and_bias
-        )
-        scheduler = build_scheduler(
-            self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches)
-        )
-        if scheduler is None:
-            return {"optimizer": optimizer}
-        interval = self.hparams.scheduler_interval
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
-        }
+        return configure_optimization(self, self.model, self.hparams.decay_norm_and_bias)

@@ -1,14 +1,24 @@
-"""Optimizer and scheduler construction shared by the task modules."""
+"""Config, optimizer and scheduler helpers shared by the task modules."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+
+def plain_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A resolved plain-dict copy of a (possibly OmegaConf) config, for ``save_hyperparameters``."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return None if config is None else dict(config)
 
 
 def parameter_groups(
@@ -60,3 +70,44 @@ def build_scheduler(
     if accepts_total and "total_steps" not in getattr(factory, "keywords", {}):
         return factory(optimizer, total_steps=total_steps)
     return factory(optimizer)
+
+
+def configure_optimization(
+    module: pl.LightningModule, model: nn.Module, decay_norm_and_bias: bool
+) -> dict[str, Any]:
+    """``configure_optimizers`` for modules whose hparams hold ``optimizer``, ``scheduler`` and
+    ``scheduler_interval`` configs."""
+    hparams = module.hparams
+    optimizer = build_optimizer(hparams.optimizer, model, decay_norm_and_bias)
+    total_steps = int(module.trainer.estimated_stepping_batches)
+    scheduler = build_scheduler(hparams.get("scheduler"), optimizer, total_steps)
+    if scheduler is None:
+        return {"optimizer": optimizer}
+    interval = hparams.get("scheduler_interval", "step")
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def warmup_multistep(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    milestones: Sequence[float] = (2 / 3, 11 / 12),
+    gamma: float = 0.1,
+    warmup_steps: int = 500,
+    warmup_factor: float = 0.001,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from ``warmup_factor``·lr over ``warmup_steps``, then ×``gamma`` at each
+    milestone, given as a fraction of the run (the detection "1x" schedule decays at 8/12 and
+    11/12 of its 12 epochs), so one config serves runs of any length. Step it every batch."""
+    if any(not 0.0 < m < 1.0 for m in milestones):
+        raise ValueError(f"milestones are fractions of the run in (0, 1), got {list(milestones)}")
+    boundaries = sorted(math.floor(m * total_steps) for m in milestones)
+    warmup_steps = min(warmup_steps, total_steps)
+
+    def factor(step: int) -> float:
+        decay = gamma ** sum(step >= boundary for boundary in boundaries)
+        if step < warmup_steps:
+            alpha = step / warmup_steps
+            return decay * (warmup_factor * (1 - alpha) + alpha)
+        return decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

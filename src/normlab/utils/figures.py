@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 
 def figure_to_array(figure: Figure) -> np.ndarray:
@@ -62,3 +62,106 @@ def log_image(
             logger.log_image(key=key, images=[image], step=step, **extra)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
+
+
+def _wandb_box_group(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    scores: torch.Tensor | None = None,
+) -> dict:
+    """One wandb ``boxes`` group (pixel coordinates) with class names and optional scores."""
+    box_data = []
+    for index, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist(), strict=True)):
+        x0, y0, x1, y1 = box
+        entry = {
+            "position": {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1},
+            "domain": "pixel",
+            "class_id": int(label),
+            "box_caption": class_names[label],
+        }
+        if scores is not None:
+            score = float(scores[index])
+            entry["box_caption"] = f"{class_names[label]} {score:.2f}"
+            entry["scores"] = {"score": score}
+        box_data.append(entry)
+    return {"box_data": box_data, "class_labels": dict(enumerate(class_names))}
+
+
+def draw_detections(
+    image: torch.Tensor,
+    prediction: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    class_names: Sequence[str],
+) -> torch.Tensor:
+    """A 3×H×W uint8 image with ground truth (green) and predictions (red, "class score")."""
+    canvas = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    if canvas.shape[0] == 1:
+        canvas = canvas.expand(3, -1, -1)
+    if len(target["boxes"]):
+        canvas = draw_bounding_boxes(
+            canvas,
+            target["boxes"].cpu(),
+            labels=[class_names[i] for i in target["labels"].tolist()],
+            colors="lime",
+        )
+    if len(prediction["boxes"]):
+        captions = [
+            f"{class_names[label]} {score:.2f}"
+            for label, score in zip(
+                prediction["labels"].tolist(), prediction["scores"].tolist(), strict=True
+            )
+        ]
+        canvas = draw_bounding_boxes(
+            canvas, prediction["boxes"].cpu(), labels=captions, colors="red"
+        )
+    return canvas
+
+
+def log_detections(
+    loggers: Sequence[Logger],
+    key: str,
+    images: Sequence[torch.Tensor],
+    predictions: Sequence[dict[str, torch.Tensor]],
+    targets: Sequence[dict[str, torch.Tensor]],
+    class_names: Sequence[str],
+    step: int,
+) -> None:
+    """Images with predicted and ground-truth boxes: as interactive box overlays in wandb (one
+    toggle per group, class names, score slider), drawn into a grid for TensorBoard."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            arrays = [
+                (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255)
+                .round()
+                .astype(np.uint8)
+                for image in images
+            ]
+            boxes = [
+                {
+                    "predictions": _wandb_box_group(
+                        p["boxes"].cpu(), p["labels"].cpu(), class_names, p["scores"].cpu()
+                    ),
+                    "ground_truth": _wandb_box_group(
+                        t["boxes"].cpu(), t["labels"].cpu(), class_names
+                    ),
+                }
+                for p, t in zip(predictions, targets, strict=True)
+            ]
+            logger.log_image(key=key, images=arrays, step=step, boxes=boxes)
+        elif isinstance(logger, TensorBoardLogger):
+            drawn = [
+                draw_detections(image, p, t, class_names)
+                for image, p, t in zip(images, predictions, targets, strict=True)
+            ]
+            size = max(d.shape[1] for d in drawn), max(d.shape[2] for d in drawn)
+            padded = torch.stack(
+                [
+                    torch.nn.functional.pad(d, (0, size[1] - d.shape[2], 0, size[0] - d.shape[1]))
+                    for d in drawn
+                ]
+            )
+            grid = make_grid(padded, nrow=4, padding=2, pad_value=255)
+            logger.experiment.add_image(
+                key, grid.permute(1, 2, 0).numpy(), global_step=step, dataformats="HWC"
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import warnings
@@ -18,6 +19,9 @@ def quiet_dependency_warnings() -> None:
     """Silence deprecation notices raised inside dependencies that users cannot act on."""
     # Lightning 2.6's pytree helper trips a torch>=2.10 deprecation on every run.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # faster-coco-eval prints COCO's whole 12-line summary at INFO after every evaluation; the
+    # numbers are logged as metrics anyway.
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 
 def register_resolvers() -> None:

@@ -1,0 +1,166 @@
+"""Object detection as a LightningModule: a torchvision-style detector (RetinaNet), any norm.
+
+Batches are ``(images, targets)`` lists as the COCO data modules return them: images are 3×H×W
+floats in [0, 1] of any size (the detector normalises and batches them itself), targets hold
+``boxes`` (xyxy pixels) and ``labels``, plus ``iscrowd`` and ``area`` for COCO evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from torchmetrics import MaxMetric
+from torchmetrics.detection import MeanAveragePrecision
+
+from normlab.errors import ConfigError
+from normlab.tasks.optim import configure_optimization, plain_config
+from normlab.utils.figures import log_detections
+
+Batch = tuple[Sequence[Tensor], Sequence[dict[str, Tensor]]]
+
+# torchmetrics' result keys → our metric names (COCO's AP@[.5:.95], AP50, AP75, by object size).
+MAP_KEYS = {
+    "map": "map",
+    "map_50": "map_50",
+    "map_75": "map_75",
+    "map_small": "map_small",
+    "map_medium": "map_medium",
+    "map_large": "map_large",
+    "mar_100": "mar_100",
+}
+MAP_BACKENDS = ("faster_coco_eval", "pycocotools")
+# What the model's training forward returns → the names we log.
+LOSS_NAMES = {"classification": "loss_cls", "bbox_regression": "loss_box"}
+
+
+# COCOeval's own thresholds, in float64. torchmetrics' defaults come from a float32 linspace
+# (0.550000011920929 instead of 0.55), which flips matches whose IoU sits on a threshold.
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
+
+
+def build_map_metric(backend: str = "faster_coco_eval") -> MeanAveragePrecision:
+    """COCO box mAP exactly as COCOeval computes it (areas from the targets' ``area`` if given)."""
+    if backend not in MAP_BACKENDS:
+        raise ConfigError(f"task.map_backend={backend!r} is not one of {', '.join(MAP_BACKENDS)}")
+    return MeanAveragePrecision(
+        box_format="xyxy",
+        iou_type="bbox",
+        iou_thresholds=COCO_IOU_THRESHOLDS,
+        rec_thresholds=COCO_RECALL_THRESHOLDS,
+        backend=backend,
+    )
+
+
+def _eval_targets(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    keys = ("boxes", "labels", "iscrowd", "area")
+    return [{k: t[k] for k in keys if k in t} for t in targets]
+
+
+class DetectionModule(pl.LightningModule):
+    """Train a detector on its own loss dict; evaluate COCO mAP; show boxes in wandb.
+
+    ``model``, ``optimizer`` and ``scheduler`` are Hydra configs stored in the checkpoint's
+    hyperparameters, so ``DetectionModule.load_from_checkpoint(path)`` rebuilds everything.
+    ``num_logged_images`` validation images are logged each epoch with predicted boxes scoring
+    at least ``display_score_thresh`` and the ground truth.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        num_classes: int,
+        scheduler: Mapping[str, Any] | None = None,
+        scheduler_interval: str = "step",
+        decay_norm_and_bias: bool = False,
+        map_backend: str = "faster_coco_eval",
+        num_logged_images: int = 8,
+        display_score_thresh: float = 0.3,
+    ) -> None:
+        super().__init__()
+        model, optimizer, scheduler = map(plain_config, (model, optimizer, scheduler))
+        self.save_hyperparameters(logger=False)
+        self.model: nn.Module = instantiate(model)
+        self.val_map = build_map_metric(map_backend)
+        self.test_map = build_map_metric(map_backend)
+        self.val_map_best = MaxMetric()
+        self._shown: list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]] = []
+
+    def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        return self.model(list(images))
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.model(list(images), [{k: t[k] for k in ("boxes", "labels")} for t in targets])
+        loss = sum(losses.values())
+        size = len(images)
+        for key, value in losses.items():
+            self.log(f"train/{LOSS_NAMES.get(key, key)}", value, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._shown.clear()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch
+        predictions = self(images)
+        self.val_map.update(predictions, _eval_targets(targets))
+        self._keep_for_display(images, predictions, targets)
+
+    def _keep_for_display(
+        self,
+        images: Sequence[Tensor],
+        predictions: Sequence[dict[str, Tensor]],
+        targets: Sequence[dict[str, Tensor]],
+    ) -> None:
+        threshold = self.hparams.display_score_thresh
+        for image, prediction, target in zip(images, predictions, targets, strict=True):
+            if len(self._shown) >= self.hparams.num_logged_images:
+                return
+            keep = prediction["scores"] >= threshold
+            shown = {k: prediction[k][keep].cpu() for k in ("boxes", "labels", "scores")}
+            truth = {k: target[k].cpu() for k in ("boxes", "labels")}
+            self._shown.append((image.cpu(), shown, truth))
+
+    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> Tensor:
+        results = metric.compute()
+        metric.reset()
+        for key, name in MAP_KEYS.items():
+            self.log(f"{stage}/{name}", results[key], prog_bar=name == "map_50")
+        return results["map"]
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_map_best.update(self._log_map(self.val_map, "val"))
+        self.log("val/map_best", self.val_map_best.compute(), prog_bar=True)
+        if self.trainer.sanity_checking or not self.trainer.loggers or not self._shown:
+            return
+        names = getattr(self.trainer.datamodule, "class_names", None) or [
+            str(i) for i in range(self.hparams.num_classes)
+        ]
+        images, predictions, targets = zip(*self._shown, strict=True)
+        log_detections(
+            self.trainer.loggers,
+            "val/detections",
+            images,
+            predictions,
+            targets,
+            names,
+            self.global_step,
+        )
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch
+        self.test_map.update(self(images), _eval_targets(targets))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map(self.test_map, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_optimization(self, self.model, self.hparams.decay_norm_and_bias)
