@@ -5,6 +5,10 @@
 
 Writes results.md (command, machine, wall time, the test mAP table, the validation curve) and
 val_map.png here; the run itself lands under logs/detection/retinanet_digits/.
+
+    python experiments/retinanet_digits/run.py --from-run RUN_DIR --minutes M
+
+re-tabulates an existing run of the same experiment (its wall time given in minutes).
 """
 
 from __future__ import annotations
@@ -72,10 +76,16 @@ def plot(curve: list[tuple[int, float, float]], path: Path) -> None:
 
 def main() -> None:
     overrides = sys.argv[1:]
-    run_dir, seconds, command = train(overrides)
+    if overrides[:1] == ["--from-run"]:
+        run_dir, seconds = Path(overrides[1]), 60 * float(overrides[3])
+        saved = (run_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
+        overrides = [line.removeprefix("- ") for line in saved if "experiment=" not in line]
+        command = [sys.executable, "-m", "normlab.train", "experiment=retinanet_digits", *overrides]
+    else:
+        run_dir, seconds, command = train(overrides)
     test, curve = read_metrics(run_dir)
     plot(curve, HERE / "val_map.png")
-    shown = " ".join(["python -m normlab.train", *command[3:5], *overrides])
+    shown = " ".join(["python -m normlab.train", "experiment=retinanet_digits", *overrides])
     lines = [
         "# retinanet_digits: results",
         "",
