@@ -227,12 +227,12 @@ def test_box_losses_differ_and_focal_parameters_matter() -> None:
     values = {}
     for box_loss in ("l1", "smooth_l1", "giou"):
         torch.manual_seed(0)
-        values[box_loss] = float(_loss(_small(box_loss=box_loss), target)["bbox_regression"])
+        values[box_loss] = _loss(_small(box_loss=box_loss), target)["bbox_regression"].item()
     assert len(set(values.values())) == 3 and all(v > 0 for v in values.values())
     torch.manual_seed(0)
-    default = float(_loss(_small(), target)["classification"])
+    default = _loss(_small(), target)["classification"].item()
     torch.manual_seed(0)
-    gamma0 = float(_loss(_small(focal_gamma=0.0), target)["classification"])
+    gamma0 = _loss(_small(focal_gamma=0.0), target)["classification"].item()
     assert gamma0 > default  # γ down-weights easy background anchors
 
 
