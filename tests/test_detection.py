@@ -180,7 +180,8 @@ def tiny_scenes(scenes_root: Path) -> list[str]:
         ["norm=ln"],
         ["norm=in"],
         ["norm=none"],
-        ["norm=bn", "head_norm=gn"],
+        ["norm=bn", "head_norm=null"],  # v1 heads (the experiment's default is head_norm=gn)
+        ["norm=gn", "head_norm={name:gn,num_groups:16}"],
     ],
     ids=lambda o: ",".join(o),
 )
@@ -242,3 +243,43 @@ def test_short_detection_run_logs_boxes_metrics_and_checkpoints(compose_config, 
     eval_cfg = compose_config(f"ckpt_path={best}", "logger=csv", config_name="eval", run="eval")
     evaluated = evaluate(eval_cfg)
     assert evaluated["test/map"] == pytest.approx(metrics["test/map"], abs=1e-6)
+
+
+def test_warmup_multistep_schedule() -> None:
+    from normlab.tasks.optim import warmup_multistep
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    scheduler = warmup_multistep(
+        optimizer, total_steps=120, milestones=[2 / 3, 11 / 12], warmup_steps=10, warmup_factor=0.1
+    )
+    rates = []
+    for _ in range(120):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.001)  # warmup_factor × lr
+    assert rates[5] == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))
+    assert rates[10] == rates[79] == pytest.approx(0.01)
+    assert rates[80] == pytest.approx(0.001) and rates[109] == pytest.approx(0.001)
+    assert rates[110] == pytest.approx(0.0001)
+    with pytest.raises(ValueError, match="fractions of the run"):
+        warmup_multistep(optimizer, total_steps=10, milestones=[8])
+
+
+def test_coco_experiment_is_the_reference_recipe(compose_config) -> None:
+    cfg = compose_config("experiment=retinanet_coco", "data.root=/data/coco")
+    assert cfg.model._target_ == "normlab.models.retinanet_resnet50_fpn"
+    assert cfg.norm.name == "frozen_bn" and cfg.model.head_norm is None
+    assert cfg.model.weights_backbone == "IMAGENET1K_V1"
+    assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
+    assert list(cfg.data.train_min_sizes) == [800] and cfg.data.hflip == 0.5
+    assert cfg.data.splits.train == "train2017" and cfg.data.splits.val == "val2017"
+    assert cfg.task.optimizer._target_ == "torch.optim.SGD" and cfg.task.optimizer.lr == 0.01
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.max_epochs == 12
+    # The model options the config sets all exist in the constructor.
+    import inspect
+
+    from normlab.models.retinanet import _retinanet_resnet_fpn
+
+    accepted = set(inspect.signature(_retinanet_resnet_fpn).parameters)
+    assert set(cfg.model) - {"_target_"} <= accepted
