@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train test test-slow lint format clean help exp-retinanet-digits
+.PHONY: install train test test-slow lint format clean help exp-retinanet-digits exp-pix2pix-digits
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -34,6 +34,9 @@ test-slow: install ## run the slow tests too
 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
 	$(BIN)/python experiments/retinanet_digits/run.py $(ARGS)
+
+exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~12 min on 2 CPU cores
+	$(BIN)/python experiments/pix2pix_digits/run.py $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check src tests experiments

@@ -88,3 +88,11 @@ def test_detection_options_are_checked_before_any_data_is_written(tmp_path):
     )
     assert result.returncode == 2
     assert "norm='ln' cannot take the BatchNorm weights" in result.stderr
+
+
+def test_manual_optimization_refuses_gradient_clipping_in_one_line(tmp_path):
+    result = run_cli("experiment=pix2pix_digits", "trainer.gradient_clip_val=1.0", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    assert len(errors) == 1 and "trainer.gradient_clip_val=1.0" in errors[0]
+    assert "Traceback" not in result.stderr

@@ -1,70 +1,38 @@
-"""Train `experiment=retinanet_digits` once, timed, and commit-ready results next to this file.
+"""Train `experiment=retinanet_digits` once, timed, and write results next to this file.
 
     make exp-retinanet-digits                    # or: python experiments/retinanet_digits/run.py
     make exp-retinanet-digits ARGS="norm=gn"     # extra Hydra overrides go to the training run
-
-Writes results.md (command, machine, wall time, the test mAP table, the validation curve) and
-val_map.png here; the run itself lands under logs/detection/retinanet_digits/.
-
     python experiments/retinanet_digits/run.py --from-run RUN_DIR --minutes M
 
-re-tabulates an existing run of the same experiment (its wall time given in minutes).
+Writes results.md (command, machine, wall time, the test mAP table, the validation curve) and
+val_map.png. ``--from-run`` re-tabulates an earlier run of the same experiment.
 """
 
 from __future__ import annotations
 
-import csv
-import os
-import platform
-import subprocess
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 
+from normlab.utils.study import (
+    column,
+    machine_line,
+    read_metrics,
+    run_training,
+    saved_overrides,
+    study_run_dir,
+)
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 METRICS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"]
 
 
-def train(overrides: list[str]) -> tuple[Path, float, list[str]]:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
-    run_dir = ROOT / "logs" / "detection" / "retinanet_digits" / f"study_{stamp}"
-    command = [
-        sys.executable,
-        "-m",
-        "normlab.train",
-        "experiment=retinanet_digits",
-        "logger=csv",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
-    ]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "WANDB_MODE": "offline"})
-    return run_dir, time.perf_counter() - start, command
-
-
-def read_metrics(run_dir: Path) -> tuple[dict[str, float], list[tuple[int, float, float]]]:
-    with (run_dir / "csv" / "metrics.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    test = {m: float(r[f"test/{m}"]) for r in rows for m in METRICS if r.get(f"test/{m}")}
-    curve = [
-        (int(r["epoch"]), float(r["val/map"]), float(r["val/map_50"]))
-        for r in rows
-        if r.get("val/map_50")
-    ]
-    return test, curve
-
-
-def plot(curve: list[tuple[int, float, float]], path: Path) -> None:
+def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     figure = Figure(figsize=(5, 3.2), dpi=120)
     axes = figure.add_subplot()
-    epochs = [e + 1 for e, _, _ in curve]
-    axes.plot(epochs, [m50 for _, _, m50 in curve], marker="o", label="mAP@0.5")
-    axes.plot(epochs, [m for _, m, _ in curve], marker="o", label="mAP@[.5:.95]")
+    for label, points in curves.items():
+        axes.plot([e + 1 for e, _ in points], [v for _, v in points], marker="o", label=label)
     axes.set_xlabel("epoch")
     axes.set_ylabel("validation")
     axes.set_ylim(0, 1)
@@ -75,36 +43,40 @@ def plot(curve: list[tuple[int, float, float]], path: Path) -> None:
 
 
 def main() -> None:
-    overrides = sys.argv[1:]
-    if overrides[:1] == ["--from-run"]:
-        run_dir, seconds = Path(overrides[1]), 60 * float(overrides[3])
-        saved = (run_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
-        overrides = [line.removeprefix("- ") for line in saved if "experiment=" not in line]
-        command = [sys.executable, "-m", "normlab.train", "experiment=retinanet_digits", *overrides]
+    args = sys.argv[1:]
+    if args[:1] == ["--from-run"]:
+        run_dir, seconds = Path(args[1]), 60 * float(args[3])
     else:
-        run_dir, seconds, command = train(overrides)
-    test, curve = read_metrics(run_dir)
-    plot(curve, HERE / "val_map.png")
-    shown = " ".join(["python -m normlab.train", "experiment=retinanet_digits", *overrides])
+        run_dir = study_run_dir("detection", "retinanet_digits")
+        seconds = run_training("retinanet_digits", args, run_dir)
+    overrides = [o for o in saved_overrides(run_dir) if not o.startswith(("experiment=", "hydra."))]
+    rows = read_metrics(run_dir)
+    test = {m: column(rows, f"test/{m}")[-1][1] for m in METRICS}
+    map50, map_all = column(rows, "val/map_50"), column(rows, "val/map")
+    plot({"mAP@0.5": map50, "mAP@[.5:.95]": map_all}, HERE / "val_map.png")
     lines = [
         "# retinanet_digits: results",
         "",
-        f"Command: `{shown}` (run by `make exp-retinanet-digits`).",
-        f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, no GPU. Date: {datetime.now(timezone.utc):%Y-%m-%d}.",
+        "Command: `python -m normlab.train "
+        + " ".join(["experiment=retinanet_digits", *overrides])
+        + "` (run by `make exp-retinanet-digits`).",
+        f"Machine: {machine_line()}.",
         f"Wall time, data generation and test included: **{seconds / 60:.1f} min**.",
         "",
         "Test split (300 scenes whose digit samples never appear in training), COCO metrics:",
         "",
         "| " + " | ".join(METRICS) + " |",
         "|" + "---|" * len(METRICS),
-        "| " + " | ".join(f"{test.get(m, float('nan')):.3f}" for m in METRICS) + " |",
+        "| " + " | ".join(f"{test[m]:.3f}" for m in METRICS) + " |",
         "",
         "Validation after each epoch (`val_map.png`):",
         "",
         "| epoch | mAP | mAP@0.5 |",
         "|---|---|---|",
-        *(f"| {e + 1} | {m:.3f} | {m50:.3f} |" for e, m, m50 in curve),
+        *(
+            f"| {e + 1} | {m:.3f} | {m50:.3f} |"
+            for (e, m), (_, m50) in zip(map_all, map50, strict=True)
+        ),
         "",
     ]
     (HERE / "results.md").write_text("\n".join(lines))

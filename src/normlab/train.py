@@ -123,6 +123,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [*instantiate_group(cfg.get("callbacks")), RunInfo(info)]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    if hasattr(module, "check_run"):
+        # Tasks refuse Trainer options or data they cannot work with (manual optimization, image
+        # sizes) here, naming the config key, rather than deep inside fit().
+        module.check_run(trainer, datamodule)
     for logger in trainer.loggers:
         logger.log_hyperparams({**info["config"], "git_sha": info["git_sha"]})
 

@@ -1,14 +1,19 @@
-"""Data modules (LightningDataModule) with ``num_classes``, ``in_channels`` and ``class_names``
-known right after construction: image classification, and COCO-format detection."""
+"""Data modules (LightningDataModule) for image classification, COCO-format detection and paired
+image-to-image translation. What the models need (``num_classes``, ``class_names``,
+``in_channels``, ``out_channels``) is known right after construction, before any file is read."""
 
+from normlab.data.aligned import AlignedDataModule
 from normlab.data.coco import CocoDetectionDataModule
+from normlab.data.digit_pairs import DigitPairsDataModule
 from normlab.data.digit_scenes import DigitScenesDataModule
 from normlab.data.digits import DigitsDataModule
 from normlab.data.folders import CIFARDataModule, ImageFolderDataModule
 
 __all__ = [
+    "AlignedDataModule",
     "CIFARDataModule",
     "CocoDetectionDataModule",
+    "DigitPairsDataModule",
     "DigitScenesDataModule",
     "DigitsDataModule",
     "ImageFolderDataModule",

@@ -1,4 +1,5 @@
-"""Model constructors. Each takes ``norm=`` (any registry spec) and ``num_classes=``."""
+"""Model constructors. Each takes ``norm=`` (any registry spec); classifiers and detectors also
+take ``num_classes=``, the pix2pix networks their input and output channels."""
 
 from normlab.models.convnext import (
     ConvNeXt,
@@ -18,6 +19,7 @@ from normlab.models.densenet import (
     densenet201,
     densenet_bc_100,
 )
+from normlab.models.pix2pix import PatchDiscriminator, PixelDiscriminator, UnetGenerator
 from normlab.models.retinanet import (
     retinanet_resnet18_fpn,
     retinanet_resnet34_fpn,
@@ -27,6 +29,9 @@ from normlab.models.retinanet import (
 __all__ = [
     "ConvNeXt",
     "DenseNet",
+    "PatchDiscriminator",
+    "PixelDiscriminator",
+    "UnetGenerator",
     "convnext_atto",
     "convnext_base",
     "convnext_femto",

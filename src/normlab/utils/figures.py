@@ -165,3 +165,21 @@ def log_detections(
             logger.experiment.add_image(
                 key, grid.permute(1, 2, 0).numpy(), global_step=step, dataformats="HWC"
             )
+
+
+def translation_grid(
+    inputs: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor
+) -> np.ndarray:
+    """An H×W×3 uint8 grid with one row per sample: input | output | target.
+
+    Images are in [-1, 1] (a Tanh generator's range) and shown on that fixed scale, so a washed-out
+    output looks washed out; 1-channel images are shown in grey.
+    """
+
+    def to_rgb(images: torch.Tensor) -> torch.Tensor:
+        images = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+    rows = torch.stack([to_rgb(inputs), to_rgb(outputs), to_rgb(targets)], dim=1).flatten(0, 1)
+    grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -1,0 +1,319 @@
+"""Paired image-to-image data in pix2pix's "aligned" format.
+
+Layout (the one pytorch-CycleGAN-and-pix2pix's download scripts unpack, e.g. facades)::
+
+    <root>/train/*.png|jpg      each file: domain A on the left half, domain B on the right half
+    <root>/val/*.png|jpg
+    <root>/test/*.png|jpg       optional: without it the test stage uses val/
+
+Items are ``{"A": input, "B": target, "path": file}``; ``direction="BtoA"`` swaps the halves, so
+``A`` is always what the generator sees and ``B`` what it should produce. Pixels are scaled to
+[-1, 1], the range of a Tanh output.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from normlab.data.transforms import check_int
+from normlab.errors import ConfigError
+
+DIRECTIONS = ("AtoB", "BtoA")
+SPLITS = ("train", "val", "test")
+CHANNEL_CHOICES = (1, 3)
+# Lower-case suffixes read as images (the reference accepts the same family).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+PAIR_LAYOUT = "two equal halves side by side (A on the left, B on the right)"
+
+Item = dict[str, Any]
+
+
+def list_images(directory: str) -> list[str]:
+    """Image files directly inside ``directory``, sorted by name (so indices are stable)."""
+    names = sorted(
+        name
+        for name in os.listdir(directory)
+        if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    )
+    return [os.path.join(directory, name) for name in names]
+
+
+def odd_width_error(path: str, width: int, height: int) -> ConfigError:
+    return ConfigError(
+        f"data.root: {path} is {width}x{height} (WxH); an aligned image must hold {PAIR_LAYOUT}, "
+        "so its width must be even"
+    )
+
+
+def check_pair_files(paths: list[str]) -> None:
+    """Every file opens as an image with an even width, read from its header only (PIL decodes
+    pixels lazily), so a bad file stops the run at setup instead of mid-epoch."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"data.root: cannot read {path} as an image ({type(e).__name__}: {e}); "
+                f"expected {PAIR_LAYOUT}"
+            ) from e
+        if width < 2 or width % 2:
+            raise odd_width_error(path, width, height)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit PIL image → float32 C×H×W in [-1, 1] (the reference's ToTensor + Normalize(0.5, 0.5))."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+class AlignedDataset(Dataset):
+    """``{"A", "B", "path"}`` items from side-by-side pair files (see the module docstring).
+
+    ``train=True`` applies the reference's jitter: both halves resized (bicubic) to
+    ``load_size``², one random ``crop_size``² window taken at the same place in both, and, with
+    ``flip``, both mirrored together half of the time. ``train=False`` resizes both halves
+    straight to ``crop_size``²: no randomness, so evaluation metrics are repeatable and cover the
+    whole picture. Random draws use torch's generator, which Lightning and the DataLoader seed per
+    worker.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        *,
+        direction: str = "AtoB",
+        in_channels: int = 3,
+        out_channels: int = 3,
+        load_size: int = 286,
+        crop_size: int = 256,
+        flip: bool = True,
+        train: bool = False,
+    ) -> None:
+        self.paths = list(paths)
+        self.direction = direction
+        # PIL modes for the input and target halves: grayscale when one channel is wanted.
+        self.modes = ("L" if in_channels == 1 else "RGB", "L" if out_channels == 1 else "RGB")
+        self.load_size = load_size
+        self.crop_size = crop_size
+        self.flip = flip
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _halves(self, path: str) -> tuple[Image.Image, Image.Image]:
+        """(input half, target half) of the file, ``direction`` applied."""
+        with Image.open(path) as image:
+            width, height = image.size
+            if width < 2 or width % 2:
+                # The file may have changed since setup checked it.
+                raise odd_width_error(path, width, height)
+            if image.mode not in ("L", "RGB"):
+                # Palette, alpha or CMYK files: go through RGB, as the reference does.
+                image = image.convert("RGB")
+            half = width // 2
+            left = image.crop((0, 0, half, height))
+            right = image.crop((half, 0, width, height))
+        if self.direction == "BtoA":
+            left, right = right, left
+        return left.convert(self.modes[0]), right.convert(self.modes[1])
+
+    def __getitem__(self, index: int) -> Item:
+        path = self.paths[index]
+        a, b = self._halves(path)
+        if self.train:
+            size = (self.load_size, self.load_size)
+            a = a.resize(size, Image.Resampling.BICUBIC)
+            b = b.resize(size, Image.Resampling.BICUBIC)
+            room = self.load_size - self.crop_size
+            x, y = (int(v) for v in torch.randint(0, room + 1, (2,)))
+            box = (x, y, x + self.crop_size, y + self.crop_size)
+            a, b = a.crop(box), b.crop(box)
+            if self.flip and bool(torch.rand(()) < 0.5):
+                a = a.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                b = b.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            size = (self.crop_size, self.crop_size)
+            a = a.resize(size, Image.Resampling.BICUBIC)
+            b = b.resize(size, Image.Resampling.BICUBIC)
+        return {"A": _to_tensor(a), "B": _to_tensor(b), "path": path}
+
+
+class AlignedDataModule(pl.LightningDataModule):
+    """Paired A|B images under ``root`` (layout in the module docstring) for pix2pix-style tasks.
+
+    ``direction``: ``"AtoB"`` (input = left half) or ``"BtoA"`` (input = right half).
+    ``in_channels`` / ``out_channels`` (1 or 3): channels of the input ``A`` / target ``B``; 1
+    reads that half as grayscale, 3 as RGB. Known after ``__init__`` so models can be built first.
+    Training items are jittered (``load_size`` → random ``crop_size`` crop, optional ``flip``);
+    val/test items are resized to ``crop_size``² (see :class:`AlignedDataset`), so every item is
+    ``crop_size``² (also exposed as ``image_size``).
+
+    ``root``, ``root/train`` and ``root/val`` must exist when the module is built; each split's
+    files are checked (readable, even width) from their headers when :meth:`setup` loads it.
+    Batches use the default collate: ``{"A": B×C×H×W, "B": B×C×H×W, "path": list[str]}``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        direction: str = "AtoB",
+        load_size: int = 286,
+        crop_size: int = 256,
+        flip: bool = True,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if direction not in DIRECTIONS:
+            raise ConfigError(
+                f"data.direction must be one of {list(DIRECTIONS)}, got {direction!r}"
+            )
+        self.direction = direction
+        self.crop_size = check_int("crop_size", crop_size, minimum=1)
+        self.load_size = check_int("load_size", load_size, minimum=1)
+        if self.load_size < self.crop_size:
+            raise ConfigError(
+                f"data.load_size ({load_size}) must be >= data.crop_size ({crop_size}): training "
+                "crops crop_size pixels out of images resized to load_size"
+            )
+        if not isinstance(flip, bool):
+            raise ConfigError(f"data.flip must be true or false, got {flip!r}")
+        self.flip = flip
+        for key, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or value not in CHANNEL_CHOICES:
+                raise ConfigError(
+                    f"data.{key} must be one of {list(CHANNEL_CHOICES)} (grayscale or RGB), "
+                    f"got {value!r}"
+                )
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.image_size = self.crop_size
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.pin_memory = bool(pin_memory)
+        self.root = os.path.expanduser(os.fspath(root))
+
+        self.train_set: AlignedDataset | None = None
+        self.val_set: AlignedDataset | None = None
+        self.test_set: AlignedDataset | None = None
+        self._check_layout_early()
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def split_dir(self, stage: str) -> str:
+        """The folder read for ``stage``; test falls back to val when ``<root>/test`` is absent."""
+        path = os.path.join(self.root, stage)
+        if stage == "test" and not os.path.isdir(path):
+            return os.path.join(self.root, "val")
+        return path
+
+    def _require_dir(self, stage: str) -> str:
+        layout = "<root>/{train,val}/ (and optionally test/) holding A|B pair images"
+        if not os.path.isdir(self.root):
+            raise ConfigError(f"data.root: {self.root} is not a directory; expected {layout}")
+        path = self.split_dir(stage)
+        if not os.path.isdir(path):
+            raise ConfigError(f"data.root: {stage} folder {path} not found; expected {layout}")
+        return path
+
+    def _check_layout_early(self) -> None:
+        """Fail at construction, before any model is built, when the folders are missing.
+        Subclasses that create their files in :meth:`prepare_data` skip this."""
+        for stage in ("train", "val"):
+            self._require_dir(stage)
+
+    # -- splits -----------------------------------------------------------------------------------
+
+    def _dataset(self, stage: str) -> AlignedDataset:
+        directory = self._require_dir(stage)
+        paths = list_images(directory)
+        if not paths:
+            raise ConfigError(
+                f"data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) in {directory}; expected "
+                f"files holding {PAIR_LAYOUT}"
+            )
+        check_pair_files(paths)
+        return AlignedDataset(
+            paths,
+            direction=self.direction,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            load_size=self.load_size,
+            crop_size=self.crop_size,
+            flip=self.flip,
+            train=stage == "train",
+        )
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        # Only the splits a stage needs are listed and checked.
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }.get(stage or "", SPLITS)
+        if "train" in needed and self.train_set is None:
+            self.train_set = self._dataset("train")
+        if "val" in needed and self.val_set is None:
+            self.val_set = self._dataset("val")
+        if "test" in needed and self.test_set is None:
+            if self.split_dir("test") == self.split_dir("val"):
+                if self.val_set is None:
+                    self.val_set = self._dataset("val")
+                self.test_set = self.val_set
+            else:
+                self.test_set = self._dataset("test")
+
+    def _loader(self, dataset: AlignedDataset | None, *, train: bool) -> DataLoader:
+        assert dataset is not None
+        generator = None
+        if train:
+            # A fresh generator per call: the shuffled order depends only on `seed` (and the epoch).
+            generator = torch.Generator()
+            generator.manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            self.setup("test")
+        return self._loader(self.test_set, train=False)
