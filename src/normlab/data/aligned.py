@@ -20,9 +20,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from normlab.data.transforms import check_int
+from normlab.data.transforms import SplitLoaders, check_int
 from normlab.errors import ConfigError
 
 DIRECTIONS = ("AtoB", "BtoA")
@@ -150,7 +150,7 @@ class AlignedDataset(Dataset):
         return {"A": _to_tensor(a), "B": _to_tensor(b), "path": path}
 
 
-class AlignedDataModule(pl.LightningDataModule):
+class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
     """Paired A|B images under ``root`` (layout in the module docstring) for pix2pix-style tasks.
 
     ``direction``: ``"AtoB"`` (input = left half) or ``"BtoA"`` (input = right half).
@@ -284,36 +284,3 @@ class AlignedDataModule(pl.LightningDataModule):
                 self.test_set = self.val_set
             else:
                 self.test_set = self._dataset("test")
-
-    def _loader(self, dataset: AlignedDataset | None, *, train: bool) -> DataLoader:
-        assert dataset is not None
-        generator = None
-        if train:
-            # A fresh generator per call: the shuffled order depends only on `seed` (and the epoch).
-            generator = torch.Generator()
-            generator.manual_seed(self.seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        if self.test_set is None:
-            self.setup("test")
-        return self._loader(self.test_set, train=False)

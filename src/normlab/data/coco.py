@@ -24,12 +24,12 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from normlab.data.transforms import check_int
+from normlab.data.transforms import SplitLoaders, check_int
 from normlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def _check_splits(splits: Mapping[str, Any] | None) -> dict[str, str]:
     return result
 
 
-class CocoDetectionDataModule(pl.LightningDataModule):
+class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
     """COCO-format detection data under ``root`` (layout in the module docstring).
 
     ``splits`` maps the stages ``train`` / ``val`` / ``test`` to split folder names (default: the
@@ -361,6 +361,8 @@ class CocoDetectionDataModule(pl.LightningDataModule):
     ``on_bad_annotation``: ``"error"`` (default) or ``"skip"``; see :func:`load_coco_split`.
     Batches are ``(list of images, list of targets)`` (:func:`detection_collate`).
     """
+
+    collate_fn = staticmethod(detection_collate)
 
     in_channels = 3
 
@@ -529,37 +531,3 @@ class CocoDetectionDataModule(pl.LightningDataModule):
                 self.test_set = self.val_set
         # The train json parsed in __init__ is not kept beyond the first setup (it can be large).
         self._parsed.clear()
-
-    def _loader(self, dataset: CocoDetectionDataset | None, *, train: bool) -> DataLoader:
-        assert dataset is not None
-        generator = None
-        if train:
-            # A fresh generator per call: the shuffled order depends only on `seed` (and the epoch).
-            generator = torch.Generator()
-            generator.manual_seed(self.seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=detection_collate,
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        if self.test_set is None:
-            self.setup("test")
-        return self._loader(self.test_set, train=False)

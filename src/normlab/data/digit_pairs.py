@@ -11,11 +11,8 @@ same loader as real pix2pix data. Generation is deterministic in its parameters
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import uuid
 from functools import lru_cache
 from typing import Any
 
@@ -25,6 +22,7 @@ from sklearn.datasets import load_digits
 
 from normlab.data.aligned import SPLITS, AlignedDataModule
 from normlab.data.digits import split_indices
+from normlab.data.generated import GeneratedData, atomic_folder, params_tag
 from normlab.data.transforms import check_int
 from normlab.errors import ConfigError
 
@@ -38,14 +36,6 @@ BRIGHTNESS_RANGE = (0.55, 1.0)
 INK_THRESHOLD = 0.4
 # Per-split record of which load_digits() row each file shows; written before the marker.
 MANIFEST = "manifest.json"
-# The file written last into a generated folder; its presence means the folder is complete.
-COMPLETE_MARKER = "params.json"
-
-
-def params_tag(params: dict[str, Any]) -> str:
-    """Short stable hash of the generation parameters: the name of their folder."""
-    text = json.dumps(params, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @lru_cache(maxsize=1)
@@ -105,11 +95,7 @@ def generate_digit_pairs(directory: str, params: dict[str, Any]) -> None:
     ``directory`` (which must not exist yet) as ``<split>/<n>_d<row>.png`` grayscale A|B files,
     plus :data:`MANIFEST` and :data:`COMPLETE_MARKER`. Everything goes into a temporary sibling
     folder renamed at the end, so an interrupted run never looks complete."""
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        os.makedirs(tmp)
+    with atomic_folder(directory, params) as tmp:
         raw = load_digits()
         digits = np.asarray(raw.images, dtype=np.float32) / 16.0
         labels = np.asarray(raw.target, dtype=np.int64)
@@ -134,20 +120,9 @@ def generate_digit_pairs(directory: str, params: dict[str, Any]) -> None:
             manifest[split] = entries
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f)
-        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
-            json.dump(params, f, indent=2, sort_keys=True)
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            # Another process finished the same folder first; its content is identical.
-            if not os.path.isfile(os.path.join(directory, COMPLETE_MARKER)):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
-class DigitPairsDataModule(AlignedDataModule):
+class DigitPairsDataModule(GeneratedData, AlignedDataModule):
     """Outline → digit translation on generated 1-channel pairs (no download).
 
     The 1,797 digits of ``load_digits()`` are split into disjoint train/val/test pools
@@ -222,26 +197,11 @@ class DigitPairsDataModule(AlignedDataModule):
     def _check_layout_early(self) -> None:
         pass  # the folders are written by prepare_data(); setup() checks them
 
-    @property
-    def is_generated(self) -> bool:
-        return os.path.isfile(os.path.join(self.root, COMPLETE_MARKER))
-
     def manifest(self) -> dict[str, list[dict[str, Any]]]:
         """Per split, ``{"file", "digit_index", "label"}`` for each pair (generating if needed)."""
         self.prepare_data()
         with open(os.path.join(self.root, MANIFEST), encoding="utf-8") as f:
             return json.load(f)
 
-    def prepare_data(self) -> None:
-        if self.is_generated:
-            return
-        if os.path.exists(self.root):
-            raise ConfigError(
-                f"data.root: {self.root} exists but lacks {COMPLETE_MARKER} (not written by this "
-                "generator, or edited); delete it to regenerate"
-            )
-        generate_digit_pairs(self.root, self.generation_params)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_data()  # no-op once generated; lets `dm.setup()` work without a Trainer
-        super().setup(stage)
+    def generate(self, directory: str, params: dict[str, Any]) -> None:
+        generate_digit_pairs(directory, params)

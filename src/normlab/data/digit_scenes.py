@@ -9,11 +9,8 @@ parameters (``generation_seed`` included, the training ``seed`` not) and takes a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +20,7 @@ from sklearn.datasets import load_digits
 
 from normlab.data.coco import CocoDetectionDataModule
 from normlab.data.digits import split_indices
+from normlab.data.generated import GeneratedData, atomic_folder, params_tag
 from normlab.data.transforms import check_int
 from normlab.errors import ConfigError
 
@@ -36,14 +34,6 @@ DIGIT_CATEGORIES = [(d + 1, str(d)) for d in range(NUM_DIGIT_CLASSES)]
 INK_THRESHOLD = 0.2
 PLACEMENT_TRIES = 30
 BRIGHTNESS_RANGE = (0.6, 1.0)
-# The file written last into a generated folder; its presence means the folder is complete.
-COMPLETE_MARKER = "params.json"
-
-
-def scene_tag(params: dict[str, Any]) -> str:
-    """Short stable hash of the generation parameters: the name of their folder."""
-    text = json.dumps(params, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _background(rng: np.random.Generator, ramp_x: np.ndarray, ramp_y: np.ndarray) -> np.ndarray:
@@ -145,10 +135,7 @@ def generate_digit_scenes(directory: str, params: dict[str, Any]) -> None:
     """Write the scenes described by ``params`` (see :class:`DigitScenesDataModule`) in COCO
     layout into ``directory``, which must not exist yet. Everything is written into a temporary
     sibling folder that is renamed at the end, so an interrupted run never looks complete."""
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_folder(directory, params) as tmp:
         os.makedirs(os.path.join(tmp, "annotations"))
         raw = load_digits()
         digits = np.asarray(raw.images, dtype=np.float32) / 16.0
@@ -187,20 +174,9 @@ def generate_digit_scenes(directory: str, params: dict[str, Any]) -> None:
             }
             with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
                 json.dump(coco, f)
-        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
-            json.dump(params, f, indent=2, sort_keys=True)
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            # Another process finished the same folder first; its content is identical.
-            if not os.path.isfile(os.path.join(directory, COMPLETE_MARKER)):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
-class DigitScenesDataModule(CocoDetectionDataModule):
+class DigitScenesDataModule(GeneratedData, CocoDetectionDataModule):
     """Detection on generated digit scenes (10 classes, names ``"0"``..``"9"``), COCO on disk.
 
     The 1,797 digits of ``load_digits()`` are split into disjoint train/val/test pools
@@ -265,7 +241,7 @@ class DigitScenesDataModule(CocoDetectionDataModule):
             "generation_seed": check_int("generation_seed", generation_seed, minimum=0),
         }
         self.data_root = os.path.expanduser(os.fspath(root))
-        self.tag = scene_tag(self.generation_params)
+        self.tag = params_tag(self.generation_params)
         super().__init__(
             root=os.path.join(self.data_root, "digit_scenes", self.tag),
             splits={split: split for split in SPLIT_NAMES},
@@ -282,20 +258,5 @@ class DigitScenesDataModule(CocoDetectionDataModule):
     def _initial_categories(self) -> list[tuple[int, str]]:
         return list(DIGIT_CATEGORIES)  # fixed: no files needed before prepare_data()
 
-    @property
-    def is_generated(self) -> bool:
-        return os.path.isfile(os.path.join(self.root, COMPLETE_MARKER))
-
-    def prepare_data(self) -> None:
-        if self.is_generated:
-            return
-        if os.path.exists(self.root):
-            raise ConfigError(
-                f"data.root: {self.root} exists but lacks {COMPLETE_MARKER} (not written by this "
-                "generator, or edited); delete it to regenerate"
-            )
-        generate_digit_scenes(self.root, self.generation_params)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_data()  # no-op once generated; lets `dm.setup()` work without a Trainer
-        super().setup(stage)
+    def generate(self, directory: str, params: dict[str, Any]) -> None:
+        generate_digit_scenes(directory, params)

@@ -59,6 +59,55 @@ class TransformSubset(Dataset):
         return image, target
 
 
+class SplitLoaders:
+    """``train/val/test_dataloader`` over ``train_set`` / ``val_set`` / ``test_set``, shared by
+    the data modules: the training order is shuffled by a generator seeded from ``seed`` alone
+    (a fresh one per call, so it depends only on ``seed`` and the epoch), and a split that is not
+    set up yet is set up on demand. Subclasses may set ``collate_fn``."""
+
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    seed: int
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    train_set: Dataset | None
+    val_set: Dataset | None
+    test_set: Dataset | None
+
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        assert dataset is not None
+        generator = None
+        if train:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            self.setup("test")
+        return self._loader(self.test_set, train=False)
+
+
 class LoaderOptions(TypedDict, total=False):
     """The loading arguments every data module takes; see :class:`ImageClassificationDataModule`."""
 
@@ -70,7 +119,7 @@ class LoaderOptions(TypedDict, total=False):
     seed: int
 
 
-class ImageClassificationDataModule(pl.LightningDataModule):
+class ImageClassificationDataModule(SplitLoaders, pl.LightningDataModule):
     """Base class: subclasses set ``num_classes``, ``in_channels``, ``class_names`` in ``__init__``
     and ``train_set`` / ``val_set`` / ``test_set`` in :meth:`setup`."""
 
@@ -118,36 +167,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def _ready(self) -> None:
         if self.train_set is None:
             self.setup()
-
-    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
-        assert dataset is not None
-        generator = None
-        if train:
-            # A fresh generator per call: the shuffled order depends only on `seed` (and the epoch).
-            generator = torch.Generator()
-            generator.manual_seed(self.seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self._ready()
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self._ready()
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        self._ready()
-        return self._loader(self.test_set, train=False)
 
     # -- conveniences -----------------------------------------------------------------------------
 
