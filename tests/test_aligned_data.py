@@ -356,36 +356,6 @@ def test_pair_counts_default_to_whole_pools(tmp_path: Path) -> None:
         DigitPairsDataModule(str(tmp_path), num_val=271)
 
 
-def test_interrupted_generation_leaves_nothing_complete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = {"n": 0}
-    real_save = Image.Image.save
-
-    def failing_save(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt
-        return real_save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", failing_save)
-    dm = DigitPairsDataModule(str(tmp_path), **TINY)
-    with pytest.raises(KeyboardInterrupt):
-        dm.prepare_data()
-    assert not dm.is_generated
-    assert list((tmp_path / "digit_pairs").iterdir()) == []  # no half-written folder remains
-    monkeypatch.setattr(Image.Image, "save", real_save)
-    dm.setup("fit")
-    assert dm.is_generated and len(dm.train_set) == 6
-
-
-def test_foreign_folder_at_tag_is_not_used(tmp_path: Path) -> None:
-    dm = DigitPairsDataModule(str(tmp_path), **TINY)
-    Path(dm.root, "train").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="delete it to regenerate"):
-        dm.setup()
-
-
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [

@@ -267,20 +267,4 @@ class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         # Only the splits a stage needs are listed and checked.
-        needed = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("test",),
-        }.get(stage or "", SPLITS)
-        if "train" in needed and self.train_set is None:
-            self.train_set = self._dataset("train")
-        if "val" in needed and self.val_set is None:
-            self.val_set = self._dataset("val")
-        if "test" in needed and self.test_set is None:
-            if self.split_dir("test") == self.split_dir("val"):
-                if self.val_set is None:
-                    self.val_set = self._dataset("val")
-                self.test_set = self.val_set
-            else:
-                self.test_set = self._dataset("test")
+        self.setup_splits(stage, test_is_val=self.split_dir("test") == self.split_dir("val"))

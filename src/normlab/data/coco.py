@@ -512,22 +512,6 @@ class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         # Only the splits a stage needs are read: the COCO train json alone takes seconds to parse.
-        needed = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("test",),
-        }.get(stage or "", STAGES)
-        if "train" in needed and self.train_set is None:
-            self.train_set = self._dataset("train")
-        if "val" in needed and self.val_set is None:
-            self.val_set = self._dataset("val")
-        if "test" in needed and self.test_set is None:
-            if "test" in self.splits:
-                self.test_set = self._dataset("test")
-            else:
-                if self.val_set is None:
-                    self.val_set = self._dataset("val")
-                self.test_set = self.val_set
+        self.setup_splits(stage, test_is_val="test" not in self.splits)
         # The train json parsed in __init__ is not kept beyond the first setup (it can be large).
         self._parsed.clear()

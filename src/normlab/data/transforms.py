@@ -59,6 +59,15 @@ class TransformSubset(Dataset):
         return image, target
 
 
+# The splits each Lightning stage reads.
+STAGE_SPLITS = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+}
+
+
 class SplitLoaders:
     """``train/val/test_dataloader`` over ``train_set`` / ``val_set`` / ``test_set``, shared by
     the data modules: the training order is shuffled by a generator seeded from ``seed`` alone
@@ -73,6 +82,21 @@ class SplitLoaders:
     train_set: Dataset | None
     val_set: Dataset | None
     test_set: Dataset | None
+
+    def _dataset(self, split: str) -> Dataset:
+        """Build one split (``train``, ``val`` or ``test``); for :meth:`setup_splits`."""
+        raise NotImplementedError
+
+    def setup_splits(self, stage: str | None, *, test_is_val: bool) -> None:
+        """Build only the splits ``stage`` needs (all for ``None``), each once; ``test_is_val``
+        makes the test split the val split's dataset."""
+        needed = STAGE_SPLITS.get(stage or "", ("train", "val", "test"))
+        if "train" in needed and self.train_set is None:
+            self.train_set = self._dataset("train")
+        if ("val" in needed or ("test" in needed and test_is_val)) and self.val_set is None:
+            self.val_set = self._dataset("val")
+        if "test" in needed and self.test_set is None:
+            self.test_set = self.val_set if test_is_val else self._dataset("test")
 
     def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         assert dataset is not None
