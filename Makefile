@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train test test-slow lint format clean help exp-retinanet-digits exp-pix2pix-digits
+.PHONY: install train test test-slow test-ddp lint format clean help exp-retinanet-digits exp-pix2pix-digits
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -29,8 +29,11 @@ train: install ## train the default experiment (DenseNet-BC on digits, CPU)
 test: install ## run the test suite (fast tests)
 	$(BIN)/python -m pytest $(ARGS)
 
-test-slow: install ## run the slow tests too
-	$(BIN)/python -m pytest -m "slow or not slow" $(ARGS)
+test-slow: install ## run the slow tests too (and the multi-process ones)
+	$(BIN)/python -m pytest -m "slow or ddp or not slow" $(ARGS)
+
+test-ddp: install ## multi-process checks: SyncBN exactness and 2-process training on CPU (gloo)
+	$(BIN)/python -m pytest -m "ddp or not ddp" tests/test_syncbn.py tests/test_ddp.py $(ARGS)
 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
 	$(BIN)/python experiments/retinanet_digits/run.py $(ARGS)

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -22,6 +21,7 @@ from normlab.data import digit_pairs as pairs_module
 from normlab.data.aligned import AlignedDataset
 from normlab.data.digits import split_indices
 from normlab.errors import ConfigError
+from normlab.train import instantiate_data
 from normlab.utils.run import CONFIG_DIR
 
 # --------------------------------------------------------------------------------------------------
@@ -247,7 +247,8 @@ def test_facades_config_composes_and_reads_btoa(aligned_root: Path) -> None:
     assert cfg.data.direction == "BtoA"
     assert (cfg.data.load_size, cfg.data.crop_size, cfg.data.flip) == (286, 256, True)
     assert (cfg.data.batch_size, cfg.data.in_channels, cfg.data.out_channels) == (1, 3, 3)
-    dm = instantiate(cfg.data, load_size=HALF, crop_size=HALF)
+    cfg.data.load_size = cfg.data.crop_size = HALF
+    dm = instantiate_data(cfg.data)
     dm.setup("validate")
     assert (dm.val_set[0]["A"][2] == 1).all()  # BtoA: the input is the right half
 
@@ -382,7 +383,7 @@ def test_digit_pairs_config_instantiates(compose_config, tmp_path: Path) -> None
     cfg = compose_config(
         "data=digit_pairs", "data.num_train=4", "data.num_val=2", "data.num_test=2"
     )
-    dm = instantiate(cfg.data)
+    dm = instantiate_data(cfg.data)
     assert isinstance(dm, DigitPairsDataModule)
     assert dm.data_root == str(tmp_path / "data")
     assert (dm.load_size, dm.crop_size, dm.flip, dm.batch_size) == (72, 64, False, 8)

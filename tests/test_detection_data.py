@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from PIL import Image
 
 from normlab.data import CocoDetectionDataModule, DigitScenesDataModule
@@ -19,6 +18,7 @@ from normlab.data import digit_scenes as scenes_module
 from normlab.data.coco import BadAnnotationError, detection_collate
 from normlab.data.digits import split_indices
 from normlab.errors import ConfigError
+from normlab.train import instantiate_data
 
 # --------------------------------------------------------------------------------------------------
 # COCO fixtures
@@ -334,7 +334,7 @@ def test_coco_config_instantiates(coco_root: Path, compose_config) -> None:
     cfg = compose_config("data=coco", f"data.root={coco_root}", "data.splits.train=train")
     cfg.data.splits.val = "val"
     cfg.data.splits.test = "val"
-    dm = instantiate(cfg.data)
+    dm = instantiate_data(cfg.data)
     assert isinstance(dm, CocoDetectionDataModule)
     assert (dm.train_min_sizes, dm.max_size, dm.hflip) == ([800], 1333, 0.5)
     assert dm.class_names == ["dog", "cat"]
@@ -464,7 +464,7 @@ def test_digit_scenes_config_instantiates(compose_config, tmp_path: Path) -> Non
     cfg = compose_config(
         "data=digit_scenes", "data.num_train=2", "data.num_val=1", "data.num_test=1"
     )
-    dm = instantiate(cfg.data)
+    dm = instantiate_data(cfg.data)
     assert isinstance(dm, DigitScenesDataModule)
     assert dm.data_root == str(tmp_path / "data")
     assert dm.generation_params["digit_size"] == [20, 48] and dm.hflip == 0.0

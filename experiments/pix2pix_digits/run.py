@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from PIL import Image
 
 from normlab.eval import load_run_info
 from normlab.tasks import Pix2PixModule
+from normlab.train import instantiate_data
 from normlab.utils.figures import translation_grid
 from normlab.utils.study import (
     column,
@@ -52,7 +52,7 @@ def save_samples(run_dir: Path, path: Path, count: int = 8) -> None:
     """Translate the first ``count`` test pairs with the best checkpoint, as the test run did."""
     best = next((run_dir / "checkpoints").glob("epoch*.ckpt"))
     config = OmegaConf.create(load_run_info(str(best))["config"])
-    datamodule = instantiate(config.data)
+    datamodule = instantiate_data(config.data)
     datamodule.setup("test")
     batch = next(iter(datamodule.test_dataloader()))
     module = Pix2PixModule.load_from_checkpoint(best, map_location="cpu").eval()

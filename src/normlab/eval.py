@@ -13,7 +13,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
-from normlab.train import exit_on_config_error, instantiate_group
+from normlab.train import exit_on_config_error, instantiate_data, instantiate_group
 from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
 
 log = logging.getLogger("normlab.eval")
@@ -37,7 +37,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     info = load_run_info(cfg.ckpt_path)
     trained = OmegaConf.create(info["config"])
     data_cfg = cfg.data if cfg.get("data") else trained.data
-    datamodule: pl.LightningDataModule = instantiate(data_cfg)
+    datamodule = instantiate_data(data_cfg)
     module_class = get_class(trained.task._target_)
     module = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")))

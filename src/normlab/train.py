@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
+from normlab.utils.distributed import (
+    NormSync,
+    inherited_run_config,
+    is_rank_zero,
+    publish_run_config,
+    split_global_batch,
+)
 from normlab.utils.run import (
     CONFIG_DIR,
     RunInfo,
@@ -33,6 +41,14 @@ def instantiate_group(group: DictConfig | None) -> list:
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def instantiate_data(data_cfg: DictConfig) -> pl.LightningDataModule:
+    """The data module of a ``data`` config (``global_batch_size`` is the entry point's, not the
+    module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size)."""
+    plain = OmegaConf.to_container(data_cfg, resolve=True)
+    plain.pop("global_batch_size", None)
+    return instantiate(plain)
 
 
 def import_user_modules(modules: list[str] | None) -> None:
@@ -106,23 +122,49 @@ def _finish_wandb(loggers: list) -> None:
         wandb.finish()  # a no-op when no run was started (e.g. fast_dev_run)
 
 
+def _stop_other_ranks(trainer: pl.Trainer) -> None:
+    """After a failure in the launching process, end the processes it started for the other ranks
+    (they would otherwise wait in a collective until the process-group timeout)."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if launcher is not None and getattr(launcher, "procs", None):
+        launcher.kill(signal.SIGKILL)
+
+
+def _build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer:
+    if cfg.trainer.get("sync_batchnorm"):
+        # Lightning's own option converts to torch.nn.SyncBatchNorm, which refuses CPU tensors.
+        return instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers,
+            sync_batchnorm=False,
+            plugins=[NormSync()],
+        )
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics."""
+    # In a process Lightning launched for another rank: run exactly rank 0's resolved config.
+    cfg = inherited_run_config() or cfg
     check_required(cfg)
     import_user_modules(cfg.get("imports"))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    split_global_batch(cfg)
+    datamodule = instantiate_data(cfg.data)
     _fill_from_datamodule(cfg, datamodule)
     # The model is built here, before any data is read, so a bad norm or model fails at once.
     task = OmegaConf.to_container(cfg.task, resolve=True)
     module: pl.LightningModule = instantiate(task, _recursive_=False)
 
-    info = save_run_info(cfg, output_dir, git_sha())
+    info = save_run_info(cfg, output_dir, git_sha(), write=is_rank_zero())
+    if is_rank_zero():
+        publish_run_config(output_dir / "config_resolved.yaml")
     callbacks = [*instantiate_group(cfg.get("callbacks")), RunInfo(info)]
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = _build_trainer(cfg, callbacks, loggers)
     if hasattr(module, "check_run"):
         # Tasks refuse Trainer options or data they cannot work with (manual optimization, image
         # sizes) here, naming the config key, rather than deep inside fit().
@@ -132,11 +174,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     try:
         metrics = _fit_and_test(cfg, trainer, module, datamodule)
+    except BaseException:
+        _stop_other_ranks(trainer)
+        raise
     finally:
         # Close the wandb run now, not at interpreter exit: multirun jobs share one process,
         # and a reader of the offline run needs it complete.
         _finish_wandb(loggers)
-    log.info("run dir: %s", output_dir)
+    if is_rank_zero():
+        log.info("run dir: %s", output_dir)
     return metrics
 
 
@@ -164,14 +210,14 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry; returns ``cfg.optimized_metric`` for sweepers (Optuna)."""
     try:
         metrics = train(cfg)
+        name = cfg.get("optimized_metric")
+        if name and name not in metrics:
+            raise ConfigError(
+                f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}"
+            )
     except Exception as error:
         exit_on_config_error(error)
-    name = cfg.get("optimized_metric")
-    if not name:
-        return None
-    if name not in metrics:
-        raise ConfigError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
-    return metrics[name]
+    return metrics[name] if name else None
 
 
 if __name__ == "__main__":

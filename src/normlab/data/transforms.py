@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypedDict
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 
 from normlab.errors import ConfigError
@@ -59,6 +59,27 @@ class TransformSubset(Dataset):
         return image, target
 
 
+class EpochSeededSampler(RandomSampler):
+    """Shuffles as ``DistributedSampler(shuffle=True, seed=seed)`` with a single replica: epoch
+    ``e`` is ``randperm(n)`` drawn from ``seed + e``. Under DDP Lightning replaces it (it is a
+    RandomSampler) by a DistributedSampler seeded with the run's seed, so with the same seed a
+    run on k processes sees, step for step, the same samples as a run on one process with a k
+    times larger batch."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
 # The splits each Lightning stage reads.
 STAGE_SPLITS = {
     "fit": ("train", "val"),
@@ -70,9 +91,9 @@ STAGE_SPLITS = {
 
 class SplitLoaders:
     """``train/val/test_dataloader`` over ``train_set`` / ``val_set`` / ``test_set``, shared by
-    the data modules: the training order is shuffled by a generator seeded from ``seed`` alone
-    (a fresh one per call, so it depends only on ``seed`` and the epoch), and a split that is not
-    set up yet is set up on demand. Subclasses may set ``collate_fn``."""
+    the data modules: the training order depends only on ``seed`` and the epoch
+    (:class:`EpochSeededSampler`), and a split that is not set up yet is set up on demand.
+    Subclasses may set ``collate_fn``."""
 
     batch_size: int
     num_workers: int
@@ -100,15 +121,10 @@ class SplitLoaders:
 
     def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         assert dataset is not None
-        generator = None
-        if train:
-            generator = torch.Generator()
-            generator.manual_seed(self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            generator=generator,
+            sampler=EpochSeededSampler(dataset, self.seed) if train else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -16,6 +16,7 @@ from normlab.norm.registry import (
     norm_name,
     register_norm,
 )
+from normlab.norm.sync import SyncBatchNorm
 
 __all__ = [
     "NORMS",
@@ -23,6 +24,7 @@ __all__ = [
     "NoNorm",
     "NormLayer",
     "NormSpec",
+    "SyncBatchNorm",
     "build_norm",
     "convert_norms",
     "get_norm_layer",

@@ -8,6 +8,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from normlab.errors import ConfigError
 from normlab.norm.layers import LayerNorm2d, NoNorm
 from normlab.norm.registry import register_norm
+from normlab.norm.sync import SyncBatchNorm
 
 
 @register_norm("bn")
@@ -28,9 +29,12 @@ def sync_batch_norm(
     momentum: float | None = 0.1,
     affine: bool = True,
     track_running_stats: bool = True,
+    group_size: int | None = None,
 ) -> nn.Module:
-    # torch's implementation; it synchronises only on CUDA and behaves as BN without a process group.
-    return nn.SyncBatchNorm(num_features, eps, momentum, affine, track_running_stats)
+    # Ours, not torch's: torch's refuses CPU tensors once a process group exists.
+    return SyncBatchNorm(
+        num_features, eps, momentum, affine, track_running_stats, group_size=group_size
+    )
 
 
 @register_norm("ln")

@@ -52,12 +52,16 @@ def git_sha(directory: Path | str | None = None) -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
-def save_run_info(cfg: DictConfig, output_dir: Path, sha: str) -> dict[str, Any]:
-    """Write the resolved config and git SHA into the run dir; return them for checkpoints."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def save_run_info(
+    cfg: DictConfig, output_dir: Path, sha: str, *, write: bool = True
+) -> dict[str, Any]:
+    """Write the resolved config and git SHA into the run dir (``write``: only rank 0 does);
+    return them for checkpoints."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
-    (output_dir / "git_sha.txt").write_text(sha + "\n")
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
+        (output_dir / "git_sha.txt").write_text(sha + "\n")
     return {"config": resolved, "git_sha": sha}
 
 
