@@ -16,10 +16,11 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.errors import ConfigError
 from normlab.norm import NORMS, LayerNorm2d, build_norm, convert_norms, norm_channels, register_norm
+from normlab.norm.sync import SyncBatchNorm
 
 EXPECTED_TYPES = {
     "bn": nn.BatchNorm2d,
-    "syncbn": nn.SyncBatchNorm,
+    "syncbn": SyncBatchNorm,
     "ln": LayerNorm2d,
     "gn": nn.GroupNorm,
     "in": nn.InstanceNorm2d,
@@ -133,9 +134,9 @@ def test_bn_to_syncbn_and_back_keeps_every_tensor_bit_for_bit():
     model = _trained_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     convert_norms(model, "syncbn")
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 20
+    assert sum(isinstance(m, SyncBatchNorm) for m in model.modules()) == 20
     convert_norms(model, "bn")
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert not any(isinstance(m, SyncBatchNorm) for m in model.modules())
     after = model.state_dict()
     assert before.keys() == after.keys()
     for key, value in before.items():

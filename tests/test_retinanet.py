@@ -17,6 +17,7 @@ from normlab.models import retinanet_resnet18_fpn, retinanet_resnet50_fpn
 from normlab.models.retinanet import _octave_anchor_sizes
 from normlab.norm import convert_norms
 from normlab.norm.layers import LayerNorm2d
+from normlab.norm.sync import SyncBatchNorm
 
 SIZE = {"min_size": 96, "max_size": 128}
 
@@ -148,7 +149,7 @@ def test_every_backbone_norm_comes_from_the_registry(norm: str) -> None:
         "ln": LayerNorm2d,
         "in": nn.InstanceNorm2d,
         "frozen_bn": FrozenBatchNorm2d,
-        "syncbn": nn.SyncBatchNorm,
+        "syncbn": SyncBatchNorm,
     }
     body_norms = [
         m

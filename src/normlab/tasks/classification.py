@@ -88,7 +88,13 @@ class ClassificationModule(pl.LightningModule):
         logits = self(images)
         self.val_metrics.update(logits, targets)
         self.val_confusion.update(logits, targets)
-        self.log("val/loss", self._loss(logits, targets), prog_bar=True, batch_size=len(targets))
+        self.log(
+            "val/loss",
+            self._loss(logits, targets),
+            prog_bar=True,
+            batch_size=len(targets),
+            sync_dist=True,
+        )
         self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(targets))
         self._keep_misclassified(images, logits.argmax(dim=1), targets)
 
@@ -104,7 +110,7 @@ class ClassificationModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.val_acc_best.update(self.val_metrics["acc"].compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
         matrix = self.val_confusion.compute()
         self.val_confusion.reset()
         if self.trainer.sanity_checking or not self.trainer.loggers:
@@ -134,7 +140,7 @@ class ClassificationModule(pl.LightningModule):
         images, targets = batch
         logits = self(images)
         self.test_metrics.update(logits, targets)
-        self.log("test/loss", self._loss(logits, targets), batch_size=len(targets))
+        self.log("test/loss", self._loss(logits, targets), batch_size=len(targets), sync_dist=True)
         self.log_dict(self.test_metrics, batch_size=len(targets))
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -133,12 +133,12 @@ class DetectionModule(pl.LightningModule):
         results = metric.compute()
         metric.reset()
         for key, name in MAP_KEYS.items():
-            self.log(f"{stage}/{name}", results[key], prog_bar=name == "map_50")
+            self.log(f"{stage}/{name}", results[key], prog_bar=name == "map_50", sync_dist=True)
         return results["map"]
 
     def on_validation_epoch_end(self) -> None:
         self.val_map_best.update(self._log_map(self.val_map, "val"))
-        self.log("val/map_best", self.val_map_best.compute(), prog_bar=True)
+        self.log("val/map_best", self.val_map_best.compute(), prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking or not self.trainer.loggers or not self._shown:
             return
         names = getattr(self.trainer.datamodule, "class_names", None) or [

@@ -243,9 +243,9 @@ class Pix2PixModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
-        self.log_dict(values, prog_bar=True)
+        self.log_dict(values, prog_bar=True, sync_dist=True)
         self.val_l1_best.update(values["val/l1"])
-        self.log("val/l1_best", self.val_l1_best.compute())
+        self.log("val/l1_best", self.val_l1_best.compute(), sync_dist=True)
         if self.trainer.sanity_checking or not self.trainer.loggers or not self._shown:
             return
         inputs, outputs, targets = (torch.cat(part) for part in zip(*self._shown, strict=True))
@@ -263,7 +263,7 @@ class Pix2PixModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.test_metrics.reset()
-        self.log_dict(values)
+        self.log_dict(values, sync_dist=True)
 
     def configure_optimizers(self) -> tuple[list, list]:
         config = self.hparams.optimizer
