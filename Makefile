@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 	  || { echo "torchvision cannot run its ops with this torch build: remove $(VENV) and reinstall"; exit 1; }
 	touch $@
 
+# The experiment `make train` runs; ARGS adds Hydra overrides (make train ARGS="norm=ln").
+TRAIN_EXPERIMENT ?= densenet_digits
+
 train: install ## train the default experiment (DenseNet-BC on digits, CPU)
-	$(BIN)/python -m normlab.train $(ARGS)
+	$(BIN)/python -m normlab.train experiment=$(TRAIN_EXPERIMENT) $(ARGS)
 
 test: install ## run the test suite (fast tests)
 	$(BIN)/python -m pytest $(ARGS)
