@@ -94,7 +94,7 @@ def test_train_test_mode_uses_batch_statistics_and_leaves_running_stats_alone() 
     module = _module(test_mode="train").eval()
     before = {k: v.clone() for k, v in module.generator.state_dict().items()}
     batch = _batch()
-    with torch.no_grad(), module._test_time_generator() as generator:
+    with torch.no_grad(), module.test_time_generator() as generator:
         assert generator.training
         batch_stats = generator(batch["A"])
     assert not module.generator.training

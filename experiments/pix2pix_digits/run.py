@@ -57,7 +57,7 @@ def save_samples(run_dir: Path, path: Path, count: int = 8) -> None:
     batch = next(iter(datamodule.test_dataloader()))
     module = Pix2PixModule.load_from_checkpoint(best, map_location="cpu").eval()
     inputs, targets = batch["A"][:count], batch["B"][:count]
-    with torch.no_grad(), module._test_time_generator() as generator:
+    with torch.no_grad(), module.test_time_generator() as generator:
         outputs = generator(inputs)
     Image.fromarray(translation_grid(inputs, outputs, targets)).save(path)
 

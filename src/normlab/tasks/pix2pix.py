@@ -203,7 +203,7 @@ class Pix2PixModule(pl.LightningModule):
     # -- evaluation -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _test_time_generator(self) -> Iterator[nn.Module]:
+    def test_time_generator(self) -> Iterator[nn.Module]:
         """The generator as ``test_mode`` asks; in ``train`` mode its buffers are restored after."""
         if self.hparams.test_mode == "eval":
             yield self.generator
@@ -220,7 +220,7 @@ class Pix2PixModule(pl.LightningModule):
 
     def _evaluate(self, batch: Mapping[str, Tensor], metrics: MetricCollection) -> Tensor:
         real_a, real_b = batch["A"], batch["B"]
-        with self._test_time_generator() as generator:
+        with self.test_time_generator() as generator:
             fake_b = generator(real_a)
         # L1 on the networks' [-1, 1] scale (the training loss); PSNR / SSIM on [0, 1] images.
         metrics["l1"].update(F.l1_loss(fake_b, real_b, reduction="none").flatten(1).mean(1))
