@@ -2,7 +2,8 @@
 
 The ImageNet models use torchvision's module names, so torchvision's state dicts load strictly
 with ``norm="bn"``. ``densenet_bc_100`` is the CIFAR DenseNet-BC (L=100, k=12) of the paper.
-Every norm layer is built through the registry, never from a norm class.
+Every norm layer is built through the registry, never from a norm class, together with the ReLU
+after it (``norm_and_activation``), so that a norm able to apply the ReLU itself absorbs it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import Unpack
 
-from normlab.norm import NormLayer, NormSpec, get_norm_layer
+from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_and_activation
 
 __all__ = [
     "DenseNet",
@@ -71,11 +72,12 @@ class _DenseLayer(nn.Module):
     ) -> None:
         super().__init__()
         bottleneck = bn_size * growth_rate
-        self.norm1 = norm_layer(num_input_features)
-        self.relu1 = nn.ReLU(inplace=True)
+        # A norm that can apply the ReLU itself absorbs it; relu1/relu2 are then nn.Identity.
+        self.norm1, self.relu1 = norm_and_activation(
+            norm_layer, num_input_features, nn.ReLU(inplace=True)
+        )
         self.conv1 = nn.Conv2d(num_input_features, bottleneck, kernel_size=1, bias=False)
-        self.norm2 = norm_layer(bottleneck)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.norm2, self.relu2 = norm_and_activation(norm_layer, bottleneck, nn.ReLU(inplace=True))
         self.conv2 = nn.Conv2d(bottleneck, growth_rate, kernel_size=3, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
@@ -148,8 +150,9 @@ class _Transition(nn.Sequential):
         self, num_input_features: int, num_output_features: int, norm_layer: NormLayer
     ) -> None:
         super().__init__()
-        self.norm = norm_layer(num_input_features)
-        self.relu = nn.ReLU(inplace=True)
+        self.norm, self.relu = norm_and_activation(
+            norm_layer, num_input_features, nn.ReLU(inplace=True)
+        )
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
@@ -191,6 +194,7 @@ class DenseNet(nn.Module):
         norm_layer = get_norm_layer(norm)
 
         if stem == "imagenet":
+            norm0, relu0 = norm_and_activation(norm_layer, num_init_features, nn.ReLU(inplace=True))
             layers = [
                 (
                     "conv0",
@@ -203,8 +207,8 @@ class DenseNet(nn.Module):
                         bias=False,
                     ),
                 ),
-                ("norm0", norm_layer(num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
+                ("norm0", norm0),
+                ("relu0", relu0),
                 ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
             ]
         elif stem == "cifar":
@@ -239,7 +243,11 @@ class DenseNet(nn.Module):
                 )
                 num_features = out_features
         # Pre-activation layers leave the last block un-normalised; torchvision calls this norm5.
-        self.features.add_module("norm5", norm_layer(num_features))
+        # Its ReLU is a module of `features` (torchvision applies F.relu in forward), so that the
+        # norm can absorb it; `features` thus returns activated maps, fused or not.
+        norm5, relu5 = norm_and_activation(norm_layer, num_features, nn.ReLU(inplace=True))
+        self.features.add_module("norm5", norm5)
+        self.features.add_module("relu5", relu5)
 
         self.classifier = nn.Linear(num_features, num_classes)
         self._init_weights()
@@ -260,8 +268,7 @@ class DenseNet(nn.Module):
                     nn.init.zeros_(bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.features(x), inplace=True)
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        x = torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
         return self.classifier(x)
 
 

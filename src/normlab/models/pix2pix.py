@@ -34,7 +34,13 @@ from torch.nn.modules.conv import _ConvNd
 from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.errors import ConfigError
-from normlab.norm import NormLayer, NormSpec, get_norm_layer
+from normlab.norm import (
+    NormLayer,
+    NormSpec,
+    activation_after,
+    fuse_norm_activations,
+    get_norm_layer,
+)
 
 __all__ = [
     "INIT_TYPES",
@@ -219,10 +225,20 @@ class UnetSkipBlock(nn.Module):
         # (as in the original Lua pix2pix). It is a separate step here to keep that visible.
         self.act = nn.Identity() if role == "outermost" else nn.LeakyReLU(0.2)
         if role == "intermediate":
-            self.down = nn.Sequential(down_conv, norm_layer(inner_channels))
+            down_norm = norm_layer(inner_channels)
+            if isinstance(inner, UnetSkipBlock):
+                # This norm's output goes to the inner block's LeakyReLU and nowhere else (that
+                # block uses only its activated input, for its down path and its skip half), so a
+                # norm that can apply the LeakyReLU itself may absorb it: the network computes the
+                # same. The inner block on its own then no longer activates its input.
+                inner.act = activation_after(down_norm, inner.act)
+            self.down = nn.Sequential(down_conv, down_norm)
         else:
             self.down = nn.Sequential(down_conv)
         self.inner = inner
+        # The ReLU opening `up` acts on the inner block's output, the concatenation of its skip
+        # half and its up path (in the innermost block, on a conv without norm), never on the
+        # output of one norm alone; so no norm can absorb it.
         if role == "outermost":
             up_conv = nn.ConvTranspose2d(up_in, outer_channels, 4, stride=2, padding=1)
             self.up = nn.Sequential(nn.ReLU(inplace=True), up_conv, nn.Tanh())
@@ -359,6 +375,7 @@ class PatchDiscriminator(nn.Module):
             channels = width
         layers.append(nn.Conv2d(channels, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
+        fuse_norm_activations(self.net)  # a norm that can apply its LeakyReLU itself does
         init_weights(self, init_type, init_gain, key="model.discriminator.init_type")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -401,6 +418,7 @@ class PixelDiscriminator(nn.Module):
             # The reference ties this bias to the norm as well, though no norm follows it.
             nn.Conv2d(ndf * 2, 1, 1, bias=use_bias),
         )
+        fuse_norm_activations(self.net)  # a norm that can apply its LeakyReLU itself does
         init_weights(self, init_type, init_gain, key="model.discriminator.init_type")
 
     def forward(self, x: Tensor) -> Tensor:

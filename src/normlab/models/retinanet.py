@@ -5,7 +5,10 @@ foreground, < 0.4 background, low-quality matches kept), box coder, per-level to
 batched NMS and detection limit. What this module adds is the part the norm registry has to
 reach: the ResNet backbone is built with ``norm_layer`` from the registry, the two 4-conv towers
 with ``head_norm`` (``gn`` gives the v2-style GroupNorm heads), and the FPN optionally with
-``fpn_norm``. Module names are torchvision's, so its state dicts load strictly.
+``fpn_norm``. Module names are torchvision's, so its state dicts load strictly. A norm that can
+apply the ReLU after it in its own kernel (``normlab.norm.fusion``) absorbs it everywhere one
+follows a norm: in the head's towers, the backbone's stem and the residual blocks' first (basic)
+or first two (bottleneck) convolutions.
 
 The losses are computed by :class:`FocalLossHead`: the focal loss with configurable α and γ and a
 selectable box loss (L1, smooth-L1, GIoU), each normalised per image by the number of foreground
@@ -33,12 +36,20 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from typing_extensions import Unpack
 
 from normlab.errors import ConfigError
-from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_name
+from normlab.norm import (
+    NormLayer,
+    NormSpec,
+    activation_after,
+    fuse_norm_activations,
+    get_norm_layer,
+    norm_name,
+)
 
 __all__ = [
     "BOX_LOSSES",
@@ -58,6 +69,65 @@ BoxLoss = Literal["l1", "smooth_l1", "giou"]
 _BATCH_STAT_NORMS = {"bn", "syncbn", "cuda_bn"}
 
 _RESNET_C5_CHANNELS = {18: 512, 34: 512, 50: 2048}
+
+
+class _FusableBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with a ReLU module of its own after bn1, so that bn1 can absorb it.
+
+    torchvision's block calls one shared ``relu`` after bn1 and after the residual add, which no
+    module swap can fuse. ``relu`` stays for the add (no norm output alone feeds it); parameter
+    and buffer names are torchvision's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu1 = activation_after(self.bn1, nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class _FusableBottleneck(Bottleneck):
+    """torchvision's Bottleneck with ReLU modules of its own after bn1 and bn2 (see
+    :class:`_FusableBasicBlock`); the shared ``relu`` stays for the residual add."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu1 = activation_after(self.bn1, nn.ReLU(inplace=True))
+        self.relu2 = activation_after(self.bn2, nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+_RESNET_LAYOUTS: dict[int, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
+    18: (_FusableBasicBlock, [2, 2, 2, 2]),
+    34: (_FusableBasicBlock, [3, 4, 6, 3]),
+    50: (_FusableBottleneck, [3, 4, 6, 3]),
+}
+
+
+def _resnet(depth: int, norm_layer: NormLayer) -> ResNet:
+    """torchvision's ``resnet{depth}(norm_layer=...)`` (same modules, names and init) in which
+    every ReLU that follows a norm alone can be absorbed by it."""
+    block, layers = _RESNET_LAYOUTS[depth]
+    resnet = ResNet(block, layers, norm_layer=norm_layer)
+    # ResNet calls its own `relu` once, right after the stem's bn1.
+    resnet.relu = activation_after(resnet.bn1, resnet.relu)
+    return resnet
 
 
 class FocalLossHead(RetinaNetHead):
@@ -82,6 +152,8 @@ class FocalLossHead(RetinaNetHead):
         smooth_l1_beta: float = 1.0 / 9.0,
     ) -> None:
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
+        # The towers are conv-norm-ReLU Sequentials: a norm that can apply the ReLU itself does.
+        fuse_norm_activations(self)
         if box_loss not in BOX_LOSSES:
             raise ConfigError(f"model.box_loss={box_loss!r} is not one of {', '.join(BOX_LOSSES)}")
         if not 0.0 < prior_probability < 1.0:
@@ -276,7 +348,6 @@ def _retinanet_resnet_fpn(
             norm_name(head_norm),
         )
 
-    resnet_builder = getattr(torchvision.models, f"resnet{depth}")
     backbone_enum = getattr(torchvision.models, f"ResNet{depth}_Weights")
     detector_weights = None
     if weights is not None:
@@ -302,7 +373,7 @@ def _retinanet_resnet_fpn(
         # torchvision's rule: fine-tune the last three stages of a pretrained backbone.
         trainable_layers = 3 if pretrained else 5
 
-    resnet = resnet_builder(weights=None, norm_layer=norm_layer)
+    resnet = _resnet(depth, norm_layer)
     if backbone_weights is not None:
         _load_state_dict(
             resnet, backbone_weights.get_state_dict(progress=progress, check_hash=True), "backbone"
