@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# cuda_bn's Triton kernels run on CPU tensors in Triton's interpreter; it must be chosen before
+# the kernels are defined, i.e. before normlab is imported. `make test-gpu` sets it to 0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Callable
 from pathlib import Path
 

@@ -28,7 +28,7 @@ def test_unknown_norm_fails_at_once_listing_the_choices(tmp_path):
     result = run_cli("norm=nope", cwd=tmp_path)
     assert result.returncode != 0
     assert "norm/nope" in result.stderr
-    for name in ("bn", "syncbn", "ln", "gn", "in", "frozen_bn", "none"):
+    for name in ("bn", "syncbn", "ln", "gn", "in", "frozen_bn", "none", "cuda_bn"):
         assert f"\t{name}\n" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "logs").exists()

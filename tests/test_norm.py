@@ -17,6 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from normlab.errors import ConfigError
 from normlab.norm import NORMS, LayerNorm2d, build_norm, convert_norms, norm_channels, register_norm
 from normlab.norm.sync import SyncBatchNorm
+from normlab.ops.batchnorm import CudaBatchNorm
 
 EXPECTED_TYPES = {
     "bn": nn.BatchNorm2d,
@@ -26,6 +27,7 @@ EXPECTED_TYPES = {
     "in": nn.InstanceNorm2d,
     "frozen_bn": FrozenBatchNorm2d,
     "none": nn.Identity,
+    "cuda_bn": CudaBatchNorm,
 }
 
 

@@ -25,7 +25,7 @@ from normlab.norm import NORMS, convert_norms, get_norm_layer
 from normlab.utils.run import CONFIG_DIR
 
 # Norms that carry their own shift (a bias parameter, or FrozenBN's bias buffer).
-SHIFT_NORMS = ("bn", "syncbn", "ln", "gn", "in", "frozen_bn")
+SHIFT_NORMS = ("bn", "syncbn", "cuda_bn", "ln", "gn", "in", "frozen_bn")
 
 
 def num_params(model: nn.Module) -> int:
@@ -96,7 +96,7 @@ def test_every_registered_norm(norm: str) -> None:
     for model, expected in ((generator, 7), (patch, 3), (pixel, 1)):
         assert sum(type(m) is norm_type for m in model.modules()) == expected
         assert sum(is_norm_layer(m) for m in model.modules()) == expected
-        if norm not in ("bn", "syncbn"):
+        if norm not in ("bn", "syncbn", "cuda_bn"):
             assert not any(isinstance(m, _BatchNorm) for m in model.modules())
 
 

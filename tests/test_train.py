@@ -19,7 +19,7 @@ NORM_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "norm").glob("*.yaml")
 
 
 def test_every_registered_norm_has_a_config_and_back():
-    builtin = {"bn", "syncbn", "ln", "gn", "in", "frozen_bn", "none"}
+    builtin = {"bn", "syncbn", "ln", "gn", "in", "frozen_bn", "none", "cuda_bn"}
     assert builtin <= set(NORMS)
     assert set(NORM_CONFIGS) == builtin
 

@@ -97,3 +97,26 @@ def frozen_batch_norm(num_features: int, eps: float = 1e-5) -> nn.Module:
 @register_norm("none")
 def no_norm(num_features: int) -> nn.Module:
     return NoNorm(num_features)
+
+
+@register_norm("cuda_bn")
+def cuda_batch_norm(
+    num_features: int,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    track_running_stats: bool = True,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    fuse_activation: bool = True,
+    sync: bool = False,
+    group_size: int | None = None,
+    backend: str = "auto",
+) -> nn.Module:
+    # Imported here so that importing the registry does not import Triton.
+    from normlab.ops.batchnorm import CudaBatchNorm
+
+    return CudaBatchNorm(
+        num_features, eps, momentum, affine, track_running_stats, activation, negative_slope,
+        fuse_activation, sync, group_size, backend,
+    )  # fmt: skip

@@ -133,6 +133,30 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x.to(grad_out.dtype), grad_weight, grad_bias, None, None, None
 
 
+def sync_batch_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    group: Any,
+) -> Tensor:
+    """Training-mode BN over the union of the batches of ``group``'s processes (module doc);
+    updates the running statistics in place when they are given."""
+    stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    out, mean, m2, total = _SyncBatchNormFunction.apply(
+        input, weight, bias, eps, group, stats_dtype
+    )
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            unbiased = m2 / (total - 1)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    return out
+
+
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the union of the batches of all processes in a group (see module doc).
 
@@ -180,16 +204,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        out, mean, m2, total = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self.eps, group, stats_dtype
-        )
-        if self.track_running_stats:
-            with torch.no_grad():
-                unbiased = m2 / (total - 1)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        return out
+        return sync_batch_norm(
+            input, self.weight, self.bias, self.running_mean, self.running_var, momentum,
+            self.eps, group,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
