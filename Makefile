@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train test test-slow test-ddp lint format clean help exp-retinanet-digits exp-pix2pix-digits
+.PHONY: install train test test-slow test-ddp test-gpu bench-bn bench-cuda-bn-cpu lint format clean help exp-retinanet-digits exp-pix2pix-digits
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -33,10 +33,20 @@ test: install ## run the test suite (fast tests)
 	$(BIN)/python -m pytest $(ARGS)
 
 test-slow: install ## run the slow tests too (and the multi-process ones)
-	$(BIN)/python -m pytest -m "slow or ddp or not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "(slow or ddp or not slow) and not gpu" $(ARGS)
 
 test-ddp: install ## multi-process checks: SyncBN exactness and 2-process training on CPU (gloo)
 	$(BIN)/python -m pytest -m "ddp or not ddp" tests/test_syncbn.py tests/test_ddp.py $(ARGS)
+
+# The GPU half of cuda_bn: kernels compiled, not interpreted.
+test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf16, torch.compile)
+	TRITON_INTERPRET=0 $(BIN)/python -m pytest -m gpu tests/test_cuda_bn_gpu.py $(ARGS)
+
+bench-bn: install ## GPU: cuda_bn vs native BN (and BN+ReLU), writes experiments/bench/bn_gpu.md
+	TRITON_INTERPRET=0 $(BIN)/python experiments/bench/bn_gpu.py $(ARGS)
+
+bench-cuda-bn-cpu: install ## CPU: a DenseNet step with norm=cuda_bn vs norm=bn (goal ≤ 1.05×)
+	$(BIN)/python experiments/bench/cuda_bn_cpu.py $(ARGS)
 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
 	$(BIN)/python experiments/retinanet_digits/run.py $(ARGS)

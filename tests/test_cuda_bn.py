@@ -326,3 +326,58 @@ def test_autocast_bf16_conv_output_goes_through_the_kernels():
     assert features.dtype == torch.bfloat16 and y_ours.dtype == torch.bfloat16
     torch.testing.assert_close(y_ours, y_plain)
     torch.testing.assert_close(ours.running_var, plain.running_var)
+
+
+def test_lightning_sync_plugin_keeps_cuda_bn_and_turns_its_sync_on():
+    from normlab.utils.distributed import NormSync
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), CudaBatchNorm(4, activation="relu"), nn.BatchNorm2d(4)
+    )
+    plugin = NormSync(group_size=2)
+    synced = plugin.apply(model)
+    assert type(synced[1]) is CudaBatchNorm and synced[1].sync and synced[1].group_size == 2
+    assert synced[1].activation == "relu"
+    assert type(synced[2]) is SyncBatchNorm
+    reverted = plugin.revert(synced)
+    assert type(reverted[1]) is CudaBatchNorm and not reverted[1].sync
+    assert reverted[1].group_size is None and type(reverted[2]) is nn.BatchNorm2d
+
+
+def test_converting_keeps_a_fused_activation_or_refuses_without_touching_the_model():
+    from normlab.norm import convert_norms
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), CudaBatchNorm(4, activation="leaky_relu"))
+    with pytest.raises(ConfigError, match=r"1 applies a fused LeakyReLU.*'bn' cannot take"):
+        convert_norms(model, "bn")
+    assert type(model[1]) is CudaBatchNorm  # untouched
+    converted = convert_norms(model, {"name": "cuda_bn", "backend": "reference"})
+    assert converted[1].activation == "leaky_relu" and converted[1].backend == "reference"
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(converted(x), F.leaky_relu(nn.BatchNorm2d(4)(model[0](x))))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_trains_through_the_kernels(compose_config, fast, precision):
+    """``norm=cuda_bn norm.backend=triton`` in a real run (channels_last, Lightning AMP), on a
+    DenseNet small enough for Triton's interpreter."""
+    from normlab.train import train
+
+    cfg = compose_config(
+        "experiment=densenet_digits",
+        "norm=cuda_bn",
+        "norm.backend=triton",
+        f"trainer.precision={precision}",
+        "debug=fdr",
+        "model._target_=normlab.models.densenet.DenseNet",
+        "+model.growth_rate=4",
+        "+model.block_config=[1,1]",
+        "+model.num_init_features=8",
+        "+model.stem=cifar",
+        "data.image_size=8",
+        *fast,
+        "data.batch_size=4",
+    )
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert 0.0 <= metrics["test/acc"] <= 1.0

@@ -180,6 +180,7 @@ def tiny_scenes(scenes_root: Path) -> list[str]:
         ["norm=ln"],
         ["norm=in"],
         ["norm=none"],
+        ["norm=cuda_bn"],
         ["norm=bn", "head_norm=null"],  # v1 heads (the experiment's default is head_norm=gn)
         ["norm=gn", "head_norm={name:gn,num_groups:16}"],
     ],

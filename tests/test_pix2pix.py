@@ -171,7 +171,7 @@ def tiny_pairs(pairs_root: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("norm", ["bn", "in", "gn", "syncbn", "none", "ln", "frozen_bn"])
+@pytest.mark.parametrize("norm", ["bn", "in", "gn", "syncbn", "none", "ln", "frozen_bn", "cuda_bn"])
 def test_fast_dev_run_translates_with_every_norm(compose_config, tiny_pairs, norm):
     cfg = compose_config(*tiny_pairs, "debug=fdr", "logger=csv", f"norm={norm}")
     metrics = train(cfg)

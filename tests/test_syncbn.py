@@ -36,7 +36,12 @@ def _data(dtype: torch.dtype, total: int, steps: int) -> tuple[list[torch.Tensor
 
 
 def _make(module_class, dtype: torch.dtype, momentum: float | None, **kwargs) -> nn.Module:
-    module = module_class(CHANNELS, momentum=momentum, **kwargs).to(dtype)
+    """``module_class(CHANNELS, momentum=..., **kwargs)`` (a class or a registry name)."""
+    if isinstance(module_class, str):
+        module = build_norm({"name": module_class, "momentum": momentum, **kwargs}, CHANNELS)
+    else:
+        module = module_class(CHANNELS, momentum=momentum, **kwargs)
+    module = module.to(dtype)
     with torch.no_grad():
         module.weight.copy_(torch.tensor([0.5, -1.0, 2.0], dtype=dtype))
         module.bias.copy_(torch.tensor([0.1, 0.0, -0.3], dtype=dtype))
@@ -53,7 +58,13 @@ def _worker(rank: int, world: int, port: int, case: dict, out_dir: str) -> None:
         xs, grads = _data(dtype, sum(sizes), steps)
         start = sum(sizes[:rank])
         local = slice(start, start + sizes[rank])
-        module = _make(SyncBatchNorm, dtype, case["momentum"], group_size=case.get("group_size"))
+        module = _make(
+            case.get("norm", SyncBatchNorm),
+            dtype,
+            case["momentum"],
+            group_size=case.get("group_size"),
+            **case.get("norm_args", {}),
+        )
         results = []
         for x_full, g_full in zip(xs, grads, strict=True):
             module.zero_grad()
@@ -103,6 +114,8 @@ def _reference(case: dict) -> tuple[list[dict], dict]:
         module.zero_grad()
         x = x_full.clone().requires_grad_(True)
         out = module(x)
+        if case.get("norm_args", {}).get("activation") == "relu":
+            out = torch.relu(out)
         (out * g_full).sum().backward()
         var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False, keepdim=True)
         results.append(
@@ -119,6 +132,8 @@ def _reference(case: dict) -> tuple[list[dict], dict]:
     module.eval()
     with torch.no_grad():
         state["eval_out"] = module(xs[0][:2])
+        if case.get("norm_args", {}).get("activation") == "relu":
+            state["eval_out"] = torch.relu(state["eval_out"])
     return results, state
 
 
@@ -128,7 +143,40 @@ def _reference(case: dict) -> tuple[list[dict], dict]:
 )
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_two_processes_equal_batchnorm_on_the_union(tmp_path, sizes, dtype, tolerance, momentum):
-    case = {"dtype": dtype, "sizes": sizes, "steps": 2, "momentum": momentum}
+    _check_against_the_union(
+        {"dtype": dtype, "sizes": sizes, "steps": 2, "momentum": momentum}, tmp_path, tolerance
+    )
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5), (0, 8)], ids=["4+4", "3+5", "0+8"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+def test_cuda_bn_sync_equals_batchnorm_on_the_union(tmp_path, sizes, backend):
+    """cuda_bn with sync=True: its kernels (Triton's interpreter on CPU), its reference and its
+    CPU fallback, each across two gloo processes."""
+    case = {
+        "dtype": torch.float32,
+        "sizes": sizes,
+        "steps": 2,
+        "momentum": 0.1,
+        "norm": "cuda_bn",
+        "norm_args": {"sync": True, "backend": backend},
+    }
+    _check_against_the_union(case, tmp_path, 1e-6)
+
+
+def test_cuda_bn_sync_with_fused_relu(tmp_path):
+    case = {
+        "dtype": torch.float32,
+        "sizes": (3, 5),
+        "steps": 2,
+        "momentum": None,
+        "norm": "cuda_bn",
+        "norm_args": {"sync": True, "backend": "triton", "activation": "relu"},
+    }
+    _check_against_the_union(case, tmp_path, 1e-6)
+
+
+def _check_against_the_union(case: dict, tmp_path: Path, tolerance: float) -> None:
     ranks = _run(case, tmp_path)
     expected, expected_state = _reference(case)
 

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops import FrozenBatchNorm2d
 
+from normlab.errors import ConfigError
 from normlab.norm.layers import LayerNorm2d, NoNorm
 from normlab.norm.registry import NormSpec, get_norm_layer
 
@@ -57,10 +58,33 @@ def _transfer_state(source: nn.Module, target: nn.Module) -> None:
             dst.copy_(src)
 
 
+def _fused_activation(module: nn.Module) -> nn.Module | None:
+    """The activation a norm applies itself (cuda_bn's fused one), as a module; else None."""
+    fused = getattr(module, "fused_activation", None)
+    return fused() if callable(fused) else None
+
+
+def _check_fused_activations_survive(model: nn.Module, norm_layer, spec: NormSpec) -> None:
+    for name, module in model.named_modules():
+        channels, activation = norm_channels(module), _fused_activation(module)
+        if channels is None or activation is None:
+            continue
+        absorb = getattr(norm_layer(channels), "absorb_activation", None)
+        if absorb is None or not absorb(activation):
+            raise ConfigError(
+                f"{name or 'the model'} applies a fused {activation} that norm {spec!r} cannot "
+                "take over, so converting would drop it; build the model with the new norm and "
+                "load this state dict instead (the keys are the same)"
+            )
+
+
 def _convert(module: nn.Module, norm_layer) -> nn.Module:
     channels = norm_channels(module)
     if channels is not None:
         replacement = norm_layer(channels)
+        activation = _fused_activation(module)
+        if activation is not None:
+            replacement.absorb_activation(activation)
         reference = _floating_tensor(module)
         if reference is not None:
             replacement.to(device=reference.device, dtype=reference.dtype)
@@ -79,6 +103,10 @@ def convert_norms(model: nn.Module, spec: NormSpec) -> nn.Module:
 
     Affine weights and running statistics are copied wherever both layers have them with equal
     shapes; the model is changed in place (except when ``model`` is itself a norm layer, in which
-    case the returned module is its replacement).
+    case the returned module is its replacement). A norm with a fused activation (cuda_bn) passes
+    it on to its replacement; if the new kind cannot apply it, nothing is changed and a
+    ConfigError says so.
     """
-    return _convert(model, get_norm_layer(spec))
+    norm_layer = get_norm_layer(spec)
+    _check_fused_activations_survive(model, norm_layer, spec)
+    return _convert(model, norm_layer)

@@ -41,7 +41,8 @@ class NormSync(LayerSync):
     :class:`~normlab.norm.SyncBatchNorm` (CPU and CUDA), never torch's CPU-refusing class.
 
     A norm class can provide its own synchronised form with a ``to_synchronised(group_size)``
-    method (cuda_bn's sync mode plugs in this way); FrozenBatchNorm2d has no batch statistics
+    method and undo it with ``to_unsynchronised()`` (cuda_bn turns its sync mode on, so it is
+    never replaced by another class); FrozenBatchNorm2d has no batch statistics
     and is left alone. :meth:`revert` restores the original classes.
     """
 
@@ -65,6 +66,8 @@ class NormSync(LayerSync):
         return self._convert(model)
 
     def revert(self, model: nn.Module) -> nn.Module:
+        if hasattr(model, "to_unsynchronised"):
+            return model.to_unsynchronised()
         original = getattr(model, "original_class", None)
         if isinstance(model, SyncBatchNorm) and original is not None:
             plain = original(

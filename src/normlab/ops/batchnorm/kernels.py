@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 # Activation codes passed to the kernels (a constexpr, so each variant compiles on its own).
 ACTIVATIONS: dict[str | None, int] = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3}
@@ -388,7 +389,7 @@ def _grad_input_kernel(
 # Host side
 
 # True when TRITON_INTERPRET=1 was set before this module was imported: kernels run on CPU tensors.
-INTERPRETED = isinstance(_normalize_kernel, triton.runtime.interpreter.InterpretedFunction)
+INTERPRETED = isinstance(_normalize_kernel, InterpretedFunction)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,14 @@ class CudaBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.negative_slope = activation.negative_slope
         return True
 
+    def fused_activation(self) -> nn.Module | None:
+        """The activation this layer applies to its output, as a module (None if none)."""
+        if self.activation is None:
+            return None
+        if self.activation == "leaky_relu":
+            return nn.LeakyReLU(self.negative_slope)
+        return {"relu": nn.ReLU, "silu": nn.SiLU}[self.activation]()
+
     def to_synchronised(self, group_size: int | None = None) -> CudaBatchNorm:
         """Lightning's ``sync_batchnorm=True`` (``NormSync``): the same layer with sync on."""
         self._unsynchronised = (self.sync, self.group_size)

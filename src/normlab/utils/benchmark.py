@@ -1,0 +1,88 @@
+"""Side-by-side timing: candidates measured in alternation in one run, so machine noise cancels.
+
+Every benchmark under ``experiments/bench/`` uses :func:`compare`: warm-up calls, then ``repeats``
+rounds in which each candidate runs once (in a rotating order), each timed over ``inner`` calls.
+The table reports min / median / max per candidate and the median of the per-round ratios to the
+baseline, the number a speed claim should quote.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one candidate, one entry per round."""
+
+    name: str
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def ratio_to(self, baseline: Timing) -> float:
+        """Median over rounds of this round's time / the baseline's time in the same round."""
+        return statistics.median(
+            mine / theirs for mine, theirs in zip(self.seconds, baseline.seconds, strict=True)
+        )
+
+
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int = 7,
+    warmup: int = 2,
+    inner: int = 1,
+    device: torch.device | None = None,
+) -> list[Timing]:
+    """Time every candidate ``repeats`` times, alternating, after ``warmup`` calls of each.
+
+    ``device``: a CUDA device to synchronise around each measurement (kernels run asynchronously).
+    The first candidate is the baseline of :func:`markdown_table`.
+    """
+    if repeats < 1 or inner < 1:
+        raise ValueError(f"repeats and inner must be ≥ 1, got {repeats} and {inner}")
+    names = list(candidates)
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        # Rotate the order so that no candidate always runs right after the same one.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                candidates[name]()
+            _synchronize(device)
+            seconds[name].append((time.perf_counter() - start) / inner)
+    return [Timing(name, seconds[name]) for name in names]
+
+
+def markdown_table(timings: list[Timing], unit: str = "ms") -> str:
+    """Min / median / max per candidate and the per-round ratio to the first (the baseline)."""
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    baseline = timings[0]
+    lines = [
+        f"| candidate | min ({unit}) | median ({unit}) | max ({unit}) | × {baseline.name} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for timing in timings:
+        low, mid, high = min(timing.seconds), timing.median, max(timing.seconds)
+        lines.append(
+            f"| {timing.name} | {low * scale:.2f} | {mid * scale:.2f} | {high * scale:.2f} "
+            f"| {timing.ratio_to(baseline):.3f} |"
+        )
+    return "\n".join(lines)
