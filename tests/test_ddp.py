@@ -100,8 +100,13 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "synchronised",
-    [["norm=syncbn"], ["norm=bn", "trainer.sync_batchnorm=true"]],
-    ids=["norm=syncbn", "sync_batchnorm=true"],
+    [
+        ["norm=syncbn"],
+        ["norm=bn", "trainer.sync_batchnorm=true"],
+        ["norm=cuda_bn", "norm.sync=true"],
+        ["norm=cuda_bn", "trainer.sync_batchnorm=true"],
+    ],
+    ids=["norm=syncbn", "sync_batchnorm=true", "cuda_bn-sync", "cuda_bn-sync_batchnorm"],
 )
 def test_two_process_syncbn_equals_one_process_bn_on_the_doubled_batch(helpers, synchronised):
     one = run_cli(*SHORT, "norm=bn", "data.batch_size=16", "hydra.run.dir=one", cwd=helpers)
