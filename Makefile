@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train test test-slow test-ddp test-gpu bench-bn bench-cuda-bn-cpu lint format clean help exp-retinanet-digits exp-pix2pix-digits
+.PHONY: install train test test-slow test-ddp test-gpu bench bench-gpu bench-bn bench-cuda-bn-cpu lint format clean help exp-retinanet-digits exp-pix2pix-digits
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -41,6 +41,12 @@ test-ddp: install ## multi-process checks: SyncBN exactness and 2-process traini
 # The GPU half of cuda_bn: kernels compiled, not interpreted.
 test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf16, torch.compile)
 	TRITON_INTERPRET=0 $(BIN)/python -m pytest -m gpu tests/test_cuda_bn_gpu.py $(ARGS)
+
+bench: install ## CPU benchmarks (~15 min on 2 cores): tables in experiments/bench/*.md
+	$(BIN)/python experiments/bench/run.py $(ARGS)
+
+bench-gpu: install ## GPU benchmarks (bf16): tables in experiments/bench/*_gpu.md and bn_gpu.md
+	TRITON_INTERPRET=0 $(BIN)/python experiments/bench/run.py --gpu $(ARGS)
 
 bench-bn: install ## GPU: cuda_bn vs native BN (and BN+ReLU), writes experiments/bench/bn_gpu.md
 	TRITON_INTERPRET=0 $(BIN)/python experiments/bench/bn_gpu.py $(ARGS)

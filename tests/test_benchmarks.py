@@ -14,21 +14,6 @@ from normlab.utils.benchmark import Timing, compare, markdown_table
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench"
 
 
-def _run(script: str, *args: str, interpret: bool) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run(
-        [sys.executable, str(BENCH / script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
 def test_compare_alternates_and_reports_ratios_to_the_baseline():
     calls: list[str] = []
     timings = compare(
@@ -43,20 +28,39 @@ def test_compare_alternates_and_reports_ratios_to_the_baseline():
         compare({"a": lambda: None}, repeats=0)
 
 
-def test_cuda_bn_cpu_benchmark_without_the_interpreter(tmp_path):
-    """Also proves that normlab's kernels import on a machine without a GPU or the interpreter."""
-    out = tmp_path / "cpu.md"
-    _run("cuda_bn_cpu.py", "--repeats", "1", "--inner", "1", "--batch-size", "4",
-         "--out", str(out), interpret=False)  # fmt: skip
-    report = out.read_text()
-    assert "| cuda_bn |" in report and "cuda_bn / bn = " in report
-
-
-def test_bn_gpu_benchmark_smoke_run_on_cpu(tmp_path):
-    out = tmp_path / "gpu.md"
-    _run("bn_gpu.py", "--device", "cpu", "--tiny", "--repeats", "1", "--inner", "1",
-         "--warmup", "0", "--out", str(out), interpret=True)  # fmt: skip
-    report = out.read_text()
+def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
+    """`run.py --smoke`: each benchmark once, in one process (Triton's interpreter for bn_gpu)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--smoke", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = {path.stem: path.read_text() for path in tmp_path.glob("*.md")}
+    expected = {
+        "framework_overhead": "Lightning / bare = ",
+        "cuda_bn_cpu": "cuda_bn / bn = ",
+        "densenet_memory": "| memory_efficient=True |",
+        "retinanet_inference": "normlab / torchvision throughput = ",
+        "data_loading": "| digit_pairs | pix2pix_digits |",
+        "norm_cost": "| cuda_bn |",
+        "bn_gpu": "| 2×3×5×7 | channels_last | bf16 | forward+backward |",
+        "training_throughput": "| pix2pix_digits |",
+    }
+    assert reports.keys() == expected.keys()
+    for name, marker in expected.items():
+        assert marker in reports[name], (name, reports[name])
+        assert (
+            "Machine: " in reports[name] and "Command: `python experiments/bench/" in reports[name]
+        )
     # 1 shape × 2 layouts × 2 dtypes × 3 passes × (plain, with ReLU)
-    assert report.count("| 2×3×5×7 |") == 24
-    assert "cuda_bn(relu)" in report and "Native backend chosen by torch" in report
+    assert reports["bn_gpu"].count("| 2×3×5×7 |") == 24
+    for norm in ("bn", "syncbn", "cuda_bn", "ln", "gn", "in", "frozen_bn", "none"):
+        assert f"\n| {norm} | " in reports["norm_cost"], norm
+
+
+def test_kernels_import_without_a_gpu_or_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from normlab.ops.batchnorm import kernels; assert not kernels.INTERPRETED"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]

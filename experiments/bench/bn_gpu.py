@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.ops.batchnorm import CudaBatchNorm
-from normlab.utils.benchmark import compare
-from normlab.utils.study import machine_line
+from normlab.utils.benchmark import compare, write_report
 
 HERE = Path(__file__).resolve().parent
+# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+SMOKE = ["--device", "cpu", "--tiny", "--repeats", "1", "--inner", "1", "--warmup", "0"]
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 1024, 14, 14), (256, 2048, 7, 7)]
 TINY_SHAPES = [(2, 3, 5, 7)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -107,7 +108,7 @@ def bench_case(shape, layout, dtype_name, device, repeats, inner, warmup) -> tup
     return rows, native_backend(x, native)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run)")
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=20, help="calls per timed measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate")
     parser.add_argument("--out", type=Path, default=HERE / "bn_gpu.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(
@@ -131,33 +132,20 @@ def main() -> None:
                 )
                 rows += case_rows
                 backends.append(f"{'×'.join(map(str, shape))} {layout} {dtype_name}: {backend}")
-    report = "\n".join(
-        [
-            "# cuda_bn vs native BatchNorm (training mode)",
-            "",
-            f"Command: `python experiments/bench/bn_gpu.py --device {args.device} "
-            f"--repeats {args.repeats} --inner {args.inner} --warmup {args.warmup}"
-            f"{' --tiny' if args.tiny else ''}`  ",
-            f"Machine: {machine_line()}",
-            "",
-            "Median ms per call over alternating rounds; speed-up = median of per-round "
-            "baseline/candidate ratios; GB/s and % of peak for the candidate, counting 2× the "
-            "tensor's bytes forward and 3× backward.",
-            "",
-            "| shape | layout | dtype | pass | baseline (ms) | candidate (ms) | speed-up "
-            "| GB/s | % of peak |",
-            "|---|---|---|---|---|---|---:|---:|---:|",
-            *rows,
-            "",
-            "Native backend chosen by torch (`torch._C._select_batch_norm_backend`):",
-            "",
-            *[f"- {line}" for line in backends],
-            "",
-        ]
+    return write_report(
+        args.out,
+        "cuda_bn vs native BatchNorm (training mode)",
+        f"python experiments/bench/bn_gpu.py --device {args.device} --repeats {args.repeats} "
+        f"--inner {args.inner} --warmup {args.warmup}{' --tiny' if args.tiny else ''}",
+        "Median ms per call over alternating rounds; speed-up = median of per-round "
+        "baseline/candidate ratios; GB/s and % of peak for the candidate, counting 2× the "
+        "tensor's bytes forward and 3× backward.",
+        "| shape | layout | dtype | pass | baseline (ms) | candidate (ms) | speed-up "
+        "| GB/s | % of peak |\n|---|---|---|---|---|---|---:|---:|---:|\n" + "\n".join(rows),
+        "Native backend chosen by torch (`torch._C._select_batch_norm_backend`):\n\n"
+        + "\n".join(f"- {line}" for line in backends),
     )
-    args.out.write_text(report)
-    print(report)
 
 
 if __name__ == "__main__":
-    main()
+    print(main())

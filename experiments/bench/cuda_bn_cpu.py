@@ -18,10 +18,11 @@ import torch.nn.functional as F
 
 from normlab.data import DigitsDataModule
 from normlab.models import densenet_bc_100
-from normlab.utils.benchmark import compare, markdown_table
-from normlab.utils.study import machine_line
+from normlab.utils.benchmark import compare, markdown_table, write_report
 
 HERE = Path(__file__).resolve().parent
+# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+SMOKE = ["--repeats", "1", "--inner", "1", "--batch-size", "4"]
 GOAL = 1.05
 
 
@@ -39,14 +40,14 @@ def training_step(norm: str, images: torch.Tensor, labels: torch.Tensor):
     return step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # The step time varies by ±20 % on a shared 2-core machine: 15 rounds make the ratio stable.
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=3, help="steps per timed measurement")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=HERE / "cuda_bn_cpu.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     data = DigitsDataModule(batch_size=args.batch_size, image_size=28, augment=False, seed=0)
     data.setup("fit")
@@ -59,28 +60,18 @@ def main() -> None:
     )
     ratio = timings[1].ratio_to(timings[0])
     verdict = "meets" if ratio <= GOAL else "misses"
-    report = "\n".join(
-        [
-            "# cuda_bn on CPU vs nn.BatchNorm2d: DenseNet-BC-100 training step",
-            "",
-            f"Command: `python experiments/bench/cuda_bn_cpu.py --repeats {args.repeats} "
-            f"--inner {args.inner} --batch-size {args.batch_size}`  ",
-            f"Machine: {machine_line()}, {torch.get_num_threads()} intra-op threads",
-            "",
-            f"One step = forward, cross-entropy, backward, AdamW on a batch of {args.batch_size} "
-            "digits (28 px, channels_last); each measurement averages "
-            f"{args.inner} steps, {args.repeats} alternating rounds after 2 warm-up steps each.",
-            "",
-            markdown_table(timings),
-            "",
-            f"cuda_bn / bn = {ratio:.3f} (median of per-round ratios): {verdict} the goal "
-            f"≤ {GOAL}.",
-            "",
-        ]
+    return write_report(
+        args.out,
+        "cuda_bn on CPU vs nn.BatchNorm2d: DenseNet-BC-100 training step",
+        f"python experiments/bench/cuda_bn_cpu.py --repeats {args.repeats} --inner {args.inner} "
+        f"--batch-size {args.batch_size}",
+        f"One step = forward, cross-entropy, backward, AdamW on a batch of {args.batch_size} "
+        f"digits (28 px, channels_last); each measurement averages {args.inner} steps, "
+        f"{args.repeats} alternating rounds after 2 warm-up steps each.",
+        markdown_table(timings),
+        f"cuda_bn / bn = {ratio:.3f} (median of per-round ratios): {verdict} the goal ≤ {GOAL}.",
     )
-    args.out.write_text(report)
-    print(report)
 
 
 if __name__ == "__main__":
-    main()
+    print(main())

@@ -60,7 +60,7 @@ def import_user_modules(modules: list[str] | None) -> None:
             raise ConfigError(f"imports: cannot import {name!r} ({error})") from error
 
 
-# Model fields that the data module fills in (see _fill_from_datamodule).
+# Model fields that the data module fills in (see fill_from_datamodule).
 _FROM_DATA = {"model.num_classes", "model.in_channels"}
 
 
@@ -85,7 +85,7 @@ def check_required(cfg: DictConfig) -> None:
         )
 
 
-def _fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+def fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
     """Model fields marked ``???`` (class count, input channels) come from the data."""
     for name in _FROM_DATA:
         key = name.removeprefix("model.")
@@ -154,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     split_global_batch(cfg)
     datamodule = instantiate_data(cfg.data)
-    _fill_from_datamodule(cfg, datamodule)
+    fill_from_datamodule(cfg, datamodule)
     # The model is built here, before any data is read, so a bad norm or model fails at once.
     task = OmegaConf.to_container(cfg.task, resolve=True)
     module: pl.LightningModule = instantiate(task, _recursive_=False)

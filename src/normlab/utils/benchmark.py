@@ -12,8 +12,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
+
+from normlab.utils.study import machine_line
 
 
 @dataclass
@@ -34,6 +38,18 @@ class Timing:
         )
 
 
+class EpochTimer(pl.Callback):
+    """Seconds from the start to the end of a training epoch (a fit's setup excluded)."""
+
+    seconds: float
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
 def _synchronize(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -48,8 +64,10 @@ def compare(
 ) -> list[Timing]:
     """Time every candidate ``repeats`` times, alternating, after ``warmup`` calls of each.
 
-    ``device``: a CUDA device to synchronise around each measurement (kernels run asynchronously).
-    The first candidate is the baseline of :func:`markdown_table`.
+    A candidate that returns a float has measured itself (seconds per call, e.g. excluding a
+    setup that real runs pay once); otherwise its wall time is taken. ``device``: a CUDA device
+    to synchronise around each measurement (kernels run asynchronously). The first candidate is
+    the baseline of :func:`markdown_table`.
     """
     if repeats < 1 or inner < 1:
         raise ValueError(f"repeats and inner must be ≥ 1, got {repeats} and {inner}")
@@ -64,10 +82,12 @@ def compare(
         for name in names[shift:] + names[:shift]:
             _synchronize(device)
             start = time.perf_counter()
-            for _ in range(inner):
-                candidates[name]()
+            measured = [candidates[name]() for _ in range(inner)]
             _synchronize(device)
-            seconds[name].append((time.perf_counter() - start) / inner)
+            if all(isinstance(m, float) for m in measured):
+                seconds[name].append(sum(measured) / inner)
+            else:
+                seconds[name].append((time.perf_counter() - start) / inner)
     return [Timing(name, seconds[name]) for name in names]
 
 
@@ -86,3 +106,18 @@ def markdown_table(timings: list[Timing], unit: str = "ms") -> str:
             f"| {timing.ratio_to(baseline):.3f} |"
         )
     return "\n".join(lines)
+
+
+def write_report(path: Path, title: str, command: str, *sections: str) -> str:
+    """A benchmark's markdown file: title, the command that reproduces it, the machine, sections."""
+    text = "\n\n".join(
+        [
+            f"# {title}",
+            f"Command: `{command}`  \nMachine: {machine_line()}, "
+            f"{torch.get_num_threads()} intra-op threads",
+            *sections,
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return text

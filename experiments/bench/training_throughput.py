@@ -1,0 +1,136 @@
+"""End-to-end training throughput of each experiment with norm=bn vs norm=cuda_bn.
+
+    python experiments/bench/training_throughput.py --device cuda --precision bf16-mixed   # GPU
+    python experiments/bench/training_throughput.py --steps 2 --repeats 1 --tiny           # smoke
+
+Each experiment's own model, data module (its loader included), optimizer and Trainer loop, on
+one device; images/s over ``--steps`` training steps per measurement, the two norms alternating.
+On CPU cuda_bn runs PyTorch's BN (backend auto), so the comparison is meant for a GPU, where it
+runs our Triton kernels with the activations the models hand over fused in.
+Writes training_throughput.md next to this file (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from normlab.train import fill_from_datamodule, instantiate_data
+from normlab.utils.benchmark import EpochTimer, compare, write_report
+from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
+
+HERE = Path(__file__).resolve().parent
+# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+SMOKE = [
+    "--steps",
+    "1",
+    "--repeats",
+    "1",
+    "--tiny",
+    "--device",
+    "cpu",
+    "--precision",
+    "32-true",
+    "--experiments",
+    "densenet_digits",
+    "pix2pix_digits",
+]
+EXPERIMENTS = ["densenet_digits", "convnext_digits", "retinanet_digits", "pix2pix_digits"]
+# Small models and data for a smoke run (--tiny).
+TINY = {
+    "densenet_digits": ["data.image_size=8"],
+    "convnext_digits": [],
+    "retinanet_digits": ["data.num_train=16", "data.num_val=4", "data.num_test=4"],
+    "pix2pix_digits": ["data.num_train=8", "data.num_val=4", "data.num_test=4"],
+}
+
+
+def candidate(experiment: str, norm: str, overrides: list[str], args, root: Path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"experiment={experiment}", f"norm={norm}", f"paths.data_dir={root}",
+                       *overrides],
+        )  # fmt: skip
+    datamodule = instantiate_data(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    fill_from_datamodule(cfg, datamodule)
+    torch.manual_seed(0)
+    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    batch_size = cfg.data.batch_size
+
+    def run() -> float:
+        timer = EpochTimer()
+        pl.Trainer(
+            accelerator=args.device,
+            devices=1,
+            precision=args.precision,
+            max_epochs=1,
+            limit_train_batches=args.steps,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        ).fit(module, train_dataloaders=datamodule.train_dataloader())
+        return timer.seconds / (args.steps * batch_size)  # seconds per image
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="bf16-mixed", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--experiments", nargs="*", default=EXPERIMENTS, choices=EXPERIMENTS)
+    parser.add_argument("--tiny", action="store_true", help="small data (a smoke run)")
+    parser.add_argument("--out", type=Path, default=HERE / "training_throughput.md")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine (or --device cpu for a smoke run)")
+    register_resolvers()
+    quiet_dependency_warnings()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for experiment in args.experiments:
+            overrides = TINY[experiment] if args.tiny else []
+            timings = compare(
+                {
+                    norm: candidate(experiment, norm, overrides, args, Path(root))
+                    for norm in ("bn", "cuda_bn")
+                },
+                repeats=args.repeats,
+                warmup=1,
+            )
+            bn, cuda_bn = timings
+            rows.append(
+                f"| {experiment} | {1 / bn.median:.1f} | {1 / cuda_bn.median:.1f} "
+                f"| {1 / cuda_bn.ratio_to(bn):.3f} |"
+            )
+    return write_report(
+        args.out,
+        "Training throughput: norm=bn vs norm=cuda_bn",
+        f"python experiments/bench/training_throughput.py --steps {args.steps} --repeats "
+        f"{args.repeats} --device {args.device} --precision {args.precision}"
+        f"{' --tiny' if args.tiny else ''}",
+        f"Images/s over {args.steps} training steps (data loading included), median of "
+        f"{args.repeats} alternating rounds; speed-up = median of per-round bn/cuda_bn ratios.",
+        "| experiment | bn (img/s) | cuda_bn (img/s) | speed-up |\n|---|---:|---:|---:|\n"
+        + "\n".join(rows),
+    )
+
+
+if __name__ == "__main__":
+    print(main())
