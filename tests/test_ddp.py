@@ -145,6 +145,32 @@ def test_two_process_syncbn_equals_one_process_bn_on_the_doubled_batch(helpers, 
     assert (helpers / "two" / "config_resolved.yaml").is_file()
 
 
+def test_precise_bn_of_two_syncbn_processes_equals_one_process_on_the_doubled_batch(
+    tmp_path: Path,
+):
+    precise = ["callbacks=precise_bn", "callbacks.precise_bn.num_batches=3"]
+    one = run_cli(
+        *SHORT, *precise, "norm=bn", "data.batch_size=16", "hydra.run.dir=one", cwd=tmp_path
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(
+        *SHORT,
+        *precise,
+        "trainer=ddp_cpu",
+        "norm=syncbn",
+        "data.global_batch_size=16",
+        "hydra.run.dir=two",
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    for run in ("one", "two"):  # recomputed at the end of the (only, validation-free) epoch
+        log = (tmp_path / run / "train.log").read_text()
+        assert log.count("precise BN: 99 norm layers from 3 batches") == 1, run
+    expected, got = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
+
+
 def test_global_batch_size_must_divide_by_the_processes(tmp_path: Path):
     result = run_cli(*SHORT, "trainer=ddp_cpu", "data.global_batch_size=15", cwd=tmp_path)
     assert result.returncode == 2

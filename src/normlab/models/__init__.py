@@ -21,6 +21,7 @@ from normlab.models.densenet import (
 )
 from normlab.models.pix2pix import PatchDiscriminator, PixelDiscriminator, UnetGenerator
 from normlab.models.retinanet import (
+    DenseRetinaNet,
     retinanet_resnet18_fpn,
     retinanet_resnet34_fpn,
     retinanet_resnet50_fpn,
@@ -29,6 +30,7 @@ from normlab.models.retinanet import (
 __all__ = [
     "ConvNeXt",
     "DenseNet",
+    "DenseRetinaNet",
     "PatchDiscriminator",
     "PixelDiscriminator",
     "UnetGenerator",

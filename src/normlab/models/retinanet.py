@@ -53,6 +53,7 @@ from normlab.norm import (
 
 __all__ = [
     "BOX_LOSSES",
+    "DenseRetinaNet",
     "FocalLossHead",
     "retinanet_resnet18_fpn",
     "retinanet_resnet34_fpn",
@@ -226,6 +227,27 @@ class FocalLossHead(RetinaNetHead):
         if self.box_loss == "l1":
             return F.l1_loss(deltas, target_deltas, reduction="sum")
         return F.smooth_l1_loss(deltas, target_deltas, beta=self.smooth_l1_beta, reduction="sum")
+
+
+class DenseRetinaNet(nn.Module):
+    """The network of a RetinaNet without its pre- and post-processing: a batched, normalised
+    image tensor (what ``detector.transform`` makes of a list of images) → the head's class
+    logits (N × anchors × classes) and box deltas (N × anchors × 4), all FPN levels
+    concatenated, as torchvision's head returns them.
+
+    This is the part with every convolution and norm, and a plain tensor → tensors function that
+    TorchScript tracing and ONNX export can take; resizing, anchors, box decoding and NMS stay in
+    Python (``detector.transform`` and ``detector.postprocess_detections``).
+    """
+
+    def __init__(self, detector: RetinaNet) -> None:
+        super().__init__()
+        self.backbone = detector.backbone
+        self.head = detector.head
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        outputs = self.head(list(self.backbone(images).values()))
+        return outputs["cls_logits"], outputs["bbox_regression"]
 
 
 def _octave_anchor_sizes(base_sizes: Sequence[int]) -> tuple[tuple[int, ...], ...]:

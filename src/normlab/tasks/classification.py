@@ -66,6 +66,18 @@ class ClassificationModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.contiguous(memory_format=self._memory_format))
 
+    def forward_for_norm_statistics(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Run the classifier on a training batch, for callbacks that measure or recompute its
+        norm statistics (``PreciseBN``); they set the modes and disable gradients."""
+        self(batch[0])
+
+    def inference_network(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        """The network to export (``normlab.export``) and its input for ``batch``: the classifier
+        on the batch's images (in the memory format the task trains with)."""
+        return self.model, (batch[0].contiguous(memory_format=self._memory_format),)
+
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 

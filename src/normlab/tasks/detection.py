@@ -18,6 +18,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 
 from normlab.errors import ConfigError
+from normlab.models.retinanet import DenseRetinaNet
 from normlab.tasks.optim import configure_optimization, plain_config
 from normlab.utils.figures import log_detections
 
@@ -94,6 +95,19 @@ class DetectionModule(pl.LightningModule):
 
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         return self.model(list(images))
+
+    def forward_for_norm_statistics(self, batch: Batch) -> None:
+        """Run the detector on a training batch's images, for callbacks that measure or recompute
+        its norm statistics (``PreciseBN``). The detector itself runs as at inference (its eval
+        resize, no targets, no losses); the callback puts only the norm layers in training mode."""
+        self(batch[0])
+
+    def inference_network(self, batch: Batch) -> tuple[nn.Module, tuple[Tensor, ...]]:
+        """The network to export (``normlab.export``) and its input for ``batch``'s images: the
+        detector without resize and post-processing (:class:`DenseRetinaNet`), on the images as
+        the detector's own transform batches and normalises them (its eval resize in eval mode)."""
+        images, _ = self.model.transform(list(batch[0]))
+        return DenseRetinaNet(self.model), (images.tensors,)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch

@@ -154,6 +154,28 @@ class Pix2PixModule(pl.LightningModule):
     def forward(self, inputs: Tensor) -> Tensor:
         return self.generator(inputs)
 
+    def forward_for_norm_statistics(self, batch: Mapping[str, Tensor]) -> None:
+        """Run both networks on a training batch, for callbacks that measure or recompute their
+        norm statistics (``PreciseBN``): the generator on A, the discriminator once on the
+        generated pair (A, G(A)) and once on the real pair (A, B), so its statistics weigh the two
+        kinds of input it judges equally (training calls it on fakes twice per batch)."""
+        real_a, real_b = batch["A"], batch["B"]
+        fake_b = self.generator(real_a)
+        self.discriminator(torch.cat([real_a, fake_b], dim=1))
+        self.discriminator(torch.cat([real_a, real_b], dim=1))
+
+    def inference_network(self, batch: Mapping[str, Tensor]) -> tuple[nn.Module, tuple[Tensor]]:
+        """The network to export (``normlab.export``) and its input for ``batch``: the generator
+        on A. It is exported in eval mode (running statistics, no dropout), which is how this task
+        tests with ``test_mode=eval``; with ``test_mode=train`` it tests with batch statistics
+        and dropout instead, which an exported eval-mode network does not reproduce."""
+        if self.hparams.test_mode == "train":
+            log.warning(
+                "task.test_mode=train: the exported generator runs in eval mode (running "
+                "statistics, no dropout), unlike this task's validation and test"
+            )
+        return self.generator, (batch["A"],)
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         real_a, real_b = batch["A"], batch["B"]
         opt_g, opt_d = self.optimizers()

@@ -1,8 +1,9 @@
-"""Render matplotlib figures and image grids, and send them to whichever loggers can show them."""
+"""Render matplotlib figures, image grids and histograms, and send them to whichever loggers can
+show them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +63,22 @@ def log_image(
             logger.log_image(key=key, images=[image], step=step, **extra)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
+
+
+def log_histograms(
+    loggers: Sequence[Logger], histograms: Mapping[str, torch.Tensor], step: int
+) -> None:
+    """Log the distribution of each 1-D tensor to every logger that displays distributions:
+    ``wandb.Histogram`` for wandb, ``add_histogram`` for TensorBoard."""
+    values = {key: tensor.detach().double().cpu().numpy() for key, tensor in histograms.items()}
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.log_metrics({k: wandb.Histogram(v) for k, v in values.items()}, step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            for key, array in values.items():
+                logger.experiment.add_histogram(key, array, global_step=step)
 
 
 def _wandb_box_group(

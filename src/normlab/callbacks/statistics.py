@@ -1,0 +1,94 @@
+"""Which layers keep running statistics, and the statistics of one input of such a layer.
+
+Shared by :class:`~normlab.callbacks.PreciseBN` (which averages them) and
+:class:`~normlab.callbacks.NormStatistics` (which compares them with the running ones). The
+statistic of one call is the layer's own notion of "batch statistics", the quantity its running
+estimate tracks:
+
+- BatchNorm-like layers (``nn.BatchNorm*``, torch's and normlab's ``SyncBatchNorm``,
+  ``CudaBatchNorm``, ``FrozenBatchNorm2d``): per channel, the mean and the *unbiased* variance
+  over every value of the channel in the batch (N·H·W values), as torch's running update uses.
+- InstanceNorm with ``track_running_stats=True``: per channel, the mean over the batch's
+  instances of each instance's mean and unbiased variance (over H·W), as torch's update does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torchvision.ops import FrozenBatchNorm2d
+
+
+def has_running_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm that tracks running statistics in training (and so uses them
+    in eval mode): BatchNorm-like layers and InstanceNorm with ``track_running_stats=True``."""
+    return (
+        isinstance(module, _NormBase)
+        and module.track_running_stats
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
+def running_statistics_layers(model: nn.Module, *, frozen: bool = False) -> dict[str, nn.Module]:
+    """``{name: layer}`` for every layer of ``model`` with running statistics, each module once
+    (``frozen``: also ``FrozenBatchNorm2d``, whose statistics are fixed buffers)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if has_running_statistics(module) or (frozen and isinstance(module, FrozenBatchNorm2d))
+    }
+
+
+def per_sample_statistics(module: nn.Module) -> bool:
+    """True for InstanceNorm: its batch statistic is an average of per-instance statistics."""
+    return isinstance(module, _InstanceNorm)
+
+
+@dataclass
+class Moments:
+    """The statistics of one input of a norm layer, per channel (all tensors C, float64).
+
+    ``count``: values per channel for BatchNorm-like layers (N·H·W), instances for InstanceNorm.
+    ``mean``: the batch mean. ``var``: the unbiased batch variance (BatchNorm-like: over the
+    ``count`` values; InstanceNorm: the mean of the instances' unbiased variances).
+    """
+
+    count: int
+    mean: Tensor
+    var: Tensor
+
+
+def input_moments(module: nn.Module, x: Tensor) -> Moments:
+    """The batch statistics ``module`` computes from its input ``x`` (N×C×…), in float64.
+
+    The reduction is BatchNorm's own statistics kernel (``torch.batch_norm_update_stats``: one
+    pass, accumulated in float64 for float64 input, about three times faster than
+    ``torch.var_mean`` over N·H·W on CPU) in ``x``'s dtype, at least float32.
+    """
+    values = x.detach()
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    channels = values.shape[1]
+    if values.shape[0] == 0:  # an empty batch (a process of an uneven split) weighs nothing
+        zeros = values.new_zeros(channels, dtype=torch.float64)
+        return Moments(0, zeros, zeros.clone())
+    if per_sample_statistics(module):
+        # Every (instance, channel) pair is a "channel" of one batch: N·C rows of H·W values.
+        rows = values.reshape(1, values.shape[0] * channels, -1)
+        mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
+        size = rows.shape[2]
+        unbiased = var.double() * size / max(size - 1, 1)
+        instances = values.shape[0]
+        return Moments(
+            instances,
+            mean.double().view(instances, channels).mean(0),
+            unbiased.view(instances, channels).mean(0),
+        )
+    count = values.numel() // channels
+    mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
+    return Moments(count, mean.double(), var.double() * count / max(count - 1, 1))
