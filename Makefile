@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train test test-slow test-ddp test-gpu bench bench-gpu bench-bn bench-cuda-bn-cpu lint format clean help exp-retinanet-digits exp-pix2pix-digits
+.PHONY: install install-export export study-accumulation-vs-batch train test test-slow test-ddp test-gpu bench bench-gpu bench-bn bench-cuda-bn-cpu lint format clean help exp-retinanet-digits exp-pix2pix-digits
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, torchvision; torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)" \
 	  || { echo "torchvision cannot run its ops with this torch build: remove $(VENV) and reinstall"; exit 1; }
 	touch $@
+
+install-export: install ## add the ONNX extra (onnx, onnxscript, onnxruntime) for `make export`
+	$(BIN)/python -m pip install --quiet -e '.[dev,sweep,export]'
+
+# CKPT: a checkpoint of `python -m normlab.train` (ARGS="format=onnx fold_norms=false" ...).
+export: install ## export a checkpoint (folded norms, TorchScript or ONNX) with a report: CKPT=path
+	$(BIN)/python -m normlab.export ckpt_path=$(CKPT) $(ARGS)
 
 # The experiment `make train` runs; ARGS adds Hydra overrides (make train ARGS="norm=ln").
 TRAIN_EXPERIMENT ?= densenet_digits
@@ -42,7 +49,7 @@ test-ddp: install ## multi-process checks: SyncBN exactness and 2-process traini
 test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf16, torch.compile)
 	TRITON_INTERPRET=0 $(BIN)/python -m pytest -m gpu tests/test_cuda_bn_gpu.py $(ARGS)
 
-bench: install ## CPU benchmarks (~15 min on 2 cores): tables in experiments/bench/*.md
+bench: install ## CPU benchmarks (~9 min on 2 cores): tables in experiments/bench/*.md
 	$(BIN)/python experiments/bench/run.py $(ARGS)
 
 bench-gpu: install ## GPU benchmarks (bf16): tables in experiments/bench/*_gpu.md and bn_gpu.md
@@ -59,6 +66,9 @@ exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 m
 
 exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~12 min on 2 CPU cores
 	$(BIN)/python experiments/pix2pix_digits/run.py $(ARGS)
+
+study-accumulation-vs-batch: install ## study: BN with accumulation vs a true batch, syncbn, GN (~35 min, 2 CPU cores)
+	$(BIN)/python experiments/accumulation_vs_batch/run.py $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check src tests experiments
