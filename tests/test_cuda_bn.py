@@ -280,7 +280,7 @@ def test_densenet_with_fused_cuda_bn_equals_bn(backend):
     assert (
         sum(isinstance(m, CudaBatchNorm) and m.activation == "relu" for m in fused.modules()) == 10
     )
-    x = torch.randn(4, 1, 8, 8)
+    x = torch.randn(2, 1, 6, 6)
     for mode in ("train", "eval"):
         getattr(plain, mode)()
         getattr(fused, mode)()
@@ -357,17 +357,16 @@ def test_converting_keeps_a_fused_activation_or_refuses_without_touching_the_mod
     torch.testing.assert_close(converted(x), F.leaky_relu(nn.BatchNorm2d(4)(model[0](x))))
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_lightning_trains_through_the_kernels(compose_config, fast, precision):
-    """``norm=cuda_bn norm.backend=triton`` in a real run (channels_last, Lightning AMP), on a
-    DenseNet small enough for Triton's interpreter."""
+def test_lightning_trains_through_the_kernels(compose_config, fast):
+    """``norm=cuda_bn norm.backend=triton`` in a real run (channels_last, Lightning bf16 AMP), on
+    a DenseNet small enough for Triton's interpreter (fp32 runs are covered with backend auto)."""
     from normlab.train import train
 
     cfg = compose_config(
         "experiment=densenet_digits",
         "norm=cuda_bn",
         "norm.backend=triton",
-        f"trainer.precision={precision}",
+        "trainer.precision=bf16-mixed",
         "debug=fdr",
         "model._target_=normlab.models.densenet.DenseNet",
         "+model.growth_rate=4",

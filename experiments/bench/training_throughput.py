@@ -39,7 +39,6 @@ SMOKE = [
     "--precision",
     "32-true",
     "--experiments",
-    "densenet_digits",
     "pix2pix_digits",
 ]
 EXPERIMENTS = ["densenet_digits", "convnext_digits", "retinanet_digits", "pix2pix_digits"]
