@@ -19,7 +19,6 @@ import time
 from itertools import islice
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -30,7 +29,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
 from normlab.train import fill_from_datamodule, instantiate_data
-from normlab.utils.benchmark import EpochTimer, write_report
+from normlab.utils.benchmark import timed_epoch, write_report
 from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
 
 HERE = Path(__file__).resolve().parent
@@ -125,19 +124,9 @@ def step_rate(cfg: DictConfig, steps: int) -> float:
     batches = list(islice(iter(datamodule.train_dataloader()), steps + 1))
     torch.manual_seed(0)
     module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
-    timer = EpochTimer()
-    pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=steps + 1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    ).fit(module, train_dataloaders=DataLoader(batches, batch_size=None))  # already batched
-    return sum(images_in(b) for b in batches) / timer.seconds
+    loader = DataLoader(batches, batch_size=None)  # already batched
+    seconds = timed_epoch(module, loader, steps + 1)
+    return sum(images_in(b) for b in batches) / seconds
 
 
 def main(argv: list[str] | None = None) -> str:

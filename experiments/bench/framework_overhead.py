@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from normlab.tasks.optim import build_optimizer, build_scheduler
 from normlab.train import instantiate_data
-from normlab.utils.benchmark import EpochTimer, compare, markdown_table, write_report
+from normlab.utils.benchmark import compare, markdown_table, timed_epoch, write_report
 from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
 
 HERE = Path(__file__).resolve().parent
@@ -60,22 +60,7 @@ def lightning_candidate(cfg, loader, steps: int, device: str, precision: str):
     module = build_module(cfg)
 
     def run() -> float:
-        timer = EpochTimer()
-        trainer = pl.Trainer(
-            accelerator=device,
-            devices=1,
-            precision=precision,
-            max_epochs=1,
-            limit_train_batches=steps,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
-        )
-        trainer.fit(module, train_dataloaders=loader)
-        return timer.seconds / steps
+        return timed_epoch(module, loader, steps, device, precision) / steps
 
     return run
 

@@ -16,14 +16,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from normlab.train import fill_from_datamodule, instantiate_data
-from normlab.utils.benchmark import EpochTimer, compare, write_report
+from normlab.utils.benchmark import compare, timed_epoch, write_report
 from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
 
 HERE = Path(__file__).resolve().parent
@@ -67,21 +66,9 @@ def candidate(experiment: str, norm: str, overrides: list[str], args, root: Path
     batch_size = cfg.data.batch_size
 
     def run() -> float:
-        timer = EpochTimer()
-        pl.Trainer(
-            accelerator=args.device,
-            devices=1,
-            precision=args.precision,
-            max_epochs=1,
-            limit_train_batches=args.steps,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
-        ).fit(module, train_dataloaders=datamodule.train_dataloader())
-        return timer.seconds / (args.steps * batch_size)  # seconds per image
+        loader = datamodule.train_dataloader()
+        seconds = timed_epoch(module, loader, args.steps, args.device, args.precision)
+        return seconds / (args.steps * batch_size)  # seconds per image
 
     return run
 

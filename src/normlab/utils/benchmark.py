@@ -50,6 +50,32 @@ class EpochTimer(pl.Callback):
         self.seconds = time.perf_counter() - self._start
 
 
+def timed_epoch(
+    module: pl.LightningModule,
+    loader: object,
+    steps: int,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+) -> float:
+    """Fit ``module`` for one epoch of ``steps`` batches of ``loader`` with a bare Trainer (no
+    logger, checkpoints, progress bar or validation); seconds from epoch start to epoch end."""
+    timer = EpochTimer()
+    pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        limit_train_batches=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    ).fit(module, train_dataloaders=loader)
+    return timer.seconds
+
+
 def _synchronize(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
