@@ -133,6 +133,31 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x.to(grad_out.dtype), grad_weight, grad_bias, None, None, None
 
 
+def step_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """Count a training step of ``bn`` and return the running-statistics factor for it, as
+    ``nn.BatchNorm2d`` does (``momentum=None``: a cumulative average over the steps)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return momentum
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    unbiased_var: Tensor,
+    momentum: float,
+) -> None:
+    """Move the running estimates towards a batch's mean and unbiased variance (if tracked)."""
+    if running_mean is not None and running_var is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+
+
 def sync_batch_norm(
     input: Tensor,
     weight: Tensor | None,
@@ -149,11 +174,7 @@ def sync_batch_norm(
     out, mean, m2, total = _SyncBatchNormFunction.apply(
         input, weight, bias, eps, group, stats_dtype
     )
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            unbiased = m2 / (total - 1)
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    update_running_stats(running_mean, running_var, mean, m2 / (total - 1), momentum)
     return out
 
 
@@ -199,14 +220,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if group is None or dist.get_world_size(group) == 1:
             return super().forward(input)
 
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
         return sync_batch_norm(
-            input, self.weight, self.bias, self.running_mean, self.running_var, momentum,
-            self.eps, group,
+            input, self.weight, self.bias, self.running_mean, self.running_var,
+            step_momentum(self), self.eps, group,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

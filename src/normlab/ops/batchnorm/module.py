@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.errors import ConfigError
-from normlab.norm.sync import process_group_for
+from normlab.norm.sync import process_group_for, step_momentum
 from normlab.norm.sync import sync_batch_norm as torch_sync_batch_norm
 from normlab.ops.batchnorm import ops
 from normlab.ops.batchnorm.kernels import ACTIVATIONS, INTERPRETED
@@ -141,11 +141,7 @@ class CudaBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = step_momentum(self)
         # As nn.BatchNorm2d: batch statistics in training, and in eval without running ones.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         running_mean = self.running_mean if not self.training or self.track_running_stats else None

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from normlab.norm.sync import update_running_stats
 from normlab.ops.batchnorm import kernels
 from normlab.ops.batchnorm.kernels import layout_of, same_layout, stats_dtype
 
@@ -26,21 +27,8 @@ def _empty() -> Tensor:
     return torch.empty(0)
 
 
-def _update_running(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    mean: Tensor,
-    unbiased_var: Tensor,
-    momentum: float,
-) -> None:
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
-
-
 # Functional (no in-place update of the running statistics): custom ops that mutate their inputs
-# cannot have an autograd formula, so the caller applies ``_update_running`` to the outputs.
+# cannot have an autograd formula, so the caller applies ``update_running_stats`` to the outputs.
 @torch.library.custom_op("normlab::batch_norm_train", mutates_args=())
 def _train_forward(
     x: Tensor,
@@ -197,7 +185,7 @@ def batch_norm(
             x, weight, bias, eps, activation, negative_slope
         )
         if _channel_count(x) > 0:  # an empty batch leaves the running statistics alone
-            _update_running(running_mean, running_var, mean, unbiased_var, momentum)
+            update_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
         return y
     return torch.ops.normlab.batch_norm_eval(
         x, weight, bias, running_mean, running_var, eps, activation, negative_slope
@@ -233,7 +221,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 f"{int(gathered[0, :, 0].sum())} across the synchronised processes"
             )
         mean, invstd, unbiased_var, merged = kernels.merge_stats(gathered, eps, write_stats=True)
-        _update_running(running_mean, running_var, mean, unbiased_var, momentum)
+        update_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
         y = kernels.normalize(
             x, layout, mean, invstd, weight, bias, eps, False, activation, negative_slope
         )

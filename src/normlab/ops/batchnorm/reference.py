@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlab.norm.sync import update_running_stats
+
 
 def activate(z: Tensor, activation: str | None, negative_slope: float) -> Tensor:
     """The activations cuda_bn can fuse (not in place: the reference keeps autograd simple)."""
@@ -48,11 +50,8 @@ def batch_norm_reference(
     if use_batch_stats and count > 0:
         mean = acc.mean(reduce_dims)
         var = acc.var(reduce_dims, unbiased=False)
-        if running_mean is not None and running_var is not None:
-            with torch.no_grad():
-                unbiased = var * count / max(count - 1, 1)
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        unbiased = var.detach() * count / max(count - 1, 1)
+        update_running_stats(running_mean, running_var, mean.detach(), unbiased, momentum)
     elif use_batch_stats:  # an empty batch: nothing to normalise, statistics untouched
         mean, var = acc.new_zeros(channels), acc.new_ones(channels)
     else:
