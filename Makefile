@@ -7,10 +7,14 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install install-export export study-accumulation-vs-batch train test test-slow test-ddp test-gpu bench bench-gpu bench-bn bench-cuda-bn-cpu lint format clean help exp-retinanet-digits exp-pix2pix-digits
+STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-norms pix2pix-bn-vs-in accumulation-vs-batch
+
+.PHONY: install install-export export train test test-slow test-ddp test-gpu bench bench-gpu bench-bn \
+  bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
+  sweep-norms sweep-optuna sweep-slurm $(addprefix study-,$(STUDIES))
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
 install: $(STAMP) ## create .venv and install normlab with dev and sweep extras
 
@@ -30,11 +34,28 @@ install-export: install ## add the ONNX extra (onnx, onnxscript, onnxruntime) fo
 export: install ## export a checkpoint (folded norms, TorchScript or ONNX) with a report: CKPT=path
 	$(BIN)/python -m normlab.export ckpt_path=$(CKPT) $(ARGS)
 
-# The experiment `make train` runs; ARGS adds Hydra overrides (make train ARGS="norm=ln").
-TRAIN_EXPERIMENT ?= densenet_digits
+# The experiment `make train` and the sweeps run (EXP=convnext_digits ...); ARGS adds Hydra
+# overrides (make train ARGS="norm=ln"). TRAIN_EXPERIMENT is the older name of EXP.
+EXP ?= densenet_digits
+TRAIN_EXPERIMENT ?= $(EXP)
 
-train: install ## train the default experiment (DenseNet-BC on digits, CPU)
+train: install ## train EXP (default densenet_digits: DenseNet-BC on digits, ~2 min on 2 CPU cores)
 	$(BIN)/python -m normlab.train experiment=$(TRAIN_EXPERIMENT) $(ARGS)
+
+# The grid sweep-norms and sweep-slurm run: one job per norm × batch size.
+NORMS ?= bn,syncbn,ln,gn,cuda_bn
+BATCHES ?= 2,8,32
+
+sweep-norms: install ## multirun EXP over NORMS × BATCHES, one run dir and wandb run per job (~1 h on CPU)
+	$(BIN)/python -m normlab.train -m experiment=$(EXP) norm=$(NORMS) data.batch_size=$(BATCHES) $(ARGS)
+
+sweep-optuna: install ## Optuna search conf/hparams_search/<EXP>_optuna.yaml (densenet_digits, pix2pix_digits); rerun to resume
+	$(BIN)/python -m normlab.train experiment=$(EXP) hparams_search=$(EXP)_optuna $(ARGS)
+
+# On a SLURM login node: ARGS="hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=8 ...".
+sweep-slurm: install ## submit the NORMS grid of EXP to SLURM (submitit; DDP over the job's GPUs)
+	$(BIN)/python -m normlab.train -m hydra/launcher=slurm trainer=slurm experiment=$(EXP) \
+	  norm=$(NORMS) $(ARGS)
 
 test: install ## run the test suite (fast tests)
 	$(BIN)/python -m pytest $(ARGS)
@@ -67,6 +88,23 @@ exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 m
 exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~12 min on 2 CPU cores
 	$(BIN)/python experiments/pix2pix_digits/run.py $(ARGS)
 
+# Each study trains what is missing under logs/studies/<study>/ (rerun to resume), then writes
+# experiments/<study>/results.md and its plots. ARGS="--collect" only re-tabulates.
+study-norm-vs-batch-size: install ## study: bn/gn/ln/in/cuda_bn × batch 2-32, 3 seeds (~45 min, 2 cores)
+	$(BIN)/python experiments/norm_vs_batch_size/run.py $(ARGS)
+
+study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~15 min)
+	$(BIN)/python experiments/syncbn_small_batch/run.py $(ARGS)
+
+study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds
+	$(BIN)/python experiments/convnext_bn_vs_ln/run.py $(ARGS)
+
+study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none
+	$(BIN)/python experiments/retinanet_norms/run.py $(ARGS)
+
+study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16
+	$(BIN)/python experiments/pix2pix_bn_vs_in/run.py $(ARGS)
+
 study-accumulation-vs-batch: install ## study: BN with accumulation vs a true batch, syncbn, GN (~35 min, 2 CPU cores)
 	$(BIN)/python experiments/accumulation_vs_batch/run.py $(ARGS)
 
@@ -77,6 +115,9 @@ lint: install ## ruff lint and format check
 format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests experiments
 	$(BIN)/ruff format src tests experiments
+
+clean-logs: ## remove logs/ (run dirs, sweeps, study runs, offline wandb runs)
+	rm -rf logs
 
 clean: ## remove the venv, logs and caches
 	rm -rf $(VENV) logs .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The command line as a user types it: clear one-line errors and multirun sweeps."""
+"""The command line as a user types it: clear one-line errors (sweeps: test_sweeps.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,24 +42,6 @@ def test_group_count_not_dividing_channels_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     # It failed before any data was read or any epoch ran.
     assert "Epoch" not in result.stdout
-
-
-def test_multirun_runs_one_job_per_norm(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    result = run_cli(
-        "-m",
-        "debug=fdr",
-        "norm=bn,ln,gn",
-        "data.batch_size=8",
-        "logger=csv",
-        f"hydra.sweep.dir={sweep_dir}",
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit())
-    assert [job.name for job in jobs] == ["0", "1", "2"]
-    norms = [OmegaConf.load(job / "config_resolved.yaml").norm.name for job in jobs]
-    assert norms == ["bn", "ln", "gn"]
 
 
 def test_required_value_left_unset_is_named(tmp_path):

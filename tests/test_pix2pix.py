@@ -204,6 +204,7 @@ def test_short_run_logs_translations_metrics_and_checkpoints(compose_config, tin
         columns = set(next(csv.reader(handle)))
     expected = {"train/loss_d", "train/loss_g", "train/loss_g_gan", "train/loss_g_l1"}
     expected |= {"val/l1", "val/psnr", "val/ssim", "val/l1_best", "test/l1", "test/psnr"}
+    expected |= {"train/grad_norm/generator", "train/grad_norm/discriminator"}
     assert expected <= columns
     assert any(column.startswith("lr-Adam") for column in columns)
 

@@ -55,6 +55,8 @@ def test_short_run_writes_csv_wandb_tensorboard_checkpoint_and_evaluates(compose
     columns = set(rows[0])
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc"} <= columns
     assert any(column.startswith("lr-AdamW") for column in columns)  # LearningRateMonitor
+    norms = [float(row["train/grad_norm"]) for row in rows if row.get("train/grad_norm")]
+    assert len(norms) == 8 and all(n > 0 for n in norms)  # one per optimizer step
 
     # The wandb offline run: config, metric history, the confusion matrix and misclassified images.
     run = read_offline_run(run_dir / "wandb", wait=60)
@@ -62,7 +64,15 @@ def test_short_run_writes_csv_wandb_tensorboard_checkpoint_and_evaluates(compose
     assert run.config["norm"]["name"] == "gn"
     assert run.config["model"]["_target_"] == "normlab.models.densenet_bc_100"
     assert len(run.config["git_sha"]) >= 7
-    assert {"train/loss", "val/acc", "test/acc", "val/confusion_matrix/_type"} <= run.history_keys
+    assert {
+        "train/loss",
+        "train/grad_norm",
+        "val/acc",
+        "test/acc",
+        "val/confusion_matrix/_type",
+        "val/misclassified/_type",
+    } <= run.history_keys
+    assert any(key.startswith("lr-AdamW") for key in run.history_keys)
     assert run.group == "default" and "norm=gn" in run.tags
     assert any("confusion_matrix" in path.name for path in run.media)
 

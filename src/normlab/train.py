@@ -169,8 +169,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Tasks refuse Trainer options or data they cannot work with (manual optimization, image
         # sizes) here, naming the config key, rather than deep inside fit().
         module.check_run(trainer, datamodule)
-    for logger in trainer.loggers:
-        logger.log_hyperparams({**info["config"], "git_sha": info["git_sha"]})
+    # The loggers as configured, not trainer.loggers: fast_dev_run swaps those for a dummy, and a
+    # debug run or sweep should still leave a wandb run saying what it was.
+    for logger in loggers:
+        logger.log_hyperparams(
+            {**info["config"], "git_sha": info["git_sha"], "overrides": info["overrides"]}
+        )
 
     try:
         metrics = _fit_and_test(cfg, trainer, module, datamodule)

@@ -1,10 +1,12 @@
-"""Lightning callbacks for norm research: exact running statistics (``PreciseBN``) and
-per-layer statistics monitoring (``NormStatistics``)."""
+"""Lightning callbacks for norm research: exact running statistics (``PreciseBN``), per-layer
+statistics monitoring (``NormStatistics``) and gradient-norm curves (``GradientNorm``)."""
 
+from normlab.callbacks.gradient_norm import GradientNorm
 from normlab.callbacks.norm_stats import NormStatistics, statistic_gaps
 from normlab.callbacks.precise_bn import PreciseBN, PreciseStatistics, recompute_norm_statistics
 
 __all__ = [
+    "GradientNorm",
     "NormStatistics",
     "PreciseBN",
     "PreciseStatistics",

@@ -79,6 +79,9 @@ class Pix2PixModule(pl.LightningModule):
     (the module's running statistics are left untouched either way).
     """
 
+    # In the order configure_optimizers returns them (callbacks name curves after these).
+    optimizer_names = ("generator", "discriminator")
+
     def __init__(
         self,
         model: Mapping[str, Any],

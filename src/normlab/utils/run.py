@@ -24,6 +24,47 @@ def quiet_dependency_warnings() -> None:
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 
+def _hydra_job() -> tuple[bool, str, str, str]:
+    """(multirun?, sweep dir, job number, override_dirname) of the running Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False, "", "", ""
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+
+    def field(key: str) -> str:  # job.num is unset outside multirun (and in --cfg printing)
+        value = OmegaConf.select(hydra_cfg, key, default="")
+        return "" if value is None else str(value)
+
+    return multirun, field("sweep.dir"), field("job.num"), field("job.override_dirname")
+
+
+def run_group(experiment: str) -> str:
+    """The wandb group: the experiment, or ``<experiment>-<sweep dir name>`` for a multirun job,
+    so each sweep's runs sit together and apart from other sweeps of the same experiment."""
+    multirun, sweep_dir, _, _ = _hydra_job()
+    return f"{experiment}-{Path(sweep_dir).name}" if multirun else experiment
+
+
+def run_name(experiment: str) -> str:
+    """The wandb run name: the experiment, the job number in a sweep, and what the command line
+    changed (Hydra's override_dirname, without keys that only place or decorate the run)."""
+    multirun, _, number, overrides = _hydra_job()
+    parts = [experiment, f"#{number}" if multirun else "", overrides]
+    return " ".join(part for part in parts if part)
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
 def register_resolvers() -> None:
     """Resolvers used by conf/: registered once, before Hydra composes anything."""
     if not OmegaConf.has_resolver("wandb_offline"):
@@ -31,6 +72,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online"
         )
+    for name, resolver in (("run_group", run_group), ("run_name", run_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def git_sha(directory: Path | str | None = None) -> str:
@@ -56,13 +100,13 @@ def save_run_info(
     cfg: DictConfig, output_dir: Path, sha: str, *, write: bool = True
 ) -> dict[str, Any]:
     """Write the resolved config and git SHA into the run dir (``write``: only rank 0 does);
-    return them for checkpoints."""
+    return them, with the command-line overrides, for checkpoints and loggers."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if write:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
         (output_dir / "git_sha.txt").write_text(sha + "\n")
-    return {"config": resolved, "git_sha": sha}
+    return {"config": resolved, "git_sha": sha, "overrides": hydra_overrides()}
 
 
 class RunInfo(pl.Callback):

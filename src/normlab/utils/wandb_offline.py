@@ -32,6 +32,7 @@ class OfflineRun:
     tags: list[str] = field(default_factory=list)
     group: str = ""
     name: str = ""
+    job_type: str = ""
     # True once the run's final `exit` record is on disk: wandb's core process writes the log
     # asynchronously, and may still be writing after `wandb.finish()` has returned.
     complete: bool = False
@@ -115,6 +116,7 @@ def _read_once(run_dir: Path) -> OfflineRun:
             run.tags = list(record.run.tags)
             run.group = record.run.run_group
             run.name = record.run.display_name
+            run.job_type = record.run.job_type
         elif kind == "exit":
             run.complete = True
     return run

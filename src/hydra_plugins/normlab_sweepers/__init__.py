@@ -1,0 +1,1 @@
+"""normlab's Hydra plugins (Hydra instantiates sweepers only from the hydra_plugins namespace)."""

@@ -1,0 +1,131 @@
+"""Sweeps from the command line: a multirun grid with one grouped wandb run per job, a resumable
+Optuna search, and the submitit launcher running jobs as separate processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+from omegaconf import OmegaConf
+
+from normlab.sweep import stored_trials
+from normlab.utils.wandb_offline import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+# One batch of everything, on the small DenseNet: what is tested here is the sweep machinery.
+QUICK = ("experiment=densenet_digits", "model=densenet_bc_40", "data.image_size=16", "debug=fdr")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "normlab.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def job_dirs(sweep_dir: Path, prefix: str = "") -> list[Path]:
+    return sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and p.name.removeprefix(prefix).isdigit()),
+        key=lambda p: int(p.name.removeprefix(prefix)),
+    )
+
+
+def test_grid_gives_each_job_a_run_dir_and_a_wandb_run_grouped_by_sweep(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "-m",
+        *QUICK,
+        "norm=bn,gn",
+        "data.batch_size=4,8",
+        "logger=wandb",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    jobs = job_dirs(sweep_dir)
+    assert [job.name for job in jobs] == ["0", "1", "2", "3"]
+    expected = {("bn", 4), ("bn", 8), ("gn", 4), ("gn", 8)}
+    seen = set()
+    for job in jobs:
+        config = OmegaConf.load(job / "config_resolved.yaml")
+        norm, batch = config.norm.name, config.data.batch_size
+        seen.add((norm, batch))
+
+        run = read_offline_run(job / "wandb", wait=60)
+        assert run.complete
+        assert run.group == f"densenet_digits-{sweep_dir.name}"
+        assert {"classification", "densenet_bc_40", f"norm={norm}", f"batch={batch}"} <= set(
+            run.tags
+        )
+        assert run.job_type == "debug"
+        assert run.name.startswith(f"densenet_digits #{job.name} ")
+        assert f"norm={norm}" in run.name and f"data.batch_size={batch}" in run.name
+        assert run.config["norm"]["name"] == norm
+        assert f"norm={norm}" in run.config["overrides"]
+        assert run.config["git_sha"] == (job / "git_sha.txt").read_text().strip()
+    assert seen == expected
+
+
+def test_optuna_search_stores_trials_in_sqlite_and_resumes(tmp_path):
+    sweep_dir = tmp_path / "optuna"
+    search = (
+        *QUICK,
+        "hparams_search=densenet_digits_optuna",
+        "logger=csv",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    storage = f"sqlite:///{sweep_dir}/optuna.db"
+
+    # Interrupted after one of two trials: the first invocation is given a budget of one.
+    first = run_cli(*search, "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials = stored_trials(storage, "lr_wd_smoothing")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+
+    resumed = run_cli(*search, "hydra.sweeper.n_trials=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 of 2 trials done" in resumed.stdout + resumed.stderr
+    trials = stored_trials(storage, "lr_wd_smoothing")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    # New jobs are numbered after the stored ones: no run dir was written twice.
+    assert [job.name for job in job_dirs(sweep_dir, "trial_")] == ["trial_0", "trial_1"]
+    for trial, job in zip(trials, job_dirs(sweep_dir, "trial_"), strict=True):
+        config = OmegaConf.load(job / "config_resolved.yaml")
+        assert config.task.optimizer.lr == trial.params["task.optimizer.lr"]
+        assert 3e-4 <= config.task.optimizer.lr <= 3e-2
+        # Each trial's value is the metric the entry point returned (a validation accuracy).
+        assert 0.0 <= trial.value <= 1.0
+
+    done = run_cli(*search, "hydra.sweeper.n_trials=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(stored_trials(storage, "lr_wd_smoothing")) == 2
+
+
+def test_submitit_local_launcher_runs_two_jobs_in_their_own_processes(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "-m",
+        *QUICK,
+        "hydra/launcher=local",
+        "norm=bn,gn",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = job_dirs(sweep_dir)
+    assert [OmegaConf.load(job / "config_resolved.yaml").norm.name for job in jobs] == ["bn", "gn"]
+    # submitit ran each job as its own process and kept its log and pickled result.
+    submitit = sweep_dir / ".submitit"
+    assert len(list(submitit.glob("*/*_result.pkl"))) == 2
+    logs = [path.read_text() for path in submitit.glob("*/*_log.out")]
+    assert len(logs) == 2
+    assert all("Job completed successfully" in text for text in logs)
