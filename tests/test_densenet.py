@@ -14,6 +14,7 @@ from normlab.models.densenet import (
     densenet161,
     densenet169,
     densenet201,
+    densenet_bc,
     densenet_bc_100,
 )
 from normlab.norm import NORMS, get_norm_layer
@@ -65,6 +66,18 @@ def test_densenet_bc_100_size_and_forward() -> None:
     assert not hasattr(model.features, "norm0")  # the CIFAR stem is a bare 3x3 conv
     assert model.features.conv0.out_channels == 24
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_densenet_bc_depth_sets_layers_per_block() -> None:
+    model = densenet_bc(40, in_channels=1)
+    assert num_params(model) == 176_122 - 2 * 9 * 24  # a 1-channel stem: 2 × 9 × 24 fewer
+    assert [len(block) for block in (model.features.denseblock1, model.features.denseblock3)] == [
+        6,
+        6,
+    ]
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        densenet_bc(42)
 
 
 def _small_densenet(memory_efficient: bool, drop_rate: float = 0.0) -> DenseNet:

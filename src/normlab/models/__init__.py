@@ -17,6 +17,7 @@ from normlab.models.densenet import (
     densenet161,
     densenet169,
     densenet201,
+    densenet_bc,
     densenet_bc_100,
 )
 from normlab.models.pix2pix import PatchDiscriminator, PixelDiscriminator, UnetGenerator
@@ -45,6 +46,7 @@ __all__ = [
     "densenet161",
     "densenet169",
     "densenet201",
+    "densenet_bc",
     "densenet_bc_100",
     "retinanet_resnet18_fpn",
     "retinanet_resnet34_fpn",

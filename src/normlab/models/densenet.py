@@ -27,6 +27,7 @@ __all__ = [
     "densenet161",
     "densenet169",
     "densenet201",
+    "densenet_bc",
     "densenet_bc_100",
 ]
 
@@ -316,9 +317,19 @@ def densenet201(**options: Unpack[DenseNetOptions]) -> DenseNet:
     return _imagenet_densenet(201, options)
 
 
+def densenet_bc(
+    depth: int = 100, growth_rate: int = 12, **options: Unpack[DenseNetOptions]
+) -> DenseNet:
+    """CIFAR DenseNet-BC of a given depth: 3 blocks of (depth − 4) / 6 bottleneck layers, a 3×3
+    stem of 2k channels, compression 0.5 (depth 40: 176,122 params at 10 classes)."""
+    layers, remainder = divmod(depth - 4, 6)
+    if remainder or layers < 1:
+        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1, got {depth}")
+    options = {"num_classes": 10, **options}
+    return DenseNet(growth_rate, (layers,) * 3, 2 * growth_rate, stem="cifar", **options)
+
+
 def densenet_bc_100(**options: Unpack[DenseNetOptions]) -> DenseNet:
     """CIFAR DenseNet-BC, depth 100, k=12: 3 blocks of 16 bottleneck layers (769,162 params at
     10 classes, the default here)."""
-    growth_rate = 12
-    options = {"num_classes": 10, **options}
-    return DenseNet(growth_rate, (16, 16, 16), 2 * growth_rate, stem="cifar", **options)
+    return densenet_bc(100, 12, **options)

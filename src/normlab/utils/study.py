@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -64,3 +68,203 @@ def machine_line() -> str:
         f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch {torch.__version__}, "
         f"{datetime.now(timezone.utc):%Y-%m-%d}"
     )
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """One training run of a study: ``python -m normlab.train experiment=... <overrides>``.
+
+    ``processes``: CPU cores the job occupies (2 for a ``trainer=ddp_cpu`` run); the scheduler
+    never runs more jobs at once than there are cores, and every process gets one thread.
+    """
+
+    name: str
+    experiment: str
+    overrides: tuple[str, ...]
+    processes: int = 1
+
+
+def job_finished(run_dir: Path) -> bool:
+    return (run_dir / _FINISHED).is_file()
+
+
+def job_minutes(run_dir: Path) -> float:
+    """Wall time of a finished study job (process start to exit, everything included)."""
+    return json.loads((run_dir / _FINISHED).read_text())["seconds"] / 60
+
+
+# Written by run_study after a job exits 0: rerunning a study skips what is already done, so an
+# interrupted study resumes where it stopped.
+_FINISHED = "study_job.json"
+
+
+def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
+    command = [
+        sys.executable,
+        "-m",
+        "normlab.train",
+        f"experiment={job.experiment}",
+        "logger=csv",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        *job.overrides,
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(threads)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with (run_dir / "train.log").open("w") as log:
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"study job {job.name} failed (exit {result.returncode}): see {run_dir / 'train.log'}"
+        )
+    record = {"command": command[1:], "seconds": seconds, "threads": threads}
+    (run_dir / _FINISHED).write_text(json.dumps(record, indent=1))
+    return seconds
+
+
+def run_study(jobs: list[StudyJob], root: Path, cores: int | None = None) -> None:
+    """Run every job not finished yet under ``root/<job.name>``, as many at once as fit on
+    ``cores`` (default: all). Small CPU models train faster as several 1-thread processes than as
+    one process using every core. Stops at the first failure, after the running jobs finish."""
+    cores = cores or os.cpu_count() or 1
+    pending = [job for job in jobs if not job_finished(root / job.name)]
+    print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done under {root}", flush=True)
+    free = threading.Condition()
+    available = [cores]
+
+    def run(job: StudyJob) -> None:
+        need = min(job.processes, cores)
+        with free:
+            free.wait_for(lambda: available[0] >= need)
+            available[0] -= need
+        try:
+            seconds = _run_job(job, root / job.name, threads=1)
+            print(f"{job.name}: {seconds / 60:.1f} min", flush=True)
+        finally:
+            with free:
+                available[0] += need
+                free.notify_all()
+
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        for future in [pool.submit(run, job) for job in pending]:
+            future.result()
+
+
+def final_value(run_dir: Path, key: str) -> float:
+    """The last value a run logged for ``key`` (e.g. ``test/acc``)."""
+    values = column(read_metrics(run_dir), key)
+    if not values:
+        raise KeyError(f"{run_dir}: no {key!r} in csv/metrics.csv")
+    return values[-1][1]
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def verdict(holds: bool) -> str:
+    return "**agrees**" if holds else "**disagrees**"
+
+
+def plot_configurations(values: dict[str, list[float]], ylabel: str, path: Path) -> None:
+    """One bar per configuration (the mean) with every seed's value as a dot on it."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1.2 + 1.3 * len(values), 3.6), dpi=120)
+    axes = figure.add_subplot()
+    for index, points in enumerate(values.values()):
+        axes.bar(index, mean_and_spread(points)[0], color=f"C{index}", alpha=0.6)
+        axes.scatter([index] * len(points), points, color="black", s=12, zorder=3)
+    axes.set_xticks(range(len(values)), list(values), fontsize=8)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], ylabel: str, path: Path) -> None:
+    """Per-epoch validation curves, the mean over seeds of each configuration."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.6), dpi=120)
+    axes = figure.add_subplot()
+    for name, runs in curves.items():
+        length = min(len(run) for run in runs)
+        means = [sum(run[i][1] for run in runs) / len(runs) for i in range(length)]
+        axes.plot([runs[0][i][0] + 1 for i in range(length)], means, marker="o", label=name)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def slug(name: str) -> str:
+    """A configuration's display name as a directory name: 'bn 2×2 (DDP)' → 'bn_2x2_DDP'."""
+    kept = "".join(c if c.isalnum() else "_" for c in name.replace("×", "x"))
+    return "_".join(part for part in kept.split("_") if part)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """A named set of overrides a study compares; ``processes`` as in :class:`StudyJob`."""
+
+    overrides: tuple[str, ...]
+    processes: int = 1
+
+
+def configuration_jobs(
+    experiment: str, configurations: dict[str, Configuration], seeds: list[int]
+) -> list[StudyJob]:
+    """One job per configuration and seed, named ``<slug>_seed<seed>``."""
+    return [
+        StudyJob(
+            f"{slug(name)}_seed{seed}",
+            experiment,
+            (*configuration.overrides, f"seed={seed}"),
+            configuration.processes,
+        )
+        for seed in seeds
+        for name, configuration in configurations.items()
+    ]
+
+
+def collect(root: Path, names: list[str], seeds: list[int], key: str) -> dict[str, list[float]]:
+    """``key``'s final value for every configuration, one entry per seed."""
+    return {
+        name: [final_value(root / f"{slug(name)}_seed{seed}", key) for seed in seeds]
+        for name in names
+    }
+
+
+def collect_curves(
+    root: Path, names: list[str], seeds: list[int], key: str
+) -> dict[str, list[list[tuple[int, float]]]]:
+    return {
+        name: [column(read_metrics(root / f"{slug(name)}_seed{seed}"), key) for seed in seeds]
+        for name in names
+    }
+
+
+def results_table(values: dict[str, list[float]], seeds: list[int], digits: int = 1) -> list[str]:
+    """Markdown rows: configuration | one column per seed | mean ± std."""
+    header = "| configuration | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |"
+    rows = [header, "|---|" + "---:|" * (len(seeds) + 1)]
+    for name, points in values.items():
+        mean, std = mean_and_spread(points)
+        cells = " | ".join(f"{p:.{digits}f}" for p in points)
+        rows.append(f"| {name} | {cells} | **{mean:.{digits}f}** ± {std:.{digits}f} |")
+    return rows
+
+
+def study_minutes(root: Path, jobs: list[StudyJob]) -> float:
+    return sum(job_minutes(root / job.name) for job in jobs)

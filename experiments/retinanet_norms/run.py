@@ -1,0 +1,116 @@
+"""Which norms should a RetinaNet trained from scratch use, in its backbone and in its heads?
+
+    make study-retinanet-norms                 # or: python experiments/retinanet_norms/run.py
+    python experiments/retinanet_norms/run.py --collect      # re-tabulate finished runs only
+
+RetinaNet R18-FPN on digit scenes (experiment=retinanet_digits: 128-px COCO-format scenes, batch 8,
+AdamW + one-cycle) for EPOCHS epochs, from scratch:
+
+- backbone frozen_bn / bn / syncbn (2 DDP processes × 4 images, BN statistics over all 8),
+  each with GroupNorm in the two head towers (the v2 heads);
+- bn backbone with no norm in the heads (the v1 detector).
+
+One seed per configuration: a run takes ~10 minutes of one core here, and the study has to fit
+in 45 minutes on two. Runs land in logs/studies/retinanet_norms/<configuration>_seed<seed>.
+Writes results.md, test_map.png and val_map.png here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from normlab.utils.study import (
+    REPO_ROOT,
+    Configuration,
+    collect,
+    collect_curves,
+    configuration_jobs,
+    machine_line,
+    plot_configurations,
+    plot_curves,
+    results_table,
+    run_study,
+    study_minutes,
+    verdict,
+)
+
+HERE = Path(__file__).resolve().parent
+ROOT = REPO_ROOT / "logs" / "studies" / "retinanet_norms"
+EPOCHS = 6
+RECIPE = (f"trainer.max_epochs={EPOCHS}",)
+CONFIGURATIONS = {
+    "frozen_bn + gn heads": Configuration((*RECIPE, "norm=frozen_bn", "head_norm=gn")),
+    "bn + gn heads": Configuration((*RECIPE, "norm=bn", "head_norm=gn")),
+    "syncbn 2×4 + gn heads": Configuration(
+        (*RECIPE, "norm=syncbn", "head_norm=gn", "trainer=ddp_cpu", "data.global_batch_size=8"),
+        processes=2,
+    ),
+    "bn + no head norm": Configuration((*RECIPE, "norm=bn", "head_norm=null")),
+}
+# With one seed per configuration the seed noise is not measured; this floor is an assumption
+# (README.md says so), and gaps below it are not called findings.
+MAP_NOISE = 0.03
+
+
+def report(seeds: list[int]) -> str:
+    names = list(CONFIGURATIONS)
+    jobs = configuration_jobs("retinanet_digits", CONFIGURATIONS, seeds)
+    maps = collect(ROOT, names, seeds, "test/map")
+    maps_50 = collect(ROOT, names, seeds, "test/map_50")
+    plot_configurations(maps, "test mAP (COCO, 0.5:0.95)", HERE / "test_map.png")
+    plot_curves(collect_curves(ROOT, names, seeds, "val/map"), "val mAP", HERE / "val_map.png")
+    best = {name: max(values) for name, values in maps.items()}  # one seed: the value itself
+    frozen, bn, sync, bare = names
+
+    def gap(a: str, b: str) -> float:
+        return best[a] - best[b]
+
+    lines = [
+        "# retinanet_norms: results",
+        "",
+        "Command: `python experiments/retinanet_norms/run.py` (`make study-retinanet-norms`); each "
+        f"run is `python -m normlab.train experiment=retinanet_digits logger=csv "
+        f"trainer.max_epochs={EPOCHS} seed=S` plus the configuration's overrides in run.py.",
+        f"Machine: {machine_line()}. {len(jobs)} runs, {study_minutes(ROOT, jobs):.0f} run-minutes.",
+        "",
+        f"Test mAP (COCO 0.5:0.95) after {EPOCHS} epochs from scratch:",
+        "",
+        *results_table(maps, seeds, digits=3),
+        "",
+        "Test mAP@0.5:",
+        "",
+        *results_table(maps_50, seeds, digits=3),
+        "",
+        f"Findings (one seed each; a gap counts only above {MAP_NOISE} mAP). Expectations from "
+        "detectron2's R50-FPN table (FrozenBN 41.0 < SyncBN 41.9 < GN 42.6 box AP) and the "
+        "RetinaNet v2 heads:",
+        "",
+        f"- A trainable BN backbone beats a frozen one when nothing is pretrained (frozen_bn "
+        f"from scratch is a fixed identity scale): bn − frozen_bn = {gap(bn, frozen):+.3f} — "
+        f"{verdict(gap(bn, frozen) > MAP_NOISE)}.",
+        f"- syncbn over 2 × 4 images matches BN over 8 in one process: syncbn − bn = "
+        f"{gap(sync, bn):+.3f} — {verdict(abs(gap(sync, bn)) <= MAP_NOISE)}.",
+        f"- GN in the heads helps a detector trained from scratch: gn heads − no head norm = "
+        f"{gap(bn, bare):+.3f} — {verdict(gap(bn, bare) > MAP_NOISE)}.",
+        "",
+        "Validation mAP per epoch: `val_map.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--collect", action="store_true", help="tabulate finished runs only")
+    args = parser.parse_args()
+    if not args.collect:
+        run_study(configuration_jobs("retinanet_digits", CONFIGURATIONS, args.seeds), ROOT)
+    text = report(args.seeds)
+    (HERE / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

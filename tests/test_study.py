@@ -1,0 +1,73 @@
+"""The study runner behind experiments/: runs what is missing, resumes, fails loudly, tabulates."""
+
+from __future__ import annotations
+
+import pytest
+
+from normlab.utils.study import (
+    Configuration,
+    StudyJob,
+    collect,
+    configuration_jobs,
+    job_finished,
+    mean_and_spread,
+    results_table,
+    run_study,
+    slug,
+)
+
+QUICK = ("model=densenet_bc_40", "data.image_size=16", "debug=fdr")
+
+
+def test_runs_missing_jobs_once_and_resumes(tmp_path):
+    jobs = [
+        StudyJob("bn", "densenet_digits", (*QUICK, "norm=bn")),
+        StudyJob("gn", "densenet_digits", (*QUICK, "norm=gn")),
+    ]
+    (tmp_path / "gn").mkdir()  # a run dir without the finished marker: an interrupted job
+    run_study(jobs, tmp_path, cores=2)
+    assert job_finished(tmp_path / "bn") and job_finished(tmp_path / "gn")
+    assert (tmp_path / "gn" / "config_resolved.yaml").is_file()
+
+    marker = (tmp_path / "bn" / "study_job.json").stat().st_mtime_ns
+    run_study(jobs, tmp_path, cores=2)  # nothing left to do: nothing is rerun
+    assert (tmp_path / "bn" / "study_job.json").stat().st_mtime_ns == marker
+
+
+def test_a_failing_job_names_its_log(tmp_path):
+    with pytest.raises(RuntimeError, match=r"nope.*exit 2.*train\.log"):
+        run_study(
+            [StudyJob("nope", "densenet_digits", (*QUICK, "norm.num_groups=7", "norm=gn"))],
+            tmp_path,
+        )
+    assert not job_finished(tmp_path / "nope")
+    assert "configuration error" in (tmp_path / "nope" / "train.log").read_text()
+
+
+def test_collect_and_tabulate_per_seed_results(tmp_path):
+    configurations = {"bn 2×2 (DDP)": Configuration(("norm=bn",)), "gn": Configuration(())}
+    jobs = configuration_jobs("densenet_digits", configurations, [1, 2])
+    assert [job.name for job in jobs] == [
+        "bn_2x2_DDP_seed1",
+        "gn_seed1",
+        "bn_2x2_DDP_seed2",
+        "gn_seed2",
+    ]
+    assert jobs[2].overrides == ("norm=bn", "seed=2")
+    accuracies = {
+        "bn_2x2_DDP_seed1": 0.5,
+        "gn_seed1": 0.9,
+        "bn_2x2_DDP_seed2": 0.7,
+        "gn_seed2": 0.9,
+    }
+    for name, accuracy in accuracies.items():
+        (tmp_path / name / "csv").mkdir(parents=True)
+        (tmp_path / name / "csv" / "metrics.csv").write_text(
+            f"epoch,step,val/acc,test/acc\n0,9,0.1,\n1,19,0.2,\n2,20,,{accuracy}\n"
+        )
+    values = collect(tmp_path, list(configurations), [1, 2], "test/acc")
+    assert values == {"bn 2×2 (DDP)": [0.5, 0.7], "gn": [0.9, 0.9]}
+    assert mean_and_spread(values["bn 2×2 (DDP)"]) == pytest.approx((0.6, 0.1414213))
+    rows = results_table(values, [1, 2], digits=2)
+    assert rows[2] == "| bn 2×2 (DDP) | 0.50 | 0.70 | **0.60** ± 0.14 |"
+    assert slug("ln (ConvNeXt's)") == "ln_ConvNeXt_s"
