@@ -15,9 +15,9 @@ from PIL import Image
 
 from normlab.data import CocoDetectionDataModule, DigitScenesDataModule
 from normlab.data import digit_scenes as scenes_module
-from normlab.data.coco import BadAnnotationError, detection_collate
+from normlab.data.coco import detection_collate
 from normlab.data.digits import split_indices
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, DataError
 from normlab.train import instantiate_data
 
 # --------------------------------------------------------------------------------------------------
@@ -240,48 +240,54 @@ def test_bad_annotation_error_names_file_ids_and_fix(
     write_split(tmp_path, "train", [{"id": 1, "height": 20, "width": 30}], [bad])
     write_split(tmp_path, "val", [{"id": 2, "height": 20, "width": 30}], [])
     dm = make(tmp_path)  # annotations are checked at setup, not at construction
-    with pytest.raises(BadAnnotationError) as info:
+    with pytest.raises(DataError) as info:
         dm.setup("fit")
     message = str(info.value)
     assert str(tmp_path / "annotations" / "instances_train.json") in message
     assert "annotation id 918" in message and "image id 1" in message
-    assert reason in message and "data.on_bad_annotation=skip" in message
+    assert reason in message and "data.on_bad_sample=skip" in message
     assert isinstance(info.value, ValueError)
 
 
 def test_unknown_image_id_is_a_bad_annotation(tmp_path: Path) -> None:
     write_split(tmp_path, "train", [{"id": 1, "height": 20, "width": 30}], [])
     write_split(tmp_path, "val", [{"id": 2, "height": 20, "width": 30}], [ann(99, 3, [1, 1, 2, 2])])
-    with pytest.raises(BadAnnotationError, match=r"image id 99.*not in the json's images"):
+    with pytest.raises(DataError, match=r"image id 99.*not in the json's images"):
         make(tmp_path).setup("validate")
 
 
-def test_skip_drops_bad_annotations_and_logs_counts(
+def test_skip_drops_images_with_bad_annotations_and_logs_counts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Image 2's bad boxes leave image 2 out (kept without them, its objects would read as
+    # background); the annotation of an unlisted image is counted but spoils no image.
     write_split(
         tmp_path,
         "train",
-        [{"id": 1, "height": 20, "width": 30}],
+        [{"id": 1, "height": 20, "width": 30}, {"id": 2, "height": 20, "width": 30}],
         [
             ann(1, 3, [1, 1, 4, 4]),
-            ann(1, 3, [1, 1, 0, 4]),
-            ann(1, 3, [1, 1, 4, 0]),
-            ann(1, 42, [1, 1, 4, 4]),
+            ann(2, 3, [2, 2, 4, 4]),
+            ann(2, 3, [1, 1, 0, 4]),
+            ann(2, 3, [1, 1, 4, 0]),
+            ann(2, 42, [1, 1, 4, 4]),
             ann(7, 3, [1, 1, 4, 4]),
         ],
     )
-    write_split(tmp_path, "val", [{"id": 2, "height": 20, "width": 30}], [])
-    dm = make(tmp_path, on_bad_annotation="skip")
-    with caplog.at_level(logging.WARNING, logger="normlab.data.coco"):
+    write_split(tmp_path, "val", [{"id": 3, "height": 20, "width": 30}], [])
+    dm = make(tmp_path, on_bad_sample="skip")
+    with caplog.at_level(logging.WARNING, logger="normlab.data"):
         dm.setup("fit")
+    assert len(dm.train_set) == 1
     _, target = dm.train_set[0]
+    assert target["image_id"] == 1
     torch.testing.assert_close(target["boxes"], torch.tensor([[1.0, 1.0, 5.0, 5.0]]))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "skipped 4 bad annotation(s)" in warnings[0]
-    assert "2 box with width or height <= 0" in warnings[0]
-    assert "1 category_id not in" in warnings[0] and "1 image_id not in" in warnings[0]
+    assert "skipped 1 of 2 train samples" in warnings[0]
+    assert "box with width or height <= 0: 2 (annotation 102, annotation 103)" in warnings[0]
+    assert "category_id not in the json's categories: 1" in warnings[0]
+    assert "image_id not in the json's images: 1" in warnings[0]
 
 
 def test_missing_paths_are_config_errors_naming_them(coco_root: Path, tmp_path: Path) -> None:
@@ -298,7 +304,7 @@ def test_missing_paths_are_config_errors_naming_them(coco_root: Path, tmp_path: 
 def test_missing_image_file_is_reported_at_setup(coco_root: Path) -> None:
     (coco_root / "val" / "0011.png").unlink()
     dm = make(coco_root)
-    with pytest.raises(ConfigError, match=r"1 image file\(s\).*missing.*0011.png"):
+    with pytest.raises(DataError, match=r"0011.png: file missing.*1 problem\(s\)"):
         dm.setup("validate")
 
 

@@ -8,7 +8,8 @@ Layout (the one pytorch-CycleGAN-and-pix2pix's download scripts unpack, e.g. fac
 
 Items are ``{"A": input, "B": target, "path": file}``; ``direction="BtoA"`` swaps the halves, so
 ``A`` is always what the generator sees and ``B`` what it should produce. Pixels are scaled to
-[-1, 1], the range of a Tanh output.
+[-1, 1], the range of a Tanh output. Broken files (not images, odd widths, undecodable) follow
+``on_bad_sample``; see :mod:`normlab.data.bad_samples`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from normlab.data.bad_samples import (
+    BadSamples,
+    ReportsUndecodable,
+    UndecodableSampleError,
+    check_header,
+    check_on_bad_sample,
+    convert_mode,
+    guard_decoding,
+    load_image,
+)
 from normlab.data.transforms import SplitLoaders, check_int
 from normlab.errors import ConfigError
 
@@ -31,6 +42,7 @@ CHANNEL_CHOICES = (1, 3)
 # Lower-case suffixes read as images (the reference accepts the same family).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 PAIR_LAYOUT = "two equal halves side by side (A on the left, B on the right)"
+REASON_ODD_WIDTH = "odd width"
 
 Item = dict[str, Any]
 
@@ -45,27 +57,20 @@ def list_images(directory: str) -> list[str]:
     return [os.path.join(directory, name) for name in names]
 
 
-def odd_width_error(path: str, width: int, height: int) -> ConfigError:
-    return ConfigError(
+def odd_width(path: str, width: int, height: int) -> str:
+    return (
         f"data.root: {path} is {width}x{height} (WxH); an aligned image must hold {PAIR_LAYOUT}, "
         "so its width must be even"
     )
 
 
-def check_pair_files(paths: list[str]) -> None:
-    """Every file opens as an image with an even width, read from its header only (PIL decodes
-    pixels lazily), so a bad file stops the run at setup instead of mid-epoch."""
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"data.root: cannot read {path} as an image ({type(e).__name__}: {e}); "
-                f"expected {PAIR_LAYOUT}"
-            ) from e
-        if width < 2 or width % 2:
-            raise odd_width_error(path, width, height)
+def check_pair_files(report: BadSamples, paths: list[str]) -> None:
+    """Add to ``report`` each file that is not an image with an even width, read from its header
+    only, so that bad files are known at setup instead of mid-epoch."""
+    for index, path in enumerate(paths):
+        size = check_header(report, index, path, os.path.basename(path))
+        if size is not None and (size[0] < 2 or size[0] % 2):
+            report.add(REASON_ODD_WIDTH, os.path.basename(path), odd_width(path, *size), index)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -112,22 +117,23 @@ class AlignedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def sample_file(self, index: int) -> str:
+        return self.paths[index]
+
     def _halves(self, path: str) -> tuple[Image.Image, Image.Image]:
-        """(input half, target half) of the file, ``direction`` applied."""
-        with Image.open(path) as image:
-            width, height = image.size
-            if width < 2 or width % 2:
-                # The file may have changed since setup checked it.
-                raise odd_width_error(path, width, height)
-            if image.mode not in ("L", "RGB"):
-                # Palette, alpha or CMYK files: go through RGB, as the reference does.
-                image = image.convert("RGB")
-            half = width // 2
-            left = image.crop((0, 0, half, height))
-            right = image.crop((half, 0, width, height))
+        """(input half, target half) of the file, ``direction`` applied, each converted to its
+        mode (palette, alpha, CMYK and 16-bit files included; see :func:`convert_mode`)."""
+        image = load_image(path)
+        width, height = image.size
+        if width < 2 or width % 2:
+            # The file may have changed since setup checked it.
+            raise UndecodableSampleError(odd_width(path, width, height))
+        half = width // 2
+        left = image.crop((0, 0, half, height))
+        right = image.crop((half, 0, width, height))
         if self.direction == "BtoA":
             left, right = right, left
-        return left.convert(self.modes[0]), right.convert(self.modes[1])
+        return convert_mode(left, self.modes[0]), convert_mode(right, self.modes[1])
 
     def __getitem__(self, index: int) -> Item:
         path = self.paths[index]
@@ -150,7 +156,7 @@ class AlignedDataset(Dataset):
         return {"A": _to_tensor(a), "B": _to_tensor(b), "path": path}
 
 
-class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
+class AlignedDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule):
     """Paired A|B images under ``root`` (layout in the module docstring) for pix2pix-style tasks.
 
     ``direction``: ``"AtoB"`` (input = left half) or ``"BtoA"`` (input = right half).
@@ -162,6 +168,8 @@ class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
 
     ``root``, ``root/train`` and ``root/val`` must exist when the module is built; each split's
     files are checked (readable, even width) from their headers when :meth:`setup` loads it.
+    ``on_bad_sample``: ``raise`` (default) stops at a bad file naming it, ``skip`` leaves it out
+    and logs a count (see :mod:`normlab.data.bad_samples`).
     Batches use the default collate: ``{"A": B×C×H×W, "B": B×C×H×W, "path": list[str]}``.
     """
 
@@ -178,6 +186,7 @@ class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        on_bad_sample: str = "raise",
     ) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
@@ -210,11 +219,13 @@ class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
             raise ConfigError(f"data.seed must be an integer, got {seed!r}")
         self.seed = seed
         self.pin_memory = bool(pin_memory)
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample)
+        self.bad_samples: dict[str, BadSamples] = {}
         self.root = os.path.expanduser(os.fspath(root))
 
-        self.train_set: AlignedDataset | None = None
-        self.val_set: AlignedDataset | None = None
-        self.test_set: AlignedDataset | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
         self._check_layout_early()
 
     # -- layout -----------------------------------------------------------------------------------
@@ -243,7 +254,7 @@ class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
 
     # -- splits -----------------------------------------------------------------------------------
 
-    def _dataset(self, stage: str) -> AlignedDataset:
+    def _dataset(self, stage: str) -> Dataset:
         directory = self._require_dir(stage)
         paths = list_images(directory)
         if not paths:
@@ -251,9 +262,12 @@ class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
                 f"data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) in {directory}; expected "
                 f"files holding {PAIR_LAYOUT}"
             )
-        check_pair_files(paths)
-        return AlignedDataset(
-            paths,
+        report = BadSamples(stage, directory, len(paths))
+        check_pair_files(report, paths)
+        report.settle(self.on_bad_sample)
+        self.bad_samples[stage] = report
+        dataset = AlignedDataset(
+            report.kept(paths),
             direction=self.direction,
             in_channels=self.in_channels,
             out_channels=self.out_channels,
@@ -262,6 +276,7 @@ class AlignedDataModule(SplitLoaders, pl.LightningDataModule):
             flip=self.flip,
             train=stage == "train",
         )
+        return guard_decoding(dataset, stage, self.on_bad_sample)
 
     # -- Lightning hooks --------------------------------------------------------------------------
 

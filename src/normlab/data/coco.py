@@ -6,8 +6,9 @@ Layout (the one the official COCO archives unpack to)::
     <root>/annotations/instances_<split dir>.json    e.g. <root>/annotations/instances_train2017.json
 
 The json files are parsed with the standard library; pycocotools is only needed for evaluation.
-Annotations are checked once, when a split is loaded, and kept in flat numpy arrays (not one Python
-object per box), so a 118k-image split costs little memory and forked loader workers share it.
+Annotations and image headers are checked once, when a split is loaded, and kept in flat numpy
+arrays (not one Python object per box), so a 118k-image split costs little memory and forked loader
+workers share it. Broken samples follow ``on_bad_sample``; see :mod:`normlab.data.bad_samples`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,16 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from normlab.data.bad_samples import (
+    BadSamples,
+    ReportsUndecodable,
+    UndecodableSampleError,
+    check_header,
+    check_on_bad_sample,
+    guard_decoding,
+    listing,
+    undecodable,
+)
 from normlab.data.transforms import SplitLoaders, check_int
 from normlab.errors import ConfigError
 
@@ -36,20 +46,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
 STAGES = ("train", "val", "test")
-BAD_ANNOTATION_POLICIES = ("error", "skip")
+# The deprecated data.on_bad_annotation's values and their data.on_bad_sample equivalents.
+LEGACY_POLICIES = {"error": "raise", "skip": "skip"}
 
-# Why an annotation is rejected (the keys of the per-reason counts in errors and warnings).
+# Why an annotation or image is rejected (the keys of the per-reason counts in errors and logs).
 REASON_EMPTY_BOX = "box with width or height <= 0"
 REASON_OUTSIDE = "box entirely outside its image"
 REASON_CATEGORY = "category_id not in the json's categories"
 REASON_IMAGE = "image_id not in the json's images"
+REASON_SIZE = "image size differs from the json"
 
 Target = dict[str, Any]
-
-
-class BadAnnotationError(ConfigError):
-    """An annotation that cannot be trained or evaluated on. A ConfigError because the remedy is a
-    setting (``data.on_bad_annotation=skip``), so the entry points report it as one line."""
 
 
 def annotation_path(root: str, split_dir: str) -> str:
@@ -117,22 +124,35 @@ def _int_field(entry: Any, key: str, path: str, what: str, index: int) -> int:
     return value
 
 
+def _clip(
+    x: float, y: float, w: float, h: float, width: int, height: int
+) -> tuple[float, float, float, float]:
+    """xywh box as xyxy clipped to a ``width`` x ``height`` image."""
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    return x1, y1, x2, y2
+
+
 def load_coco_split(
     path: str,
     image_dir: str,
     category_ids: Sequence[int],
     *,
+    split: str,
     keep_crowd: bool,
-    on_bad_annotation: str = "error",
+    on_bad_sample: str = "raise",
     data: Mapping[str, Any] | None = None,
-) -> CocoSplit:
-    """Read and check the annotations of one split (``data``: the already parsed json, if any).
+) -> tuple[CocoSplit, BadSamples]:
+    """Read and check the annotations and image files of one split (``data``: the already parsed
+    json, if any); returns the good images and the report of the bad ones.
 
     ``category_ids[label]`` is the json category id of each contiguous label. Boxes are converted
-    from xywh to xyxy and clipped to the json's image size. Bad annotations (see the ``REASON_*``
-    constants) raise :class:`BadAnnotationError` or, with ``on_bad_annotation="skip"``, are dropped
-    with one warning. ``keep_crowd=False`` drops ``iscrowd=1`` annotations (training ignores them;
-    COCO evaluation needs them).
+    from xywh to xyxy and clipped to the json's image size (counted in one log line). An image is
+    bad when its file is missing, is not an image, or has another size than the json says, or when
+    one of its annotations is (see the ``REASON_*`` constants): with ``on_bad_sample="skip"`` it
+    is left out, since keeping it without the bad box would show that object as background to
+    the detector and to the evaluation. ``keep_crowd=False`` drops ``iscrowd=1`` annotations
+    (training ignores them; COCO evaluation needs them).
     """
     if data is None:
         data = read_json(path)
@@ -164,10 +184,11 @@ def load_coco_split(
         image_ids.append(image_id)
         sizes.append((height, width))
 
+    report = BadSamples(split, path, len(file_names))
     per_image: list[list[tuple[int, float, float, float, float, int, int, float]]] = [
         [] for _ in file_names
     ]
-    bad: list[tuple[str, Any, Any, str]] = []  # (reason, annotation id, image id, detail)
+    clipped: list[str] = []
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             raise _entry_error(path, "annotations", i, "is not an object")
@@ -180,27 +201,29 @@ def load_coco_split(
                 path, "annotations", i, f"(id {ann_id}) has no [x, y, w, h] 'bbox'"
             ) from None
         row = row_of.get(image_id) if isinstance(image_id, int) else None
-        if row is None:
-            bad.append((REASON_IMAGE, ann_id, image_id, f"image id {image_id!r} is not listed"))
-            continue
         category_id = ann.get("category_id")
-        if type(category_id) is not int or category_id not in known_categories:
-            bad.append((REASON_CATEGORY, ann_id, image_id, f"category_id {category_id!r}"))
-            continue
-        if not (w > 0 and h > 0 and math.isfinite(x + y + w + h)):
-            bad.append((REASON_EMPTY_BOX, ann_id, image_id, f"bbox {ann['bbox']}"))
-            continue
-        height, width = sizes[row]
-        x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-        x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-        if x2 <= x1 or y2 <= y1:
-            bad.append(
-                (REASON_OUTSIDE, ann_id, image_id, f"bbox {ann['bbox']} in {width}x{height}")
-            )
+        height, width = sizes[row] if row is not None else (0, 0)
+        x1, y1, x2, y2 = _clip(x, y, w, h, width, height)
+        if row is None:
+            problem = (REASON_IMAGE, f"image id {image_id!r} is not listed")
+        elif type(category_id) is not int or category_id not in known_categories:
+            problem = (REASON_CATEGORY, f"category_id {category_id!r}")
+        elif not (w > 0 and h > 0 and math.isfinite(x + y + w + h)):
+            problem = (REASON_EMPTY_BOX, f"bbox {ann['bbox']}")
+        elif x2 <= x1 or y2 <= y1:
+            problem = (REASON_OUTSIDE, f"bbox {ann['bbox']} in {width}x{height}")
+        else:
+            problem = None
+        if problem is not None:
+            reason, detail = problem
+            where = f"{path}: annotation id {ann_id} (image id {image_id})"
+            report.add(reason, f"annotation {ann_id}", f"{where}: {reason} ({detail})", row)
             continue
         crowd = int(bool(ann.get("iscrowd", 0)))
         if crowd and not keep_crowd:
             continue
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            clipped.append(str(ann_id))
         if category_id not in label_of:
             raise ConfigError(
                 f"data.root: {path} uses category id {category_id} that the training json lacks"
@@ -211,56 +234,48 @@ def load_coco_split(
         numeric_id = ann_id if isinstance(ann_id, int) and not isinstance(ann_id, bool) else -1
         per_image[row].append((label_of[category_id], x1, y1, x2, y2, crowd, numeric_id, area))
 
-    if bad:
-        counts = Counter(reason for reason, *_ in bad)
-        summary = ", ".join(f"{n} {reason}" for reason, n in counts.items())
-        if on_bad_annotation != "skip":
-            reason, ann_id, image_id, detail = bad[0]
-            raise BadAnnotationError(
-                f"{path}: annotation id {ann_id} (image id {image_id}): {reason} ({detail}); "
-                f"{len(bad)} bad annotation(s) in this file ({summary}). Fix the file or set "
-                "data.on_bad_annotation=skip to drop them"
+    for row, name in enumerate(file_names):
+        file = os.path.join(image_dir, name)
+        size = check_header(report, row, file, name)
+        height, width = sizes[row]
+        if size is not None and size != (width, height):
+            detail = (
+                f"{file} is {size[0]}x{size[1]} (WxH) but {path} says {width}x{height} for image "
+                f"id {image_ids[row]}: its boxes would be misplaced"
             )
-        log.warning(
-            "%s: skipped %d bad annotation(s) (data.on_bad_annotation=skip): %s",
+            report.add(REASON_SIZE, name, detail, row)
+    report.settle(on_bad_sample)
+    if clipped:
+        log.info(
+            "data: clipped %d %s boxes that reach outside their image to it (%s): annotations %s",
+            len(clipped),
+            split,
             path,
-            len(bad),
-            summary,
+            listing(clipped),
         )
 
-    counts_per_image = [len(rows) for rows in per_image]
-    offsets = np.zeros(len(per_image) + 1, dtype=np.int64)
-    np.cumsum(counts_per_image, out=offsets[1:])
-    flat = [row for rows in per_image for row in rows]
+    kept = report.kept(range(len(file_names)))
+    rows_kept = [per_image[row] for row in kept]
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum([len(rows) for rows in rows_kept], out=offsets[1:])
+    flat = [entry for rows in rows_kept for entry in rows]
     table = np.asarray(flat, dtype=np.float64).reshape(len(flat), 8)
-    return CocoSplit(
-        json_path=path,
-        image_dir=image_dir,
-        file_names=file_names,
-        image_ids=np.asarray(image_ids, dtype=np.int64),
-        sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
-        offsets=offsets,
-        boxes=table[:, 1:5].astype(np.float32),
-        labels=table[:, 0].astype(np.int64),
-        iscrowd=table[:, 5].astype(np.int64),
-        area=table[:, 7].astype(np.float32),
-        annotation_ids=table[:, 6].astype(np.int64),
+    return (
+        CocoSplit(
+            json_path=path,
+            image_dir=image_dir,
+            file_names=[file_names[row] for row in kept],
+            image_ids=np.asarray([image_ids[row] for row in kept], dtype=np.int64),
+            sizes=np.asarray([sizes[row] for row in kept], dtype=np.int64).reshape(-1, 2),
+            offsets=offsets,
+            boxes=table[:, 1:5].astype(np.float32),
+            labels=table[:, 0].astype(np.int64),
+            iscrowd=table[:, 5].astype(np.int64),
+            area=table[:, 7].astype(np.float32),
+            annotation_ids=table[:, 6].astype(np.int64),
+        ),
+        report,
     )
-
-
-def check_image_files(split: CocoSplit) -> None:
-    """Every image the json lists exists (one directory listing, not one stat per file)."""
-    present = set(os.listdir(split.image_dir))
-    missing = [
-        name
-        for name in split.file_names
-        if name not in present and not os.path.isfile(os.path.join(split.image_dir, name))
-    ]
-    if missing:
-        raise ConfigError(
-            f"data.root: {len(missing)} image file(s) listed in {split.json_path} are missing "
-            f"from {split.image_dir}, e.g. {', '.join(missing[:3])}"
-        )
 
 
 class CocoDetectionDataset(Dataset):
@@ -271,6 +286,8 @@ class CocoDetectionDataset(Dataset):
     ``iscrowd`` int64 [N], ``area`` float32 [N] (as in the json, i.e. original-image pixels, which
     is what COCO evaluation uses), ``orig_size`` ``(H, W)`` of the file. ``transform`` is a v2
     transform called as ``transform(image, boxes)`` so that boxes follow geometric changes.
+    Grayscale, palette and alpha files are read as RGB, 16-bit ones scaled to 8 bits; a file that
+    does not decode raises :class:`~normlab.data.bad_samples.UndecodableSampleError` naming it.
     """
 
     def __init__(
@@ -282,15 +299,23 @@ class CocoDetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
+    def sample_file(self, index: int) -> str:
+        return os.path.join(self.split.image_dir, self.split.file_names[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         s = self.split
-        path = os.path.join(s.image_dir, s.file_names[index])
-        image = decode_image(path, mode=ImageReadMode.RGB)
+        path = self.sample_file(index)
+        try:
+            image = decode_image(path, mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as error:  # torchvision reports corrupt data as RuntimeError
+            raise undecodable(path, error) from error
+        # 16-bit PNGs decode as uint16, which not every v2 transform takes.
+        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
         height, width = image.shape[-2:]
         json_size = tuple(int(v) for v in s.sizes[index])
         if json_size != (height, width):
-            # Boxes were clipped to the json's size; a different file means misaligned boxes.
-            raise ValueError(
+            # Setup checked the header; a file that changed since would misplace its boxes.
+            raise UndecodableSampleError(
                 f"{path} is {height}x{width} (HxW) but {s.json_path} says {json_size[0]}x"
                 f"{json_size[1]} for image id {int(s.image_ids[index])}"
             )
@@ -344,7 +369,7 @@ def _check_splits(splits: Mapping[str, Any] | None) -> dict[str, str]:
     return result
 
 
-class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
+class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule):
     """COCO-format detection data under ``root`` (layout in the module docstring).
 
     ``splits`` maps the stages ``train`` / ``val`` / ``test`` to split folder names (default: the
@@ -358,7 +383,10 @@ class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
     (shorter side drawn from ``train_min_sizes``, longer side at most ``max_size``) and a
     horizontal flip with probability ``hflip``. Val/test images keep their original geometry (so
     detections are in the coordinates of the json) and keep crowd annotations for evaluation.
-    ``on_bad_annotation``: ``"error"`` (default) or ``"skip"``; see :func:`load_coco_split`.
+    ``on_bad_sample``: ``"raise"`` (default) stops at the first bad image or annotation naming it,
+    ``"skip"`` leaves out the images concerned with a count (see :func:`load_coco_split` and
+    :mod:`normlab.data.bad_samples`). ``on_bad_annotation`` (``"error"`` / ``"skip"``) is its
+    deprecated former name, still read so that checkpoints saved with it can be evaluated.
     Batches are ``(list of images, list of targets)`` (:func:`detection_collate`).
     """
 
@@ -377,7 +405,8 @@ class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
         train_min_sizes: Sequence[int] | int | None = None,
         max_size: int | None = None,
         hflip: float = 0.5,
-        on_bad_annotation: str = "error",
+        on_bad_sample: str = "raise",
+        on_bad_annotation: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
@@ -400,12 +429,8 @@ class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
         ):
             raise ConfigError(f"data.hflip must be a probability in [0, 1], got {hflip!r}")
         self.hflip = float(hflip)
-        if on_bad_annotation not in BAD_ANNOTATION_POLICIES:
-            raise ConfigError(
-                f"data.on_bad_annotation must be one of {list(BAD_ANNOTATION_POLICIES)}, "
-                f"got {on_bad_annotation!r}"
-            )
-        self.on_bad_annotation = on_bad_annotation
+        self.on_bad_sample = self._check_policy(on_bad_sample, on_bad_annotation)
+        self.bad_samples: dict[str, BadSamples] = {}
         self.root = os.path.expanduser(os.fspath(root))
         self.splits = _check_splits(splits)
 
@@ -416,9 +441,29 @@ class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
         self.class_names = [name for _, name in categories]
         self.num_classes = len(categories)
 
-        self.train_set: CocoDetectionDataset | None = None
-        self.val_set: CocoDetectionDataset | None = None
-        self.test_set: CocoDetectionDataset | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @staticmethod
+    def _check_policy(on_bad_sample: Any, on_bad_annotation: Any) -> str:
+        """``on_bad_sample``, or what the deprecated ``on_bad_annotation`` maps to when given."""
+        policy = check_on_bad_sample(on_bad_sample)
+        if on_bad_annotation is None:
+            return policy
+        if on_bad_annotation not in LEGACY_POLICIES:
+            raise ConfigError(
+                f"data.on_bad_annotation (deprecated, use data.on_bad_sample) must be one of "
+                f"{list(LEGACY_POLICIES)}, got {on_bad_annotation!r}"
+            )
+        legacy = LEGACY_POLICIES[on_bad_annotation]
+        if policy not in ("raise", legacy):  # "raise" is also what an unset on_bad_sample reads
+            raise ConfigError(
+                f"data.on_bad_annotation={on_bad_annotation} contradicts "
+                f"data.on_bad_sample={policy}; drop the deprecated data.on_bad_annotation"
+            )
+        log.warning("data.on_bad_annotation is deprecated; use data.on_bad_sample=%s", legacy)
+        return legacy
 
     @staticmethod
     def _check_min_sizes(value: Sequence[int] | int | None) -> list[int] | None:
@@ -477,7 +522,8 @@ class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
     # -- splits -----------------------------------------------------------------------------------
 
     def load_split(self, stage: str) -> CocoSplit:
-        """Parse and check the annotations of ``stage`` (crowd kept except for ``train``)."""
+        """Parse and check the annotations and image files of ``stage`` (crowd kept except for
+        ``train``); bad images are settled by ``on_bad_sample``."""
         image_dir, json_path = self.split_paths(stage)
         for path, is_dir in ((image_dir, True), (json_path, False)):
             if not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
@@ -493,20 +539,22 @@ class CocoDetectionDataModule(SplitLoaders, pl.LightningDataModule):
                 f"data.root: {json_path} lists categories {found} but {train_json} lists "
                 f"{expected}; every split must use the same categories"
             )
-        split = load_coco_split(
+        split, report = load_coco_split(
             json_path,
             image_dir,
             self.category_ids,
+            split=stage,
             keep_crowd=stage != "train",
-            on_bad_annotation=self.on_bad_annotation,
+            on_bad_sample=self.on_bad_sample,
             data=data,
         )
-        check_image_files(split)
+        self.bad_samples[stage] = report
         return split
 
-    def _dataset(self, stage: str) -> CocoDetectionDataset:
+    def _dataset(self, stage: str) -> Dataset:
         transform = self.train_transform() if stage == "train" else None
-        return CocoDetectionDataset(self.load_split(stage), transform)
+        dataset = CocoDetectionDataset(self.load_split(stage), transform)
+        return guard_decoding(dataset, stage, self.on_bad_sample)
 
     # -- Lightning hooks --------------------------------------------------------------------------
 

@@ -157,6 +157,7 @@ class DigitPairsDataModule(GeneratedData, AlignedDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        on_bad_sample: str = "raise",
     ) -> None:
         available = pool_sizes()
         counts: dict[str, int] = {}
@@ -192,6 +193,7 @@ class DigitPairsDataModule(GeneratedData, AlignedDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             seed=seed,
+            on_bad_sample=on_bad_sample,
         )
 
     def _check_layout_early(self) -> None:

@@ -212,7 +212,8 @@ class DigitScenesDataModule(GeneratedData, CocoDetectionDataModule):
         train_min_sizes: Sequence[int] | int | None = None,
         max_size: int | None = None,
         hflip: float = 0.0,
-        on_bad_annotation: str = "error",
+        on_bad_sample: str = "raise",
+        on_bad_annotation: str | None = None,
     ) -> None:
         canvas_size = check_int("canvas_size", canvas_size, minimum=16)
         min_digits = check_int("min_digits", min_digits, minimum=1)
@@ -252,6 +253,7 @@ class DigitScenesDataModule(GeneratedData, CocoDetectionDataModule):
             train_min_sizes=train_min_sizes,
             max_size=max_size,
             hflip=hflip,
+            on_bad_sample=on_bad_sample,
             on_bad_annotation=on_bad_annotation,
         )
 

@@ -2,6 +2,8 @@
 
 Both check the on-disk layout in ``__init__`` (so ``num_classes`` / ``class_names`` are known before
 the model is built, and a wrong path fails before any training starts) and decode images lazily.
+Broken samples (unreadable files, out-of-range labels) follow ``on_bad_sample``; see
+:mod:`normlab.data.bad_samples`.
 """
 
 from __future__ import annotations
@@ -11,12 +13,23 @@ import pickle
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.transforms import v2
 from typing_extensions import Unpack
 
+from normlab.data.bad_samples import (
+    BadSamples,
+    ReportsUndecodable,
+    check_header,
+    check_on_bad_sample,
+    convert_mode,
+    guard_decoding,
+    load_image,
+)
 from normlab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,7 +38,7 @@ from normlab.data.transforms import (
     TransformSubset,
     to_float_normalized,
 )
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------------------------------
 # CIFAR
@@ -57,6 +70,8 @@ CIFAR100_CLASSES = [
 
 # Fixed, independent of `seed`: the train/val carve-out never changes between runs.
 CIFAR_VAL_SPLIT_SEED = 0
+
+REASON_LABEL = "label out of range"
 
 
 def _no_md5(files: list[list[str]]) -> list[list[str | None]]:
@@ -94,6 +109,8 @@ class CIFARDataModule(ImageClassificationDataModule):
     ``val_fraction`` of the official training set becomes the validation split (fixed generator,
     so the split is the same in every run); test is the official test set.
     ``check_integrity=False`` skips torchvision's md5 checks (files need only exist and parse).
+    ``on_bad_sample``: what to do with a sample whose label is out of range (``raise`` or
+    ``skip``); a batch file that does not parse always stops setup, as it holds a whole batch.
     """
 
     in_channels = 3
@@ -105,6 +122,7 @@ class CIFARDataModule(ImageClassificationDataModule):
         download: bool = False,
         val_fraction: float = 0.1,
         check_integrity: bool = True,
+        on_bad_sample: str = "raise",
         **loader_options: Unpack[LoaderOptions],
     ) -> None:
         super().__init__(**loader_options)
@@ -123,6 +141,8 @@ class CIFARDataModule(ImageClassificationDataModule):
         self.download = bool(download)
         self.val_fraction = float(val_fraction)
         self.check_integrity = bool(check_integrity)
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample)
+        self.bad_samples: dict[str, BadSamples] = {}
         self.dataset_cls = (_DATASETS if self.check_integrity else _DATASETS_NO_MD5)[variant]
         self.folder = os.path.join(self.root, self.dataset_cls.base_folder)
         self.num_classes = 10 if variant == "cifar10" else 100
@@ -215,12 +235,78 @@ class CIFARDataModule(ImageClassificationDataModule):
 
     def _load(self, train: bool) -> CIFAR10:
         try:
-            return self.dataset_cls(self.root, train=train, download=False)
+            dataset = self.dataset_cls(self.root, train=train, download=False)
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             raise ConfigError(
                 f"data.root: {self.folder} failed torchvision's md5 check ({e}); re-fetch the "
                 "official python version, or set data.check_integrity=false to use these files"
             ) from e
+        except Exception as e:  # unpickling a truncated or corrupt file raises almost anything
+            raise self._locate_broken_batch(train, f"{type(e).__name__}: {e}") from e
+        if len(dataset.data) != len(dataset.targets):
+            raise self._locate_broken_batch(
+                train, f"{len(dataset.data)} images but {len(dataset.targets)} labels"
+            )
+        return dataset
+
+    # -- broken files and labels ------------------------------------------------------------------
+
+    def _batch_files(self, train: bool) -> list[str]:
+        cls = self.dataset_cls
+        return [name for name, _ in (cls.train_list if train else cls.test_list)]
+
+    @staticmethod
+    def _parse_batch(path: str) -> tuple[int, list[int]]:
+        """``(number of images, labels)`` of one batch file, read as torchvision reads it."""
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+        return len(entry["data"]), list(labels)
+
+    def _locate_broken_batch(self, train: bool, problem: str) -> DataError:
+        """A DataError naming the first batch file of the split that does not parse or whose
+        image and label counts differ: torchvision's loader does not say which file it failed
+        on. Re-reads the files, so only for the error path."""
+        for name in self._batch_files(train):
+            path = os.path.join(self.folder, name)
+            try:
+                images, labels = self._parse_batch(path)
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+                break
+            if images != len(labels):
+                problem = f"{images} images but {len(labels)} labels"
+                break
+        else:
+            path = self.folder
+        return DataError(
+            f"data.root: {path} is not a readable {_PRETTY[self.variant]} batch file ({problem}); "
+            "re-fetch the official python version. data.on_bad_sample=skip does not apply: a "
+            "batch file holds thousands of samples, and leaving them out would change the dataset"
+        )
+
+    def _check_labels(self, dataset: CIFAR10, train: bool) -> BadSamples:
+        """Samples whose label is outside ``0..num_classes-1``, settled by ``on_bad_sample``."""
+        split = "train" if train else "test"
+        labels = np.asarray(dataset.targets, dtype=np.int64)
+        report = BadSamples(split, self.folder, len(labels))
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if bad.size:
+            # Which file and row each sample came from: torchvision concatenates the files.
+            names = self._batch_files(train)
+            sizes = [self._parse_batch(os.path.join(self.folder, name))[0] for name in names]
+            starts = np.cumsum([0, *sizes])
+            for index in bad.tolist():
+                file = int(np.searchsorted(starts, index, side="right")) - 1
+                name, row = names[file], index - int(starts[file])
+                detail = (
+                    f"{os.path.join(self.folder, name)}: row {row} has label {labels[index]}, "
+                    f"outside 0..{self.num_classes - 1}"
+                )
+                report.add(REASON_LABEL, f"{name} row {row}", detail, index)
+        report.settle(self.on_bad_sample)
+        self.bad_samples[split] = report
+        return report
 
     def _build(self) -> None:
         if self.download:
@@ -229,6 +315,8 @@ class CIFARDataModule(ImageClassificationDataModule):
         full_train = self._load(train=True)
         test = self._load(train=False)
         self.class_names = [str(c) for c in full_train.classes]
+        bad_train = self._check_labels(full_train, train=True).bad_samples
+        test_report = self._check_labels(test, train=False)
 
         n = len(full_train)
         n_val = max(1, round(n * self.val_fraction))
@@ -238,12 +326,17 @@ class CIFARDataModule(ImageClassificationDataModule):
             )
         generator = torch.Generator().manual_seed(CIFAR_VAL_SPLIT_SEED)
         perm = torch.randperm(n, generator=generator)
-        val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+        # Bad samples leave the carve-out as it is (it is drawn from the file order alone).
+        val_idx, train_idx = (
+            [i for i in part.sort().values.tolist() if i not in bad_train]
+            for part in (perm[:n_val], perm[n_val:])
+        )
 
-        test.transform = self.eval_transform()
         self.train_set = TransformSubset(full_train, train_idx, self.train_transform())
         self.val_set = TransformSubset(full_train, val_idx, self.eval_transform())
-        self.test_set = test
+        self.test_set = TransformSubset(
+            test, test_report.kept(range(len(test))), self.eval_transform()
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,12 +345,9 @@ class CIFARDataModule(ImageClassificationDataModule):
 
 
 def rgb_loader(path: str) -> Image.Image:
-    """Open an image file as 3-channel RGB (grayscale, palette and RGBA files included)."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")  # avoids PIL's palette-transparency warning
-        return image.convert("RGB")
+    """Decode an image file as 3-channel RGB (grayscale, 16-bit, palette and RGBA files
+    included); :class:`~normlab.data.bad_samples.UndecodableSampleError` naming it if it cannot."""
+    return convert_mode(load_image(path), "RGB")
 
 
 def find_class_folders(directory: str) -> list[str]:
@@ -276,6 +366,14 @@ class RGBImageFolder(ImageFolder):
     def __init__(self, root: str, transform: Any = None) -> None:
         super().__init__(root, transform=transform, loader=rgb_loader)
 
+    def sample_file(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def keep_only(self, samples: list[tuple[str, int]]) -> None:
+        """Read only ``samples`` (a subset of :attr:`samples`)."""
+        self.samples = self.imgs = samples
+        self.targets = [target for _, target in samples]
+
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         classes = find_class_folders(os.fspath(directory))
         if not classes:
@@ -283,13 +381,14 @@ class RGBImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-class ImageFolderDataModule(ImageClassificationDataModule):
+class ImageFolderDataModule(ReportsUndecodable, ImageClassificationDataModule):
     """Images under ``root/train/<class>/`` and ``root/val/<class>/`` (and optionally
     ``root/test/<class>/``; without it the test split is the val split).
 
     Train: ``RandomResizedCrop(image_size)`` + horizontal flip; eval: ``Resize(int(1.14 *
     image_size))`` + ``CenterCrop(image_size)``; ImageNet mean/std. All splits must have the same
-    class folders.
+    class folders. Every file's header is read at setup; files without a readable image header, or
+    that fail to decode later, follow ``on_bad_sample`` (see :mod:`normlab.data.bad_samples`).
     """
 
     in_channels = 3
@@ -297,9 +396,12 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def __init__(
         self,
         root: str | os.PathLike[str],
+        on_bad_sample: str = "raise",
         **loader_options: Unpack[LoaderOptions],
     ) -> None:
         super().__init__(**loader_options)
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample)
+        self.bad_samples: dict[str, BadSamples] = {}
         self.root = os.path.expanduser(os.fspath(root))
         layout = "root/train/<class>/*.png|jpg|... and root/val/<class>/... (root/test/ optional)"
         if not os.path.isdir(self.root):
@@ -353,17 +455,26 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             ]
         )
 
-    def _folder(self, directory: str, transform: v2.Compose) -> RGBImageFolder:
+    def _folder(self, split: str, directory: str, transform: v2.Compose) -> Dataset:
+        """One split's images; files without a readable header are settled by
+        ``on_bad_sample`` here, those that fail to decode when read (see :func:`guard_decoding`)."""
         try:
-            return RGBImageFolder(directory, transform=transform)
+            folder = RGBImageFolder(directory, transform=transform)
         except FileNotFoundError as e:  # a class folder without any image file
             raise ConfigError(f"data.root: {directory}: {e}") from e
+        report = BadSamples(split, directory, len(folder))
+        for index, (path, _) in enumerate(folder.samples):
+            check_header(report, index, path, os.path.relpath(path, directory))
+        report.settle(self.on_bad_sample)
+        self.bad_samples[split] = report
+        folder.keep_only(report.kept(folder.samples))
+        return guard_decoding(folder, split, self.on_bad_sample)
 
     def _build(self) -> None:
-        self.train_set = self._folder(self.train_dir, self.train_transform())
-        self.val_set = self._folder(self.val_dir, self.eval_transform())
+        self.train_set = self._folder("train", self.train_dir, self.train_transform())
+        self.val_set = self._folder("val", self.val_dir, self.eval_transform())
         self.test_set = (
             self.val_set
             if self.test_dir == self.val_dir
-            else self._folder(self.test_dir, self.eval_transform())
+            else self._folder("test", self.test_dir, self.eval_transform())
         )
