@@ -26,7 +26,8 @@ def load_run_info(ckpt_path: str) -> dict[str, Any]:
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    # Tensors and plain containers only: a checkpoint from elsewhere cannot run code on load.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "normlab" not in checkpoint:
         raise ConfigError(f"ckpt_path={ckpt_path} was not written by normlab.train (no run config)")
     return checkpoint["normlab"]
@@ -39,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_cfg = cfg.data if cfg.get("data") else trained.data
     datamodule = instantiate_data(data_cfg)
     module_class = get_class(trained.task._target_)
-    module = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    module = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")))
     log.info("evaluating %s (trained at git %s)", cfg.ckpt_path, info["git_sha"])
     trainer.test(module, datamodule=datamodule)

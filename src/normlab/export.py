@@ -654,7 +654,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     info = load_run_info(cfg.ckpt_path)
     trained = OmegaConf.create(info["config"])
     module_class = get_class(trained.task._target_)
-    module = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu").eval()
+    module = module_class.load_from_checkpoint(
+        cfg.ckpt_path, map_location="cpu", weights_only=True
+    ).eval()
     if not hasattr(module, "inference_network"):
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: {module_class.__name__} has no inference_network(batch)"

@@ -12,9 +12,11 @@ import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, TrainingError
+from normlab.utils.checkpoint import AtomicCheckpointIO, SaveOnSigterm, resume_checkpoint
 from normlab.utils.distributed import (
     NormSync,
     inherited_run_config,
@@ -25,11 +27,14 @@ from normlab.utils.distributed import (
 from normlab.utils.run import (
     CONFIG_DIR,
     RunInfo,
+    attach_wandb_run,
     git_sha,
     quiet_dependency_warnings,
     register_resolvers,
     save_run_info,
 )
+from normlab.utils.secrets import masked_config
+from normlab.validation import validate_config
 
 log = logging.getLogger("normlab.train")
 register_resolvers()
@@ -98,9 +103,10 @@ def _fit_and_test(
     trainer: pl.Trainer,
     module: pl.LightningModule,
     datamodule: pl.LightningDataModule,
+    resume_from: Path | None,
 ) -> dict[str, float]:
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -131,16 +137,13 @@ def _stop_other_ranks(trainer: pl.Trainer) -> None:
 
 
 def _build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer:
+    plugins = [AtomicCheckpointIO()]
+    options = {}
     if cfg.trainer.get("sync_batchnorm"):
         # Lightning's own option converts to torch.nn.SyncBatchNorm, which refuses CPU tensors.
-        return instantiate(
-            cfg.trainer,
-            callbacks=callbacks,
-            logger=loggers,
-            sync_batchnorm=False,
-            plugins=[NormSync()],
-        )
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        plugins.append(NormSync())
+        options["sync_batchnorm"] = False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins, **options)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -148,9 +151,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # In a process Lightning launched for another rank: run exactly rank 0's resolved config.
     cfg = inherited_run_config() or cfg
     check_required(cfg)
+    validate_config(cfg)
     import_user_modules(cfg.get("imports"))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    resume_from = resume_checkpoint(cfg.get("ckpt_path"), cfg.get("resume"), output_dir)
 
     split_global_batch(cfg)
     datamodule = instantiate_data(cfg.data)
@@ -159,11 +164,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     task = OmegaConf.to_container(cfg.task, resolve=True)
     module: pl.LightningModule = instantiate(task, _recursive_=False)
 
+    wandb_id = attach_wandb_run(cfg, output_dir, resume_from, write=is_rank_zero())
     info = save_run_info(cfg, output_dir, git_sha(), write=is_rank_zero())
+    info["wandb_id"] = wandb_id
     if is_rank_zero():
         publish_run_config(output_dir / "config_resolved.yaml")
-    callbacks = [*instantiate_group(cfg.get("callbacks")), RunInfo(info)]
-    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = [
+        *instantiate_group(cfg.get("callbacks")),
+        RunInfo(info),
+        SaveOnSigterm(output_dir / "checkpoints"),
+    ]
+    # Logger options (run names carry the overrides) with secrets masked, as in the saved config.
+    loggers = instantiate_group(masked_config(cfg.get("logger")))
     trainer = _build_trainer(cfg, callbacks, loggers)
     if hasattr(module, "check_run"):
         # Tasks refuse Trainer options or data they cannot work with (manual optimization, image
@@ -177,7 +189,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
 
     try:
-        metrics = _fit_and_test(cfg, trainer, module, datamodule)
+        metrics = _fit_and_test(cfg, trainer, module, datamodule, resume_from)
+    except SIGTERMException:
+        # Pre-empted: last.ckpt was written (SaveOnSigterm). Exit as a killed process would, not
+        # with 0, so a scheduler does not count the run as finished.
+        log.warning("stopped by SIGTERM; continue with hydra.run.dir=%s ckpt_path=last", output_dir)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except BaseException:
         _stop_other_ranks(trainer)
         raise
@@ -190,22 +207,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _config_error(error: BaseException) -> ConfigError | None:
-    """The ConfigError behind an exception (Hydra's instantiate wraps what targets raise)."""
+def _reported_error(error: BaseException | None) -> ConfigError | TrainingError | None:
+    """The error behind an exception that the user should see as one line (Hydra's instantiate
+    wraps what targets raise)."""
     while error is not None:
-        if isinstance(error, ConfigError):
+        if isinstance(error, ConfigError | TrainingError):
             return error
         error = error.__cause__ or error.__context__
     return None
 
 
 def exit_on_config_error(error: Exception) -> None:
-    """Report a configuration mistake as one line and exit 2; re-raise anything else."""
-    config_error = _config_error(error)
-    if config_error is None:
+    """Report a configuration mistake as one line and exit 2 (a run that had to stop, e.g. on a
+    non-finite loss: exit 3); re-raise anything else."""
+    reported = _reported_error(error)
+    if reported is None:
         raise error
-    # One line naming the key and what is allowed; a traceback would bury it.
-    print(f"normlab: configuration error: {config_error}", file=sys.stderr)
+    # One line naming the key and what is allowed (or where the run stopped); a traceback
+    # would bury it.
+    if isinstance(reported, TrainingError):
+        print(f"normlab: training stopped: {reported}", file=sys.stderr)
+        sys.exit(3)
+    print(f"normlab: configuration error: {reported}", file=sys.stderr)
     sys.exit(2)
 
 

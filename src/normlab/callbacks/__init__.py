@@ -4,8 +4,10 @@ statistics monitoring (``NormStatistics``) and gradient-norm curves (``GradientN
 from normlab.callbacks.gradient_norm import GradientNorm
 from normlab.callbacks.norm_stats import NormStatistics, statistic_gaps
 from normlab.callbacks.precise_bn import PreciseBN, PreciseStatistics, recompute_norm_statistics
+from normlab.callbacks.resume import ExactResume
 
 __all__ = [
+    "ExactResume",
     "GradientNorm",
     "NormStatistics",
     "PreciseBN",

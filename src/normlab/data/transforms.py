@@ -64,20 +64,57 @@ class EpochSeededSampler(RandomSampler):
     ``e`` is ``randperm(n)`` drawn from ``seed + e``. Under DDP Lightning replaces it (it is a
     RandomSampler) by a DistributedSampler seeded with the run's seed, so with the same seed a
     run on k processes sees, step for step, the same samples as a run on one process with a k
-    times larger batch."""
+    times larger batch.
+
+    Each index comes with a seed for that sample's augmentation (see :class:`SeededSamples`),
+    drawn from the same generator: what a sample looks like depends on the seed, the epoch and
+    its position only, not on the global RNG, the number of workers or a resume.
+    :meth:`skip_next` makes the next pass start further in (resuming mid-epoch)."""
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
         super().__init__(data_source)
         self.seed = seed
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def skip_next(self, samples: int) -> None:
+        """Leave out the first ``samples`` of the next pass (those seen before an interruption)."""
+        self._skip = samples
+
+    def __len__(self) -> int:
+        return len(self.data_source) - self._skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        n = len(self.data_source)
+        order = torch.randperm(n, generator=generator).tolist()
+        sample_seeds = torch.randint(2**62, (n,), generator=generator).tolist()
+        skip, self._skip = self._skip, 0
+        yield from zip(order[skip:], sample_seeds[skip:], strict=True)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` for ``(index, seed)`` keys (from :class:`EpochSeededSampler`), with the
+    torch RNG seeded by ``seed`` while the sample is loaded and transformed, then restored; plain
+    ``int`` keys (DDP's DistributedSampler) read the sample with the global RNG as usual."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if isinstance(key, int):
+            return self.dataset[key]
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 # The splits each Lightning stage reads.
@@ -122,7 +159,7 @@ class SplitLoaders:
     def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         assert dataset is not None
         return DataLoader(
-            dataset,
+            SeededSamples(dataset) if train else dataset,
             batch_size=self.batch_size,
             sampler=EpochSeededSampler(dataset, self.seed) if train else None,
             num_workers=self.num_workers,
@@ -130,6 +167,9 @@ class SplitLoaders:
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
             drop_last=False,
+            # Worker seeds come from this generator, not the global RNG, which then advances
+            # only with what the model draws (dropout, drop path): a resumed run can restore it.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

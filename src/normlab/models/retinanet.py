@@ -397,9 +397,7 @@ def _retinanet_resnet_fpn(
 
     resnet = _resnet(depth, norm_layer)
     if backbone_weights is not None:
-        _load_state_dict(
-            resnet, backbone_weights.get_state_dict(progress=progress, check_hash=True), "backbone"
-        )
+        _load_state_dict(resnet, _download(backbone_weights, progress), "backbone")
     _freeze_resnet(resnet, trainable_layers)
 
     stage_channels = _RESNET_C5_CHANNELS[depth] // 8
@@ -453,6 +451,12 @@ def _retinanet_resnet_fpn(
     return model
 
 
+def _download(weights: Any, progress: bool) -> dict[str, Tensor]:
+    """A torchvision weights file, hash-checked and unpickled as tensors only: a tampered file
+    cannot run code on load (torch.hub's default is a full unpickle)."""
+    return weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+
+
 def _load_state_dict(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
     try:
         module.load_state_dict(state_dict)
@@ -464,7 +468,7 @@ def _load_detector_weights(
     model: RetinaNet, weights: Any, num_classes: int, progress: bool
 ) -> None:
     """Load COCO weights; with another class count, every layer but the class logits."""
-    state_dict = weights.get_state_dict(progress=progress, check_hash=True)
+    state_dict = _download(weights, progress)
     coco_classes = len(weights.meta["categories"])
     if num_classes != coco_classes:
         logits = "head.classification_head.cls_logits."

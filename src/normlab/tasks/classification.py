@@ -13,8 +13,15 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from normlab.tasks.guard import LossGuard
 from normlab.tasks.optim import configure_optimization, plain_config
 from normlab.utils.figures import confusion_matrix_figure, figure_to_array, image_grid, log_image
+from normlab.validation import check_norm_inputs, check_num_classes
+
+
+def _top_k(num_classes: int) -> int:
+    """The k of the top-k accuracy logged besides top-1."""
+    return min(5, num_classes)
 
 
 class ClassificationModule(pl.LightningModule):
@@ -36,16 +43,18 @@ class ClassificationModule(pl.LightningModule):
         decay_norm_and_bias: bool = False,
         num_misclassified: int = 32,
         channels_last: bool = False,
+        on_nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
         model, optimizer, scheduler = map(plain_config, (model, optimizer, scheduler))
         self.save_hyperparameters(logger=False)
+        self.loss_guard = LossGuard(on_nonfinite_loss)
         self.model: nn.Module = instantiate(model)
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-        top_k = min(5, num_classes)
+        top_k = _top_k(num_classes)
         metrics = MetricCollection(
             {
                 # Micro average: the fraction of samples right, as papers report accuracy.
@@ -62,6 +71,30 @@ class ClassificationModule(pl.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self._misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @classmethod
+    def logged_metrics(cls, num_classes: int | None = None) -> list[str]:
+        """Every metric name this task logs (what ``monitor.metric`` and ``optimized_metric`` may
+        name). The top-k accuracy is ``acc_top{min(5, num_classes)}``: with the class count not
+        known yet (it comes from the data) every k it could be is listed."""
+        ks = range(1, 6) if num_classes is None else [_top_k(num_classes)]
+        per_stage = ["loss", "acc", *(f"acc_top{k}" for k in ks)]
+        names = [f"{stage}/{name}" for stage in ("train", "val", "test") for name in per_stage]
+        return [*names, "val/acc_best"]
+
+    def check_run(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule | None) -> None:
+        """Refuse a model that cannot take the data, before any is read: fewer outputs than the
+        data has classes, or a norm that cannot train on the maps these images give."""
+        check_num_classes(self.hparams.num_classes, datamodule)
+        image_size = getattr(datamodule, "image_size", None)
+        in_channels = getattr(datamodule, "in_channels", None)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if image_size and in_channels and batch_size:
+            check_norm_inputs(
+                self.model,
+                (batch_size, in_channels, image_size, image_size),
+                where=f"data.image_size={image_size}, data.batch_size={batch_size}",
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.contiguous(memory_format=self._memory_format))
@@ -83,10 +116,13 @@ class ClassificationModule(pl.LightningModule):
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
+        self.loss_guard.remember(self)
         images, targets = batch
         logits = self(images)
         loss = self._loss(logits, targets)
+        if not self.loss_guard.check(self, {"train/loss": loss}, batch_idx):
+            return None  # Lightning skips the backward pass and the optimizer step
         self.train_metrics.update(logits, targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(targets))

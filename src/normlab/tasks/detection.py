@@ -19,8 +19,10 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from normlab.errors import ConfigError
 from normlab.models.retinanet import DenseRetinaNet
+from normlab.tasks.guard import LossGuard
 from normlab.tasks.optim import configure_optimization, plain_config
 from normlab.utils.figures import log_detections
+from normlab.validation import check_norm_inputs, check_num_classes
 
 Batch = tuple[Sequence[Tensor], Sequence[dict[str, Tensor]]]
 
@@ -83,15 +85,51 @@ class DetectionModule(pl.LightningModule):
         map_backend: str = "faster_coco_eval",
         num_logged_images: int = 8,
         display_score_thresh: float = 0.3,
+        on_nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
         model, optimizer, scheduler = map(plain_config, (model, optimizer, scheduler))
         self.save_hyperparameters(logger=False)
+        self.loss_guard = LossGuard(on_nonfinite_loss)
         self.model: nn.Module = instantiate(model)
         self.val_map = build_map_metric(map_backend)
         self.test_map = build_map_metric(map_backend)
         self.val_map_best = MaxMetric()
         self._shown: list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]] = []
+
+    @classmethod
+    def logged_metrics(cls) -> list[str]:
+        """Every metric name this task logs (what ``monitor.metric`` and ``optimized_metric`` may
+        name)."""
+        losses = [f"train/{name}" for name in (*LOSS_NAMES.values(), "loss")]
+        maps = [f"{stage}/{name}" for stage in ("val", "test") for name in MAP_KEYS.values()]
+        return [*losses, *maps, "val/map_best"]
+
+    def check_run(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule | None) -> None:
+        """Refuse, before any image is read, a detector with fewer classes than the data's
+        categories, or a norm that cannot train on the smallest FPN maps of these images."""
+        check_num_classes(self.hparams.num_classes, datamodule, what="categories")
+        side, batch_size = self._probe_side(datamodule), getattr(datamodule, "batch_size", None)
+        if side and batch_size:
+            check_norm_inputs(
+                DenseRetinaNet(self.model),
+                (batch_size, 3, side, side),
+                where=f"{side}-px images (model.min_size, data sizes), "
+                f"data.batch_size={batch_size}",
+            )
+
+    def _probe_side(self, datamodule: pl.LightningDataModule | None) -> int | None:
+        """The smallest side of the training images as the detector batches them (padded to its
+        size_divisible): the data's ``train_min_sizes`` where the detector leaves sizing to the
+        data, else its own ``min_size`` (its evaluation size too)."""
+        transform = getattr(self.model, "transform", None)
+        if transform is None:
+            return None
+        data_sizes = getattr(datamodule, "train_min_sizes", None)
+        skip_resize = getattr(transform, "_skip_resize", False)
+        side = min(data_sizes) if skip_resize and data_sizes else min(transform.min_size)
+        divisor = getattr(transform, "size_divisible", 1)
+        return -(-side // divisor) * divisor
 
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         return self.model(list(images))
@@ -109,10 +147,14 @@ class DetectionModule(pl.LightningModule):
         images, _ = self.model.transform(list(batch[0]))
         return DenseRetinaNet(self.model), (images.tensors,)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        self.loss_guard.remember(self)
         images, targets = batch
         losses = self.model(list(images), [{k: t[k] for k in ("boxes", "labels")} for t in targets])
         loss = sum(losses.values())
+        terms = {f"train/{LOSS_NAMES.get(key, key)}": value for key, value in losses.items()}
+        if not self.loss_guard.check(self, terms, batch_idx):
+            return None  # Lightning skips the backward pass and the optimizer step
         size = len(images)
         for key, value in losses.items():
             self.log(f"train/{LOSS_NAMES.get(key, key)}", value, batch_size=size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,8 +26,10 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from normlab.errors import ConfigError
 from normlab.models.pix2pix import check_image_size
+from normlab.tasks.guard import LossGuard
 from normlab.tasks.optim import build_optimizer, plain_config
 from normlab.utils.figures import log_image, translation_grid
+from normlab.validation import check_norm_inputs
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class Pix2PixModule(pl.LightningModule):
         gp_weight: float = 10.0,
         test_mode: str = "eval",
         num_logged_images: int = 8,
+        on_nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
         if gan_mode not in GAN_MODES:
@@ -105,6 +108,7 @@ class Pix2PixModule(pl.LightningModule):
             )
         model, optimizer = plain_config(model), plain_config(optimizer)
         self.save_hyperparameters(logger=False)
+        self.loss_guard = LossGuard(on_nonfinite_loss)
         self.automatic_optimization = False
         self.generator: nn.Module = instantiate(model["generator"])
         pair_channels = model["generator"]["in_channels"] + model["generator"]["out_channels"]
@@ -126,12 +130,29 @@ class Pix2PixModule(pl.LightningModule):
 
     # -- configuration checks ---------------------------------------------------------------------
 
+    @classmethod
+    def logged_metrics(cls, gan_mode: str = "vanilla") -> list[str]:
+        """Every metric name this task logs (what ``monitor.metric`` and ``optimized_metric`` may
+        name); the gradient penalty only with ``gan_mode=wgangp``."""
+        losses = ["loss_d", "loss_d_real", "loss_d_fake", "loss_g", "loss_g_gan", "loss_g_l1"]
+        if gan_mode == "wgangp":
+            losses.append("gradient_penalty")
+        quality = [
+            f"{stage}/{name}" for stage in ("val", "test") for name in ("l1", "psnr", "ssim")
+        ]
+        return [*(f"train/{name}" for name in losses), *quality, "val/l1_best"]
+
     def check_run(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule | None) -> None:
         """Refuse Trainer options that manual optimization cannot honour and images the U-Net
         cannot take, naming the config key."""
         image_size = getattr(datamodule, "image_size", None)
         if image_size is not None:
-            check_image_size(image_size, self.generator.num_downs)
+            try:
+                check_image_size(image_size, self.generator.num_downs)
+            except ConfigError as error:
+                # The aligned data modules give every image crop_size² pixels: name that key too.
+                raise ConfigError(f"data.crop_size={image_size}: {error}") from None
+            self._check_norm_inputs(image_size, getattr(datamodule, "batch_size", 1))
         if trainer.gradient_clip_val:
             raise ConfigError(
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val}: Lightning cannot clip "
@@ -151,6 +172,14 @@ class Pix2PixModule(pl.LightningModule):
                 trainer.max_epochs,
                 total,
             )
+
+    def _check_norm_inputs(self, image_size: int | Sequence[int], batch_size: int) -> None:
+        generator = self.hparams.model["generator"]
+        inputs, outputs = generator["in_channels"], generator["out_channels"]
+        where = f"data image size {image_size}, data.batch_size={batch_size}"
+        size = tuple(image_size) if isinstance(image_size, Sequence) else (image_size, image_size)
+        check_norm_inputs(self.generator, (batch_size, inputs, *size), where=where)
+        check_norm_inputs(self.discriminator, (batch_size, inputs + outputs, *size), where=where)
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -180,6 +209,7 @@ class Pix2PixModule(pl.LightningModule):
         return self.generator, (batch["A"],)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self.loss_guard.remember(self)
         real_a, real_b = batch["A"], batch["B"]
         opt_g, opt_d = self.optimizers()
         mode = self.hparams.gan_mode
@@ -195,17 +225,20 @@ class Pix2PixModule(pl.LightningModule):
                 penalty = gradient_penalty(self.discriminator, real_pair, fake_pair.detach())
                 loss_d = loss_d + self.hparams.gp_weight * penalty
                 self.log("train/gradient_penalty", penalty, batch_size=len(real_a))
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(loss_d)
-            opt_d.step()
+            if self.loss_guard.check(self, {"train/loss_d": loss_d}, batch_idx):
+                opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(loss_d)
+                opt_d.step()
 
         with self.toggled_optimizer(opt_g):
             loss_g_gan = gan_loss(self.discriminator(fake_pair), True, mode)
             loss_g_l1 = F.l1_loss(fake_b, real_b)
             loss_g = loss_g_gan + self.hparams.lambda_l1 * loss_g_l1
-            opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(loss_g)
-            opt_g.step()
+            terms = {"train/loss_g_gan": loss_g_gan, "train/loss_g_l1": loss_g_l1}
+            if self.loss_guard.check(self, terms, batch_idx):
+                opt_g.zero_grad(set_to_none=True)
+                self.manual_backward(loss_g)
+                opt_g.step()
 
         size = len(real_a)
         self.log_dict(

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from normlab.utils.secrets import mask_secrets, mask_secrets_in_files, secret_values
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 
@@ -100,13 +104,42 @@ def save_run_info(
     cfg: DictConfig, output_dir: Path, sha: str, *, write: bool = True
 ) -> dict[str, Any]:
     """Write the resolved config and git SHA into the run dir (``write``: only rank 0 does);
-    return them, with the command-line overrides, for checkpoints and loggers."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return them, with the command-line overrides, for checkpoints and loggers. Secrets from the
+    environment are masked in all of it (see :mod:`normlab.utils.secrets`)."""
+    secrets = secret_values()
+    resolved = mask_secrets(OmegaConf.to_container(cfg, resolve=True), secrets)
+    overrides = mask_secrets(hydra_overrides(), secrets)
     if write:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
         (output_dir / "git_sha.txt").write_text(sha + "\n")
-    return {"config": resolved, "git_sha": sha, "overrides": hydra_overrides()}
+        mask_secrets_in_files(output_dir / ".hydra", secrets)
+    return {"config": resolved, "git_sha": sha, "overrides": overrides}
+
+
+def attach_wandb_run(
+    cfg: DictConfig, output_dir: Path, resume_from: Path | None, *, write: bool = True
+) -> str:
+    """Give the run's wandb logger (if any) a run id and return it: the id stored in the resumed
+    checkpoint or in ``<run dir>/wandb_id.txt`` when continuing a run (so wandb continues that
+    run), else a new one, which is written there (``write``: rank 0 only)."""
+    id_file = output_dir / "wandb_id.txt"
+    run_id = None
+    if resume_from is not None:
+        stored = torch.load(resume_from, map_location="cpu", weights_only=True).get("normlab", {})
+        run_id = stored.get("wandb_id")
+        if run_id is None and id_file.is_file():
+            run_id = id_file.read_text().strip()
+    run_id = run_id or uuid.uuid4().hex[:12]  # wandb ids: letters and digits, unique per project
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    for node in (cfg.get("logger") or {}).values():
+        if node and str(node.get("_target_", "")).endswith("WandbLogger"):
+            with open_dict(node):
+                node.id = run_id
+                node.resume = "allow" if resume_from is not None else None
+    return run_id
 
 
 class RunInfo(pl.Callback):

@@ -1,0 +1,302 @@
+"""Start-up checks that stop a misconfigured run before any data is read.
+
+Each mistake raises :class:`~normlab.errors.ConfigError` with one message naming the config key and
+what is allowed; the entry point prints it as one line (``normlab.train.exit_on_config_error``).
+
+- :func:`validate_config` checks what the composed config alone decides (Trainer values, the
+  seed, the metrics that checkpoints and sweeps monitor, BN synchronisation in a single process).
+  ``train()`` calls it before anything is built: several bad Trainer values would otherwise fail
+  inside Lightning's constructor with a traceback.
+- :func:`check_num_classes` and :func:`check_norm_inputs` need the built model and data module;
+  the tasks call them from their ``check_run``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from itertools import chain
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+from torch.func import functional_call
+
+from normlab.errors import ConfigError
+from normlab.norm.convert import norm_channels
+from normlab.norm.layers import NoNorm
+from normlab.norm.sync import SyncBatchNorm
+from normlab.utils.distributed import world_size
+
+log = logging.getLogger(__name__)
+
+# Names the entry point returns to sweepers besides the logged metrics (see normlab.train).
+_EXTRA_RESULTS = ("best_model_score",)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check what the config alone decides; raise ConfigError naming the key, or log a warning
+    where the run can go on (BN synchronisation asked for in a single process)."""
+    _check_trainer_values(cfg.trainer)
+    seed = cfg.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ConfigError(f"seed must be an integer (or null for a random seed), got {seed!r}")
+    _check_monitored_metrics(cfg)
+    _warn_sync_in_one_process(cfg)
+
+
+# -- Trainer values -------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_from(minimum: int, *, nullable: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (nullable and v is None) or (_is_int(v) and v >= minimum)
+
+
+def _batches(value: Any) -> bool:
+    """Lightning's limit_*_batches / val_check_interval: a count, or a fraction of the epoch."""
+    return (
+        value is None or (_is_int(value) and value >= 0) or (_is_number(value) and 0 <= value <= 1)
+    )
+
+
+_BATCHES = "null, an integer >= 0 (batches) or a fraction in [0, 1] of the epoch"
+
+# The Trainer keys of conf/trainer/*.yaml whose wrong values Lightning reports late or as a
+# traceback (max_epochs=abc is accepted by its constructor and fails in the first epoch).
+_TRAINER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_epochs": (_int_from(-1, nullable=True), "an integer >= -1 (-1: no limit) or null"),
+    "min_epochs": (_int_from(0, nullable=True), "an integer >= 0 or null"),
+    "max_steps": (_int_from(-1), "an integer >= -1 (-1: no limit)"),
+    "accumulate_grad_batches": (_int_from(1), "an integer >= 1"),
+    "gradient_clip_val": (
+        lambda v: v is None or (_is_number(v) and v >= 0),
+        "null (no clipping) or a number >= 0",
+    ),
+    "log_every_n_steps": (_int_from(1), "an integer >= 1"),
+    "check_val_every_n_epoch": (_int_from(1, nullable=True), "an integer >= 1 or null"),
+    "num_sanity_val_steps": (_int_from(-1), "an integer >= -1 (-1: the whole val set)"),
+    "num_nodes": (_int_from(1), "an integer >= 1"),
+    "fast_dev_run": (
+        lambda v: isinstance(v, bool) or _int_from(0)(v),
+        "true, false or a number of batches >= 0",
+    ),
+    "limit_train_batches": (_batches, _BATCHES),
+    "limit_val_batches": (_batches, _BATCHES),
+    "limit_test_batches": (_batches, _BATCHES),
+    "val_check_interval": (_batches, _BATCHES),
+}
+
+
+def _check_trainer_values(trainer: DictConfig) -> None:
+    for key, (valid, allowed) in _TRAINER_RULES.items():
+        if key in trainer and not valid(trainer[key]):
+            raise ConfigError(f"trainer.{key} must be {allowed}, got {trainer[key]!r}")
+
+
+# -- monitored metrics ----------------------------------------------------------------------------
+
+
+def _class_of(node: Any) -> type | None:
+    """The class a ``_target_`` config names, or None (instantiating it reports a bad name)."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    try:
+        return get_class(target) if target else None
+    except (ImportError, ValueError):
+        return None
+
+
+def _option(cfg: DictConfig, name: str) -> Any:
+    """A task option as ``logged_metrics`` wants it. Where the config leaves it to the data
+    (``num_classes: ???``), a data module that fixes it as a class attribute (digits: 10) gives
+    it; else None."""
+    try:
+        value = OmegaConf.select(cfg.task, name, throw_on_missing=True)
+    except OmegaConfBaseException:  # ??? or an interpolation to one
+        value = None
+    if value is None:
+        value = getattr(_class_of(cfg.get("data")), name, None)
+    return value if isinstance(value, (str, int, float)) else None
+
+
+def _declared_metrics(cfg: DictConfig) -> list[str] | None:
+    """The metric names the configured task logs (its class's ``logged_metrics``, given the
+    options it takes from the config), or None if the class does not declare them."""
+    declare = getattr(_class_of(cfg.task), "logged_metrics", None)
+    if declare is None:
+        return None
+    options = {
+        name: value
+        for name in inspect.signature(declare).parameters
+        if (value := _option(cfg, name)) is not None
+    }
+    return sorted(declare(**options))
+
+
+def _check_monitored_metrics(cfg: DictConfig) -> None:
+    """``monitor.metric``, any literal ``callbacks.<name>.monitor`` and ``optimized_metric`` must
+    be metrics the task logs: otherwise checkpointing fails at the first validation, or a sweep
+    learns only after a whole run that it optimised nothing."""
+    if not isinstance(cfg.get("task"), DictConfig):
+        return
+    logged = _declared_metrics(cfg)
+    if logged is None:
+        return
+    wanted = [("monitor.metric", OmegaConf.select(cfg, "monitor.metric"))]
+    for name, node in (cfg.get("callbacks") or {}).items():
+        # `${monitor.metric}` is checked as monitor.metric; report only values set here.
+        set_here = isinstance(node, DictConfig) and "monitor" in node
+        if set_here and not OmegaConf.is_interpolation(node, "monitor"):
+            wanted.append((f"callbacks.{name}.monitor", node.monitor))
+    task_name = cfg.task._target_.rsplit(".", 1)[-1]
+    for key, metric in wanted:
+        if metric is not None and metric not in logged:
+            raise ConfigError(
+                f"{key}={metric!r} is not a metric {task_name} logs; one of: {', '.join(logged)}"
+            )
+    optimized = cfg.get("optimized_metric")
+    if optimized is not None and optimized not in (*logged, *_EXTRA_RESULTS):
+        raise ConfigError(
+            f"optimized_metric={optimized!r} is not a metric {task_name} logs; one of: "
+            f"{', '.join(sorted((*logged, *_EXTRA_RESULTS)))}"
+        )
+
+
+# -- BatchNorm synchronisation --------------------------------------------------------------------
+
+# Where a norm spec can ask for synchronised statistics (model.norm and the pix2pix networks'
+# norms are ${norm}).
+_NORM_KEYS = ("norm", "head_norm", "model.head_norm", "model.fpn_norm")
+
+
+def _sync_requests(cfg: DictConfig) -> list[str]:
+    requests = []
+    if OmegaConf.select(cfg, "trainer.sync_batchnorm"):
+        requests.append("trainer.sync_batchnorm=true")
+    for key in _NORM_KEYS:
+        spec = OmegaConf.select(cfg, key)
+        name = spec.get("name") if isinstance(spec, DictConfig) else spec
+        if name == "syncbn":
+            requests.append(f"{key}=syncbn")
+        elif name == "cuda_bn" and isinstance(spec, DictConfig) and spec.get("sync"):
+            requests.append(f"{key}.sync=true")
+    return requests
+
+
+def _warn_sync_in_one_process(cfg: DictConfig) -> None:
+    """Synchronised BN in a single process is plain BN: allowed (one config for laptop and
+    cluster), but said once, since a user who asked for it may have meant to run DDP."""
+    requests = _sync_requests(cfg)
+    if not requests or world_size(cfg.trainer) > 1:
+        return
+    log.warning(
+        "%s, but this run has one process (trainer.devices × trainer.num_nodes = 1, strategy "
+        "%s): there is nothing to synchronise with, so BatchNorm uses this process's batch "
+        "statistics as plain BN does. Use a distributed trainer (e.g. trainer=ddp) to sync.",
+        " and ".join(requests),
+        OmegaConf.select(cfg, "trainer.strategy", default="auto"),
+    )
+
+
+# -- built model and data -------------------------------------------------------------------------
+
+
+def check_num_classes(num_classes: int, datamodule: object, *, what: str = "classes") -> None:
+    """Labels run over the data's ``num_classes``: a model with fewer outputs would index past
+    them in the loss (a device-side assert or an index error deep inside training)."""
+    data_classes = getattr(datamodule, "num_classes", None)
+    if data_classes is None or num_classes >= data_classes:
+        return
+    names = getattr(datamodule, "class_names", None) or []
+    shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
+    raise ConfigError(
+        f"model.num_classes={num_classes} is smaller than the {data_classes} {what} of the data"
+        + (f" ({shown})" if shown else "")
+        + f"; set model.num_classes >= {data_classes}, or leave it unset to take it from the data"
+    )
+
+
+class _NormInputProblem(Exception):
+    """Raised from a forward pre-hook to stop the probe at the first norm that cannot work."""
+
+
+def _norm_problem(module: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why ``module`` cannot normalise an input of ``shape`` in training (torch's own checks,
+    stated for the user), or None if it can."""
+    if len(shape) != 4:
+        return (
+            f"it is a 2-D norm, which needs N×C×H×W input, but gets a {len(shape)}-D tensor "
+            "(no H, W axes, as after pooling and flattening)"
+        )
+    batch, channels, height, width = shape
+    pixels = height * width
+    if isinstance(module, nn.InstanceNorm2d) and pixels == 1:
+        return "instance norm takes each channel's statistics over one image's H×W pixels, here 1"
+    if isinstance(module, nn.GroupNorm) and channels // module.num_groups * pixels == 1:
+        return "each of its groups holds a single value per image (1 channel × 1 pixel)"
+    batch_statistics = isinstance(module, nn.modules.batchnorm._BatchNorm) and not (
+        isinstance(module, SyncBatchNorm) or getattr(module, "sync", False)
+    )
+    if batch_statistics and batch * pixels == 1:
+        return "its batch statistics would be a single value per channel (1 image × 1 pixel)"
+    return None
+
+
+def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: str) -> None:
+    """Raise ConfigError if a norm layer of ``network`` cannot train on the tensor it gets from
+    an input batch of ``input_shape`` (``where`` names the config keys that set that shape).
+
+    The network runs once on the meta device (shapes only: no memory, no arithmetic, well under a
+    second for RetinaNet-R50 at 800 px), with a hook on every 2-D norm layer. This catches what
+    otherwise stops the first training step with a traceback after the data is loaded: instance
+    norm on 1×1 maps (small images, a pooled head), BatchNorm on one image of 1×1, a 2-D norm
+    given features without H and W. A forward the probe cannot run (a model that needs real
+    values) is skipped: this check must never refuse a run that would work.
+    """
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            shape = tuple(args[0].shape)
+            if (reason := _norm_problem(module, shape)) is not None:
+                raise _NormInputProblem(names[module], type(module).__name__, shape, reason)
+
+    names = {
+        module: name
+        for name, module in network.named_modules()
+        if norm_channels(module) is not None and not isinstance(module, NoNorm)  # takes anything
+    }
+    hooks = [module.register_forward_pre_hook(pre_hook) for module in names]
+    meta_state = {
+        name: torch.empty_like(tensor, device="meta")
+        for name, tensor in chain(network.named_parameters(), network.named_buffers())
+    }
+    modes = {module: module.training for module in network.modules()}
+    network.eval()  # no running-statistics updates and no dropout draws; the hooks check shapes
+    try:
+        with torch.no_grad():
+            functional_call(network, meta_state, (torch.empty(*input_shape, device="meta"),))
+    except _NormInputProblem as problem:
+        layer, kind, shape, reason = problem.args
+        raise ConfigError(
+            f"{where}: norm layer {layer} ({kind}) gets input of shape {tuple(shape)}, which it "
+            f"cannot normalise in training: {reason}. Use larger images or another norm for that "
+            "layer (norm=..., or head_norm=... for a head)"
+        ) from None
+    except Exception as error:  # best effort: a model may need real values to run
+        log.debug("norm input check skipped (%s: %s)", type(error).__name__, error)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training

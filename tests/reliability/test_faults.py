@@ -1,0 +1,137 @@
+"""Numerical faults and secrets: a NaN loss stops the run at its step with the last good
+checkpoint kept (or is skipped and counted), debug=anomaly turns on autograd's anomaly mode, and
+secrets from the environment reach no file of the run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = (
+    "experiment=densenet_digits",
+    "model=densenet_bc_40",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=8",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "test=false",
+    "callbacks.last_checkpoint.every_n_train_steps=1",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+)
+NAN_AT = """
+import lightning.pytorch as pl
+
+class NanAt(pl.Callback):
+    '''Poison the images of the batch trained at (1-based) step `step`, once.'''
+
+    def __init__(self, step):
+        self.step = step
+        self.done = False
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step and not self.done:
+            batch[0].fill_(float("nan"))
+            self.done = True
+"""
+
+
+def run_cli(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None):
+    (tmp_path / "fault_injection.py").write_text(NAN_AT)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "normlab.train", f"hydra.run.dir={tmp_path / 'run'}"]
+    return subprocess.run(
+        [*command, *QUICK, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+INJECT_AT_5 = ("+callbacks.nan._target_=fault_injection.NanAt", "+callbacks.nan.step=5")
+
+
+def test_nan_loss_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_cli(tmp_path, "logger=csv", *INJECT_AT_5)
+    assert result.returncode == 3, result.stderr[-3000:]
+    reported = [line for line in result.stderr.splitlines() if line.startswith("normlab:")]
+    assert len(reported) == 1
+    assert reported[0].startswith(
+        "normlab: training stopped: non-finite loss at step 5 (epoch 0, batch 4): train/loss=nan"
+    )
+    assert "Traceback" not in result.stderr
+
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4 < 5
+    assert all(
+        torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point()
+    )
+
+
+@pytest.mark.slow
+def test_nan_loss_with_skip_leaves_the_batch_out_and_counts_it(tmp_path):
+    result = run_cli(tmp_path, "logger=csv", *INJECT_AT_5, "task.on_nonfinite_loss=skip")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (tmp_path / "run" / "csv" / "metrics.csv").open() as handle:
+        skips = [row["train/nonfinite_skips"] for row in csv.DictReader(handle)]
+    # A running count: one skip, reported as 1 from then on.
+    assert {float(s) for s in skips if s} == {1.0}
+    output = result.stdout + result.stderr
+    assert output.count("batch skipped") == 1 and "non-finite loss at step 5" in output
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    # Lightning still counts the step; the optimizer had no gradients to apply in it.
+    assert last["global_step"] == 8
+    assert all(
+        torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point()
+    )
+
+
+def test_debug_anomaly_turns_on_autograd_anomaly_detection(compose_config):
+    trainer = instantiate(compose_config("debug=anomaly").trainer)
+    assert trainer._detect_anomaly
+    assert not instantiate(compose_config().trainer)._detect_anomaly
+
+
+def test_secrets_in_the_environment_reach_no_file_of_the_run(tmp_path):
+    api_key, token = secrets.token_hex(20), secrets.token_urlsafe(16)
+    result = run_cli(
+        tmp_path,
+        "logger=default",  # wandb and csv
+        # A config value taken from the environment: the way a secret gets into a config.
+        "+notes=${oc.env:MY_SERVICE_TOKEN}",
+        env={"WANDB_API_KEY": api_key, "MY_SERVICE_TOKEN": token},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert "notes: '***'" in (run_dir / "config_resolved.yaml").read_text()
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".wandb" for path in files)
+    leaks = [
+        str(path.relative_to(run_dir))
+        for path in files
+        if api_key.encode() in path.read_bytes() or token.encode() in path.read_bytes()
+    ]
+    assert not leaks
+    assert (
+        api_key not in result.stdout + result.stderr and token not in result.stdout + result.stderr
+    )

@@ -1,0 +1,202 @@
+"""Kill a training run with SIGKILL at step k, resume it with ckpt_path=last, and it ends with
+the weights of a run that was never interrupted, bit for bit; SIGTERM saves before exiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab.errors import ConfigError
+from normlab.train import train
+from normlab.utils.wandb_offline import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+# 6 batches × 2 epochs of the small DenseNet with dropout (the model's RNG) and augmentation (the
+# data's), a checkpoint after every optimizer step.
+DIGITS = (
+    "experiment=densenet_digits",
+    "model=densenet_bc_40",
+    "model.drop_rate=0.2",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "test=false",
+    "callbacks.last_checkpoint.every_n_train_steps=1",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+)
+PIX2PIX = (
+    "experiment=pix2pix_digits",
+    "data.num_train=40",
+    "data.num_val=8",
+    "data.num_test=8",
+    "data.batch_size=8",
+    "data.image_size=32",
+    "data.load_size=36",
+    "data.crop_size=32",
+    "model.generator.num_downs=5",
+    "model.generator.ngf=8",
+    "model.discriminator.ndf=8",
+    "task.n_epochs=1",
+    "task.n_epochs_decay=1",
+    "trainer.max_epochs=2",
+    "test=false",
+    "callbacks.last_checkpoint.every_n_train_steps=1",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+)
+
+
+def start_command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "normlab.train", f"hydra.run.dir={run_dir}", *overrides]
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        start_command(run_dir, *overrides),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> None:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+
+
+def saved_step(checkpoint: Path) -> int:
+    """The global step of ``checkpoint``, or -1 while there is none (writes are atomic, so a
+    checkpoint that exists is complete)."""
+    if not checkpoint.is_file():
+        return -1
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+
+
+def kill_at_step(process: subprocess.Popen, checkpoint: Path, step: int) -> int:
+    """SIGKILL ``process`` as soon as it has checkpointed ``step``; return the step it had."""
+    while (reached := saved_step(checkpoint)) < step:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return reached
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return {**checkpoint["state_dict"], "global_step": torch.tensor(checkpoint["global_step"])}
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def uninterrupted_state(run_dir: Path, recipe: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    finish(start(run_dir, *recipe, "logger=csv"))
+    return final_state(run_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_digits(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Final weights of the digits run that is never interrupted, computed once."""
+    return uninterrupted_state(tmp_path_factory.mktemp("digits"), DIGITS)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_pix2pix(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return uninterrupted_state(tmp_path_factory.mktemp("pix2pix"), PIX2PIX)
+
+
+def kill_and_resume(run_dir: Path, recipe: tuple[str, ...], step: int, logger: str) -> int:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    reached = kill_at_step(start(run_dir, *recipe, f"logger={logger}"), last, step)
+    finish(start(run_dir, *recipe, f"logger={logger}", "ckpt_path=last"))
+    return reached
+
+
+def test_killed_mid_epoch_and_resumed_ends_bit_identical_and_continues_the_wandb_run(
+    tmp_path, uninterrupted_digits
+):
+    reached = kill_and_resume(tmp_path, DIGITS, 3, logger="default")
+    assert 3 <= reached < 12  # the kill came before the end of training
+    assert_identical(final_state(tmp_path), uninterrupted_digits)
+
+    # Both processes wrote to the same wandb run (its id kept in the run dir and checkpoint).
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    offline_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
+    resumed = read_offline_run(offline_runs[-1] / f"run-{run_id}.wandb", wait=60)
+    assert resumed.complete and "train/loss" in resumed.history_keys
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["normlab"]["wandb_id"] == run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [1, 6, 8, 11])
+def test_killed_at_other_steps_ends_bit_identical(tmp_path, uninterrupted_digits, step):
+    # 6 is the epoch boundary (the last batch of epoch 0), 11 the last step before the end.
+    kill_and_resume(tmp_path, DIGITS, step, logger="csv")
+    assert_identical(final_state(tmp_path), uninterrupted_digits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [3, 13])
+def test_pix2pix_with_two_optimizers_resumes_bit_identical(tmp_path, uninterrupted_pix2pix, step):
+    # 5 batches per epoch, two optimizer steps (D, then G) per batch: 20 steps in all; 13 is
+    # in the middle of the second epoch, after the learning rate started to decay.
+    kill_and_resume(tmp_path, PIX2PIX, step, logger="csv")
+    assert_identical(final_state(tmp_path), uninterrupted_pix2pix)
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error_not_a_fresh_start(compose_config):
+    cfg = compose_config(*DIGITS, "logger=csv", "ckpt_path=last")
+    with pytest.raises(ConfigError, match=r"ckpt_path=last: there is no .*last\.ckpt"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+SIGTERM_AT = """
+import os, signal
+import lightning.pytorch as pl
+
+class SigtermAt(pl.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM does to a pre-empted job
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path):
+    (tmp_path / "preempt_for_test.py").write_text(SIGTERM_AT)
+    recipe = [*DIGITS, "logger=csv", "callbacks.last_checkpoint.every_n_train_steps=1000"]
+    recipe.remove("callbacks.last_checkpoint.every_n_train_steps=1")
+    recipe += [
+        "+callbacks.preempt._target_=preempt_for_test.SigtermAt",
+        "+callbacks.preempt.step=4",
+    ]
+    command = start_command(tmp_path / "run", *recipe)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "stopped by SIGTERM" in result.stdout + result.stderr
+    # The periodic checkpoint never fired (every 1000 steps): this one was written on SIGTERM.
+    assert saved_step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 4
