@@ -19,6 +19,7 @@ from normlab.utils.study import (
 QUICK = ("model=densenet_bc_40", "data.image_size=16", "debug=fdr")
 
 
+@pytest.mark.slow
 def test_runs_missing_jobs_once_and_resumes(tmp_path):
     jobs = [
         StudyJob("bn", "densenet_digits", (*QUICK, "norm=bn")),
@@ -34,14 +35,15 @@ def test_runs_missing_jobs_once_and_resumes(tmp_path):
     assert (tmp_path / "bn" / "study_job.json").stat().st_mtime_ns == marker
 
 
+@pytest.mark.slow
 def test_a_failing_job_names_its_log(tmp_path):
-    with pytest.raises(RuntimeError, match=r"nope.*exit 2.*train\.log"):
+    with pytest.raises(RuntimeError, match=r"nope.*exit 2.*stdout\.log"):
         run_study(
             [StudyJob("nope", "densenet_digits", (*QUICK, "norm.num_groups=7", "norm=gn"))],
             tmp_path,
         )
     assert not job_finished(tmp_path / "nope")
-    assert "configuration error" in (tmp_path / "nope" / "train.log").read_text()
+    assert "configuration error" in (tmp_path / "nope" / "stdout.log").read_text()
 
 
 def test_collect_and_tabulate_per_seed_results(tmp_path):

@@ -21,10 +21,10 @@ from normlab.utils.study import (
     REPO_ROOT,
     StudyJob,
     final_value,
-    job_minutes,
     machine_line,
     mean_and_spread,
     run_study,
+    study_time_line,
     verdict,
 )
 
@@ -88,7 +88,6 @@ def report(seeds: list[int]) -> str:
         }
         for norm in NORMS
     }
-    minutes = sum(job_minutes(ROOT / job.name) for job in jobs(seeds))
     plot(errors, HERE / "error_vs_batch.png")
 
     def cell(values: list[float]) -> str:
@@ -122,8 +121,8 @@ def report(seeds: list[int]) -> str:
         " each run is `python -m normlab.train experiment=densenet_digits logger=csv "
         + " ".join(RECIPE)
         + " norm=N data.batch_size=B task.optimizer.lr=0.01·B/32 seed=S`.",
-        f"Machine: {machine_line()}. {len(NORMS) * len(BATCHES) * len(seeds)} runs, "
-        f"{minutes:.0f} run-minutes (two 1-thread runs at a time).",
+        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs(seeds))} (two 1-thread runs "
+        "at a time).",
         "",
         f"Test error (%) after 5 epochs, mean ± std over seeds {seed_columns}:",
         "",

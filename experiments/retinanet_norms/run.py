@@ -31,7 +31,7 @@ from normlab.utils.study import (
     plot_curves,
     results_table,
     run_study,
-    study_minutes,
+    study_time_line,
     verdict,
 )
 
@@ -72,7 +72,7 @@ def report(seeds: list[int]) -> str:
         "Command: `python experiments/retinanet_norms/run.py` (`make study-retinanet-norms`); each "
         f"run is `python -m normlab.train experiment=retinanet_digits logger=csv "
         f"trainer.max_epochs={EPOCHS} seed=S` plus the configuration's overrides in run.py.",
-        f"Machine: {machine_line()}. {len(jobs)} runs, {study_minutes(ROOT, jobs):.0f} run-minutes.",
+        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}.",
         "",
         f"Test mAP (COCO 0.5:0.95) after {EPOCHS} epochs from scratch:",
         "",

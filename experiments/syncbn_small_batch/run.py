@@ -29,7 +29,7 @@ from normlab.utils.study import (
     plot_configurations,
     results_table,
     run_study,
-    study_minutes,
+    study_time_line,
     verdict,
 )
 
@@ -70,8 +70,7 @@ def report(seeds: list[int]) -> str:
         " each run is `python -m normlab.train experiment=densenet_digits logger=csv "
         + " ".join(RECIPE)
         + " seed=S` plus the configuration's overrides in run.py.",
-        f"Machine: {machine_line()}. {len(jobs)} runs, "
-        f"{study_minutes(ROOT, jobs):.0f} run-minutes.",
+        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}.",
         "",
         "Test error (%) after 5 epochs; 4 images per optimizer step everywhere:",
         "",

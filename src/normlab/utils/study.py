@@ -93,6 +93,12 @@ def job_minutes(run_dir: Path) -> float:
     return json.loads((run_dir / _FINISHED).read_text())["seconds"] / 60
 
 
+def job_cpu_minutes(run_dir: Path) -> float | None:
+    """CPU time of a finished study job (None for jobs recorded before it was measured)."""
+    seconds = json.loads((run_dir / _FINISHED).read_text()).get("cpu_seconds")
+    return None if seconds is None else seconds / 60
+
+
 # Written by run_study after a job exits 0: rerunning a study skips what is already done, so an
 # interrupted study resumes where it stopped.
 _FINISHED = "study_job.json"
@@ -114,14 +120,23 @@ def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(threads)}
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with (run_dir / "train.log").open("w") as log:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    with (run_dir / "stdout.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+        # wait4 reports this job's CPU time, its DDP worker processes included: unlike the
+        # wall time, it does not grow when something else competes for the cores.
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
-    if result.returncode != 0:
+    if process.returncode != 0:
         raise RuntimeError(
-            f"study job {job.name} failed (exit {result.returncode}): see {run_dir / 'train.log'}"
+            f"study job {job.name} failed (exit {process.returncode}): see {run_dir / 'stdout.log'}"
         )
-    record = {"command": command[1:], "seconds": seconds, "threads": threads}
+    record = {
+        "command": command[1:],
+        "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "threads": threads,
+    }
     (run_dir / _FINISHED).write_text(json.dumps(record, indent=1))
     return seconds
 
@@ -268,3 +283,14 @@ def results_table(values: dict[str, list[float]], seeds: list[int], digits: int 
 
 def study_minutes(root: Path, jobs: list[StudyJob]) -> float:
     return sum(job_minutes(root / job.name) for job in jobs)
+
+
+def study_time_line(root: Path, jobs: list[StudyJob]) -> str:
+    """How long the study's runs took: wall and CPU run-minutes (CPU time over 2 cores is what
+    the study needs on an otherwise idle 2-core machine)."""
+    wall = study_minutes(root, jobs)
+    cpu = [job_cpu_minutes(root / job.name) for job in jobs]
+    line = f"{len(jobs)} runs, {wall:.0f} run-minutes of wall time"
+    if None not in cpu:
+        line += f", {sum(cpu):.0f} CPU-minutes (≈ {sum(cpu) / 2:.0f} min on 2 idle cores)"
+    return line
