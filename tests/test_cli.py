@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +34,7 @@ def test_unknown_norm_fails_at_once_listing_the_choices(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_group_count_not_dividing_channels_is_one_clear_line(tmp_path):
     result = run_cli("norm=gn", "norm.num_groups=7", cwd=tmp_path)
     assert result.returncode == 2
@@ -44,6 +47,7 @@ def test_group_count_not_dividing_channels_is_one_clear_line(tmp_path):
     assert "Epoch" not in result.stdout
 
 
+@pytest.mark.slow
 def test_required_value_left_unset_is_named(tmp_path):
     result = run_cli("data=imagefolder", cwd=tmp_path)
     assert result.returncode == 2
