@@ -57,8 +57,9 @@ sweep-slurm: install ## submit the NORMS grid of EXP to SLURM (submitit; DDP ove
 	$(BIN)/python -m normlab.train -m hydra/launcher=slurm trainer=slurm experiment=$(EXP) \
 	  norm=$(NORMS) $(ARGS)
 
-test: install ## run the test suite (fast tests)
-	$(BIN)/python -m pytest $(ARGS)
+# The fast tests are single-threaded (tests/conftest.py): one pytest worker per core.
+test: install ## run the test suite (fast tests, one worker per core)
+	$(BIN)/python -m pytest -n auto $(ARGS)
 
 test-slow: install ## run the slow tests too (and the multi-process ones)
 	$(BIN)/python -m pytest -m "(slow or ddp or not slow) and not gpu" $(ARGS)

@@ -35,7 +35,7 @@ from normlab.utils.study import (
 
 HERE = Path(__file__).resolve().parent
 ROOT = REPO_ROOT / "logs" / "studies" / "convnext_bn_vs_ln"
-EPOCHS = 6
+EPOCHS = 5
 CONFIGURATIONS = {
     "ln": Configuration((f"trainer.max_epochs={EPOCHS}", "norm=ln")),
     "bn": Configuration((f"trainer.max_epochs={EPOCHS}", "norm=bn")),
