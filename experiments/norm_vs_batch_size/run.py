@@ -12,7 +12,6 @@ so an interrupted study resumes. Writes results.md and error_vs_batch.png here.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -23,7 +22,7 @@ from normlab.utils.study import (
     final_value,
     machine_line,
     mean_and_spread,
-    run_study,
+    study_main,
     study_time_line,
     verdict,
 )
@@ -173,15 +172,9 @@ def report(seeds: list[int]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
-    parser.add_argument("--collect", action="store_true", help="tabulate finished runs only")
-    args = parser.parse_args()
-    if not args.collect:
-        run_study(jobs(args.seeds), ROOT)
-    text = report(args.seeds)
-    (HERE / "results.md").write_text(text)
-    print(text)
+    study_main(
+        __doc__.splitlines()[0], ROOT, jobs, report, HERE / "results.md", default_seeds=[42, 1, 2]
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Writes results.md and test_error.png here.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from normlab.utils.study import (
@@ -28,7 +27,7 @@ from normlab.utils.study import (
     mean_and_spread,
     plot_configurations,
     results_table,
-    run_study,
+    study_main,
     study_time_line,
     verdict,
 )
@@ -93,15 +92,14 @@ def report(seeds: list[int]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
-    parser.add_argument("--collect", action="store_true", help="tabulate finished runs only")
-    args = parser.parse_args()
-    if not args.collect:
-        run_study(configuration_jobs("densenet_digits", CONFIGURATIONS, args.seeds), ROOT)
-    text = report(args.seeds)
-    (HERE / "results.md").write_text(text)
-    print(text)
+    study_main(
+        __doc__.splitlines()[0],
+        ROOT,
+        lambda seeds: configuration_jobs("densenet_digits", CONFIGURATIONS, seeds),
+        report,
+        HERE / "results.md",
+        default_seeds=[42, 1, 2],
+    )
 
 
 if __name__ == "__main__":

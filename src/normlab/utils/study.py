@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -294,3 +296,24 @@ def study_time_line(root: Path, jobs: list[StudyJob]) -> str:
     if None not in cpu:
         line += f", {sum(cpu):.0f} CPU-minutes (≈ {sum(cpu) / 2:.0f} min on 2 idle cores)"
     return line
+
+
+def study_main(
+    description: str,
+    root: Path,
+    jobs: Callable[[list[int]], list[StudyJob]],
+    report: Callable[[list[int]], str],
+    results: Path,
+    default_seeds: list[int],
+) -> None:
+    """The command line every study script has: train what is missing under ``root`` (unless
+    ``--collect``), then write ``report(seeds)`` to ``results`` and print it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=default_seeds)
+    parser.add_argument("--collect", action="store_true", help="tabulate finished runs only")
+    args = parser.parse_args()
+    if not args.collect:
+        run_study(jobs(args.seeds), root)
+    text = report(args.seeds)
+    results.write_text(text)
+    print(text)
