@@ -126,7 +126,9 @@ def attach_wandb_run(
     id_file = output_dir / "wandb_id.txt"
     run_id = None
     if resume_from is not None:
-        stored = torch.load(resume_from, map_location="cpu", weights_only=True).get("normlab", {})
+        # mmap: only the small "normlab" entry is read, not the weights Lightning loads next.
+        checkpoint = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
+        stored = checkpoint.get("normlab", {})
         run_id = stored.get("wandb_id")
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip()
