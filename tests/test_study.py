@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from normlab.utils.study import (
@@ -14,6 +16,8 @@ from normlab.utils.study import (
     results_table,
     run_study,
     slug,
+    study_code_line,
+    study_time_line,
 )
 
 QUICK = ("model=densenet_bc_40", "data.image_size=16", "debug=fdr")
@@ -30,9 +34,12 @@ def test_runs_missing_jobs_once_and_resumes(tmp_path):
     assert job_finished(tmp_path / "bn") and job_finished(tmp_path / "gn")
     assert (tmp_path / "gn" / "config_resolved.yaml").is_file()
 
+    assert "the whole study took" in study_time_line(tmp_path, jobs)  # every job ran in this call
+
     marker = (tmp_path / "bn" / "study_job.json").stat().st_mtime_ns
     run_study(jobs, tmp_path, cores=2)  # nothing left to do: nothing is rerun
     assert (tmp_path / "bn" / "study_job.json").stat().st_mtime_ns == marker
+    assert "the whole study took" in study_time_line(tmp_path, jobs)
 
 
 @pytest.mark.slow
@@ -73,3 +80,48 @@ def test_collect_and_tabulate_per_seed_results(tmp_path):
     rows = results_table(values, [1, 2], digits=2)
     assert rows[2] == "| bn 2×2 (DDP) | 0.50 | 0.70 | **0.60** ± 0.14 |"
     assert slug("ln (ConvNeXt's)") == "ln_ConvNeXt_s"
+
+
+def finished_job(root, name, sha, seconds=60.0):
+    (root / name).mkdir(parents=True)
+    (root / name / "git_sha.txt").write_text(sha + "\n")
+    record = {"seconds": seconds, "cpu_seconds": seconds}
+    (root / name / "study_job.json").write_text(json.dumps(record))
+
+
+def test_study_lines_say_which_code_trained_the_runs_and_how_long_they_took(tmp_path):
+    jobs = [StudyJob(name, "densenet_digits", ()) for name in ("a", "b", "c")]
+    clean, other = "0123456789abcdef" * 2 + "01234567", "fedcba9876543210" * 2 + "76543210"
+    for job in jobs:
+        finished_job(tmp_path, job.name, clean)
+    assert study_code_line(tmp_path, jobs) == "Code: commit 0123456"
+    assert study_time_line(tmp_path, jobs) == (
+        "3 runs, 3 run-minutes of wall time, 3 CPU-minutes (≈ 2 min on 2 idle cores)"
+    )
+
+    (tmp_path / "b" / "git_sha.txt").write_text(other + "-dirty\n")
+    (tmp_path / "c" / "git_sha.txt").unlink()
+    assert study_code_line(tmp_path, jobs) == (
+        "Code: commit 0123456 (1 runs), commit fedcba9 with uncommitted changes (1 runs), "
+        "an unknown commit (1 runs)"
+    )
+
+
+def test_only_a_study_trained_in_one_call_reports_its_whole_wall_time(tmp_path, monkeypatch):
+    def pretend_to_train(job, run_dir, threads):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "study_job.json").write_text('{"seconds": 1.0}')
+        return 1.0
+
+    monkeypatch.setattr("normlab.utils.study._run_job", pretend_to_train)
+    jobs = [StudyJob(name, "densenet_digits", ()) for name in ("a", "b")]
+    run_study(jobs, tmp_path / "fresh", cores=2)
+    assert "the whole study took 0 min of wall time in one go" in study_time_line(
+        tmp_path / "fresh", jobs
+    )
+
+    finished_job(tmp_path / "resumed", "a", "0" * 40)
+    (tmp_path / "resumed" / "b").mkdir()
+    (tmp_path / "resumed" / "study_timing.json").write_text('{"seconds": 5, "runs": 2}')
+    run_study(jobs, tmp_path / "resumed", cores=2)  # runs only b: the study's time is unknown
+    assert not (tmp_path / "resumed" / "study_timing.json").exists()

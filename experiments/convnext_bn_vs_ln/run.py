@@ -27,6 +27,7 @@ from normlab.utils.study import (
     plot_configurations,
     plot_curves,
     results_table,
+    study_code_line,
     study_main,
     study_time_line,
     verdict,
@@ -58,7 +59,7 @@ def report(seeds: list[int]) -> str:
         "Command: `python experiments/convnext_bn_vs_ln/run.py` (`make study-convnext-bn-vs-ln`);"
         " each run is `python -m normlab.train experiment=convnext_digits logger=csv "
         f"trainer.max_epochs={EPOCHS} norm=ln|bn seed=S`.",
-        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}.",
+        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}. {study_code_line(ROOT, jobs)}.",
         "",
         f"ConvNeXt-atto test error (%) after {EPOCHS} epochs:",
         "",

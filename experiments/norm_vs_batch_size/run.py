@@ -22,6 +22,7 @@ from normlab.utils.study import (
     final_value,
     machine_line,
     mean_and_spread,
+    study_code_line,
     study_main,
     study_time_line,
     verdict,
@@ -144,7 +145,7 @@ def report(seeds: list[int]) -> str:
         + " ".join(RECIPE)
         + " norm=N data.batch_size=B task.optimizer.lr=0.01·B/32 seed=S`.",
         f"Machine: {machine_line()}. {study_time_line(ROOT, jobs(seeds))} (two 1-thread runs "
-        "at a time).",
+        f"at a time). {study_code_line(ROOT, jobs(seeds))}.",
         "",
         f"Test error (%) after 5 epochs, mean ± std over seeds {seed_columns}:",
         "",

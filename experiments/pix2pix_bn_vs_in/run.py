@@ -29,6 +29,7 @@ from normlab.utils.study import (
     plot_configurations,
     plot_curves,
     results_table,
+    study_code_line,
     study_main,
     study_time_line,
     verdict,
@@ -72,7 +73,7 @@ def report(seeds: list[int]) -> str:
         "each run is `python -m normlab.train experiment=pix2pix_digits logger=csv "
         + " ".join(RECIPE)
         + " norm=N data.batch_size=B seed=S`.",
-        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}.",
+        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}. {study_code_line(ROOT, jobs)}.",
         "",
         "Test L1 ([-1, 1] scale, lower is better) after 2 + 2 epochs:",
         "",

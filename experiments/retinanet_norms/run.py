@@ -29,6 +29,7 @@ from normlab.utils.study import (
     plot_configurations,
     plot_curves,
     results_table,
+    study_code_line,
     study_main,
     study_time_line,
     verdict,
@@ -71,7 +72,7 @@ def report(seeds: list[int]) -> str:
         "Command: `python experiments/retinanet_norms/run.py` (`make study-retinanet-norms`); each "
         f"run is `python -m normlab.train experiment=retinanet_digits logger=csv "
         f"trainer.max_epochs={EPOCHS} seed=S` plus the configuration's overrides in run.py.",
-        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}.",
+        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}. {study_code_line(ROOT, jobs)}.",
         "",
         f"Test mAP (COCO 0.5:0.95) after {EPOCHS} epochs from scratch:",
         "",

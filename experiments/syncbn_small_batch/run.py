@@ -27,6 +27,7 @@ from normlab.utils.study import (
     mean_and_spread,
     plot_configurations,
     results_table,
+    study_code_line,
     study_main,
     study_time_line,
     verdict,
@@ -69,7 +70,7 @@ def report(seeds: list[int]) -> str:
         " each run is `python -m normlab.train experiment=densenet_digits logger=csv "
         + " ".join(RECIPE)
         + " seed=S` plus the configuration's overrides in run.py.",
-        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}.",
+        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}. {study_code_line(ROOT, jobs)}.",
         "",
         "Test error (%) after 5 epochs; 4 images per optimizer step everywhere:",
         "",

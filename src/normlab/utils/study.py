@@ -104,6 +104,9 @@ def job_cpu_minutes(run_dir: Path) -> float | None:
 # Written by run_study after a job exits 0: rerunning a study skips what is already done, so an
 # interrupted study resumes where it stopped.
 _FINISHED = "study_job.json"
+# Written by run_study when one call trained every job of the study: the study's own wall time,
+# scheduling gaps included, which is what a user waiting on `make study-<name>` sees.
+_STUDY_TIMING = "study_timing.json"
 
 
 def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
@@ -150,6 +153,9 @@ def run_study(jobs: list[StudyJob], root: Path, cores: int | None = None) -> Non
     cores = cores or os.cpu_count() or 1
     pending = [job for job in jobs if not job_finished(root / job.name)]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done under {root}", flush=True)
+    if not pending:
+        return
+    start = time.perf_counter()
     free = threading.Condition()
     available = [cores]
 
@@ -169,6 +175,11 @@ def run_study(jobs: list[StudyJob], root: Path, cores: int | None = None) -> Non
     with ThreadPoolExecutor(max_workers=cores) as pool:
         for future in [pool.submit(run, job) for job in pending]:
             future.result()
+    timing = root / _STUDY_TIMING
+    if len(pending) == len(jobs):
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "runs": len(jobs)}))
+    else:  # a resumed study: its wall time is spread over several calls and not known
+        timing.unlink(missing_ok=True)
 
 
 def final_value(run_dir: Path, key: str) -> float:
@@ -295,7 +306,33 @@ def study_time_line(root: Path, jobs: list[StudyJob]) -> str:
     line = f"{len(jobs)} runs, {wall:.0f} run-minutes of wall time"
     if None not in cpu:
         line += f", {sum(cpu):.0f} CPU-minutes (≈ {sum(cpu) / 2:.0f} min on 2 idle cores)"
+    timing = root / _STUDY_TIMING
+    if timing.is_file() and json.loads(timing.read_text())["runs"] == len(jobs):
+        minutes = json.loads(timing.read_text())["seconds"] / 60
+        line += f"; the whole study took {minutes:.0f} min of wall time in one go"
     return line
+
+
+def study_code_line(root: Path, jobs: list[StudyJob]) -> str:
+    """Which commit the study's runs trained from (each run dir's git_sha.txt), so a table made
+    from runs of different or uncommitted code says so."""
+    runs_per_revision: dict[str, int] = {}
+    for job in jobs:
+        sha_file = root / job.name / "git_sha.txt"
+        sha = sha_file.read_text().strip() if sha_file.is_file() else "unknown"
+        runs_per_revision[sha] = runs_per_revision.get(sha, 0) + 1
+
+    def describe(sha: str) -> str:
+        if sha == "unknown":
+            return "an unknown commit"
+        commit, dirty, _ = sha.partition("-dirty")
+        return f"commit {commit[:7]}" + (" with uncommitted changes" if dirty else "")
+
+    if len(runs_per_revision) == 1:
+        return f"Code: {describe(next(iter(runs_per_revision)))}"
+    return "Code: " + ", ".join(
+        f"{describe(sha)} ({count} runs)" for sha, count in runs_per_revision.items()
+    )
 
 
 def study_main(
