@@ -38,6 +38,7 @@ from normlab.utils.study import (
 HERE = Path(__file__).resolve().parent
 ROOT = REPO_ROOT / "logs" / "studies" / "pix2pix_bn_vs_in"
 RECIPE = (
+    "data.num_train=300",
     "task.n_epochs=2",
     "task.n_epochs_decay=2",
     "trainer.max_epochs=4",
