@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -125,3 +127,29 @@ def test_only_a_study_trained_in_one_call_reports_its_whole_wall_time(tmp_path, 
     (tmp_path / "resumed" / "study_timing.json").write_text('{"seconds": 5, "runs": 2}')
     run_study(jobs, tmp_path / "resumed", cores=2)  # runs only b: the study's time is unknown
     assert not (tmp_path / "resumed" / "study_timing.json").exists()
+
+
+def test_jobs_start_in_order_and_never_oversubscribe_the_cores(tmp_path, monkeypatch):
+    started, in_use, peak = [], [0], [0]
+    lock = threading.Lock()
+
+    def pretend_to_train(job, run_dir, threads):
+        with lock:
+            started.append(job.name)
+            in_use[0] += job.processes
+            peak[0] = max(peak[0], in_use[0])
+        time.sleep(0.05 * job.processes)
+        with lock:
+            in_use[0] -= job.processes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "study_job.json").write_text('{"seconds": 1.0}')
+        return 1.0
+
+    monkeypatch.setattr("normlab.utils.study._run_job", pretend_to_train)
+    # The 2-process jobs come after 1-process ones, which used to let later 1-process jobs take
+    # every freed core first while a 2-process job waited.
+    sizes = {"a": 1, "b": 2, "c": 1, "d": 1, "e": 2, "f": 1}
+    jobs = [StudyJob(name, "densenet_digits", (), processes) for name, processes in sizes.items()]
+    run_study(jobs, tmp_path, cores=2)
+    assert started == list(sizes)
+    assert peak[0] == 2

@@ -9,10 +9,9 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -149,31 +148,33 @@ def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
 def run_study(jobs: list[StudyJob], root: Path, cores: int | None = None) -> None:
     """Run every job not finished yet under ``root/<job.name>``, as many at once as fit on
     ``cores`` (default: all). Small CPU models train faster as several 1-thread processes than as
-    one process using every core. Stops at the first failure, after the running jobs finish."""
+    one process using every core. Jobs start in list order: one that needs more cores than are
+    free waits for them, and no later job overtakes it (so a 2-process job is never starved by a
+    stream of 1-process ones). Stops at the first failure, after the running jobs finish."""
     cores = cores or os.cpu_count() or 1
     pending = [job for job in jobs if not job_finished(root / job.name)]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done under {root}", flush=True)
     if not pending:
         return
     start = time.perf_counter()
-    free = threading.Condition()
-    available = [cores]
 
     def run(job: StudyJob) -> None:
-        need = min(job.processes, cores)
-        with free:
-            free.wait_for(lambda: available[0] >= need)
-            available[0] -= need
-        try:
-            seconds = _run_job(job, root / job.name, threads=1)
-            print(f"{job.name}: {seconds / 60:.1f} min", flush=True)
-        finally:
-            with free:
-                available[0] += need
-                free.notify_all()
+        seconds = _run_job(job, root / job.name, threads=1)
+        print(f"{job.name}: {seconds / 60:.1f} min", flush=True)
 
+    free = cores
+    running: dict[Future[None], int] = {}  # job → the cores it holds
     with ThreadPoolExecutor(max_workers=cores) as pool:
-        for future in [pool.submit(run, job) for job in pending]:
+        for job in pending:
+            need = min(job.processes, cores)
+            while free < need:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    free += running.pop(future)
+                    future.result()  # a failed job stops the study here
+            free -= need
+            running[pool.submit(run, job)] = need
+        for future in running:
             future.result()
     timing = root / _STUDY_TIMING
     if len(pending) == len(jobs):
