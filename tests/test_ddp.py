@@ -171,6 +171,43 @@ def test_precise_bn_of_two_syncbn_processes_equals_one_process_on_the_doubled_ba
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
 
 
+def test_two_process_syncbn_retinanet_equals_one_process_bn_on_the_doubled_batch(tmp_path: Path):
+    """The detection path under DDP (per-image loss normalisation, box targets split across
+    ranks, FPN and GN heads) computes what one process computes on the whole batch; the
+    retinanet_norms study leans on this to call a syncbn/bn gap trajectory noise."""
+    detection = [
+        "experiment=retinanet_digits",
+        "trainer.precision=64-true",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=0",
+        "test=false",
+        "optimized_metric=null",
+        "logger=csv",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_summary=null",
+        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+    ]
+    one = run_cli(*detection, "norm=bn", "data.batch_size=8", "hydra.run.dir=one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(
+        *detection,
+        "trainer=ddp_cpu",
+        "norm=syncbn",
+        "data.global_batch_size=8",
+        "hydra.run.dir=two",
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    expected, got = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
+        assert value.dtype == torch.float64, key
+    for run in ("one", "two"):
+        assert torch.load(tmp_path / run / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
 def test_global_batch_size_must_divide_by_the_processes(tmp_path: Path):
     result = run_cli(*SHORT, "trainer=ddp_cpu", "data.global_batch_size=15", cwd=tmp_path)
     assert result.returncode == 2
