@@ -91,19 +91,19 @@ exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~12 min on 2 CPU c
 
 # Each study trains what is missing under logs/studies/<study>/ (rerun to resume), then writes
 # experiments/<study>/results.md and its plots. ARGS="--collect" only re-tabulates.
-study-norm-vs-batch-size: install ## study: bn/gn/ln/in/cuda_bn × batch 2-32, 3 seeds (~45 min, 2 cores)
+study-norm-vs-batch-size: install ## study: bn/gn/ln/in/cuda_bn × batch 2-32, 3 seeds (50 min on 2 cores)
 	$(BIN)/python experiments/norm_vs_batch_size/run.py $(ARGS)
 
-study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~15 min)
+study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~38 min)
 	$(BIN)/python experiments/syncbn_small_batch/run.py $(ARGS)
 
-study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds
+study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds (~9 min)
 	$(BIN)/python experiments/convnext_bn_vs_ln/run.py $(ARGS)
 
-study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none
+study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none (~38 min)
 	$(BIN)/python experiments/retinanet_norms/run.py $(ARGS)
 
-study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16
+study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16 (11 min)
 	$(BIN)/python experiments/pix2pix_bn_vs_in/run.py $(ARGS)
 
 study-accumulation-vs-batch: install ## study: BN with accumulation vs a true batch, syncbn, GN (~35 min, 2 CPU cores)
