@@ -98,6 +98,17 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
+def _assert_same_float64_weights(one: Path, two: Path) -> dict[str, torch.Tensor]:
+    """Every float tensor of run ``two`` equals run ``one``'s to 1e-10, in float64; returns
+    ``one``'s."""
+    expected, got = _weights(one), _weights(two)
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == torch.float64, key
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
+    return expected
+
+
 @pytest.mark.parametrize(
     "synchronised",
     [
@@ -123,12 +134,9 @@ def test_two_process_syncbn_equals_one_process_bn_on_the_doubled_batch(helpers, 
     )
     assert two.returncode == 0, two.stderr[-3000:]
 
-    expected, got = _weights(helpers / "one"), _weights(helpers / "two")
-    assert expected.keys() == got.keys()
+    expected = _assert_same_float64_weights(helpers / "one", helpers / "two")
     moved = 0
     for key, value in expected.items():
-        assert got[key].dtype == torch.float64
-        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
         moved += key.endswith("running_mean") and bool(value.abs().sum() > 0)
     assert moved > 10  # the runs did train (running statistics moved from zero)
     state = torch.load(helpers / "two" / "checkpoints" / "last.ckpt", map_location="cpu")
@@ -166,9 +174,7 @@ def test_precise_bn_of_two_syncbn_processes_equals_one_process_on_the_doubled_ba
     for run in ("one", "two"):  # recomputed at the end of the (only, validation-free) epoch
         log = (tmp_path / run / "train.log").read_text()
         assert log.count("precise BN: 99 norm layers from 3 batches") == 1, run
-    expected, got = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
+    _assert_same_float64_weights(tmp_path / "one", tmp_path / "two")
 
 
 def test_two_process_syncbn_retinanet_equals_one_process_bn_on_the_doubled_batch(tmp_path: Path):
@@ -199,11 +205,7 @@ def test_two_process_syncbn_retinanet_equals_one_process_bn_on_the_doubled_batch
         cwd=tmp_path,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    expected, got = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert expected.keys() == got.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
-        assert value.dtype == torch.float64, key
+    _assert_same_float64_weights(tmp_path / "one", tmp_path / "two")
     for run in ("one", "two"):
         assert torch.load(tmp_path / run / "checkpoints" / "last.ckpt")["global_step"] == 3
 
