@@ -4,7 +4,8 @@ Each mistake raises :class:`~normlab.errors.ConfigError` with one message naming
 what is allowed; the entry point prints it as one line (``normlab.train.exit_on_config_error``).
 
 - :func:`validate_config` checks what the composed config alone decides (Trainer values, the
-  seed, the metrics that checkpoints and sweeps monitor, BN synchronisation in a single process).
+  seed, the ranges of norm, model and optimizer arguments, the metrics that checkpoints and
+  sweeps monitor, BN synchronisation in a single process).
   ``train()`` calls it before anything is built: several bad Trainer values would otherwise fail
   inside Lightning's constructor with a traceback.
 - :func:`check_num_classes` and :func:`check_norm_inputs` need the built model and data module;
@@ -20,7 +21,7 @@ from itertools import chain
 from typing import Any
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
@@ -29,7 +30,9 @@ from torch.func import functional_call
 from normlab.errors import ConfigError
 from normlab.norm.convert import norm_channels
 from normlab.norm.layers import NoNorm
+from normlab.norm.registry import NORMS, argument_ranges
 from normlab.norm.sync import SyncBatchNorm
+from normlab.ranges import DROP_RATE, FRACTION, NON_NEGATIVE, ValueRange, declared_ranges
 from normlab.utils.distributed import world_size
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,10 @@ def validate_config(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if seed is not None and not _is_int(seed):
         raise ConfigError(f"seed must be an integer (or null for a random seed), got {seed!r}")
+    _check_argument_ranges(cfg)
     _check_monitored_metrics(cfg)
     _warn_sync_in_one_process(cfg)
+    _say_what_sync_batchnorm_syncs(cfg)
 
 
 # -- Trainer values -------------------------------------------------------------------------------
@@ -103,6 +108,100 @@ def _check_trainer_values(trainer: DictConfig) -> None:
     for key, (valid, allowed) in _TRAINER_RULES.items():
         if key in trainer and not valid(trainer[key]):
             raise ConfigError(f"trainer.{key} must be {allowed}, got {trainer[key]!r}")
+
+
+# -- argument ranges ------------------------------------------------------------------------------
+
+# torch.optim's numeric options, by name: torch refuses some only at construction (a traceback
+# after the data is set up), and accepts others (betas >= 1, momentum > 1) that diverge.
+_OPTIMIZER_RANGES: dict[str, ValueRange] = {
+    "lr": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "momentum": DROP_RATE,
+    "dampening": FRACTION,
+    "eps": NON_NEGATIVE,
+    "alpha": FRACTION,
+}
+_BETA = ValueRange(low=0, high=1, high_open=True)
+
+
+def _is_norm_key(key: str) -> bool:
+    return key == "norm" or key.endswith("_norm")
+
+
+# A value still ``???`` (filled from the data later) or not resolving (reported elsewhere).
+_UNSET = object()
+
+
+def _resolved(node: DictConfig, key: str) -> Any:
+    if OmegaConf.is_missing(node, key):
+        return _UNSET
+    try:
+        return node[key]
+    except OmegaConfBaseException:
+        return _UNSET
+
+
+def _check_norm_spec(spec: Any, key: str) -> None:
+    """The numeric arguments of a norm spec written as a mapping, against the ranges its norm
+    declares in the registry. Names not registered yet (``imports=``) are checked when built."""
+    if not isinstance(spec, DictConfig) or spec.get("name") not in NORMS:
+        return
+    ranges = argument_ranges(spec.name)
+    for argument in spec:
+        value = _resolved(spec, argument)
+        if value is not _UNSET and argument in ranges and not ranges[argument].allows(value):
+            raise ConfigError(f"{key}.{argument} must be {ranges[argument]}, got {value!r}")
+
+
+def _target(node: DictConfig) -> Any:
+    try:
+        return get_object(node["_target_"]) if "_target_" in node else None
+    except Exception:  # a bad _target_ is reported when it is instantiated
+        return None
+
+
+def _check_node_ranges(node: DictConfig, prefix: str, ranges: dict[str, ValueRange]) -> None:
+    """Every value of ``node`` (a model or one of its networks) against the ranges its
+    ``_target_`` declares; norm specs against the registry; nested targets likewise."""
+    for key in node:
+        path = f"{prefix}.{key}"
+        value = _resolved(node, key)
+        if _is_norm_key(str(key)):
+            _check_norm_spec(value, path)
+        elif isinstance(value, DictConfig):
+            _check_node_ranges(value, path, dict(declared_ranges(_target(value))))
+        elif value is not _UNSET and key in ranges and not ranges[key].allows(value):
+            raise ConfigError(f"{path} must be {ranges[key]}, got {value!r}")
+
+
+def _check_optimizer(node: Any, prefix: str) -> None:
+    if not isinstance(node, DictConfig):
+        return
+    _check_node_ranges(node, prefix, _OPTIMIZER_RANGES)
+    betas = _resolved(node, "betas") if "betas" in node else _UNSET
+    if betas is not _UNSET and not (
+        OmegaConf.is_list(betas) and len(betas) == 2 and all(_BETA.allows(b) for b in betas)
+    ):
+        shown = list(betas) if OmegaConf.is_list(betas) else betas
+        raise ConfigError(f"{prefix}.betas must be two numbers in [0, 1), got {shown!r}")
+
+
+def _check_argument_ranges(cfg: DictConfig) -> None:
+    """Norm, model and optimizer arguments outside their valid ranges fail late (a traceback in
+    the first step, ``Invalid learning rate``) or not at all (a NaN loss, a run that trains
+    nothing). The ranges are declared where the arguments are taken (the norm registry, the
+    model constructors, ``_OPTIMIZER_RANGES``); here they are checked against the config, naming
+    its key. The top-level norm specs go first: ``model.norm`` is usually ``${norm}``."""
+    for key in ("norm", "head_norm"):
+        if key in cfg:
+            _check_norm_spec(_resolved(cfg, key), key)
+    model = cfg.get("model")
+    if isinstance(model, DictConfig):
+        _check_node_ranges(model, "model", dict(declared_ranges(_target(model))))
+    task = cfg.get("task")
+    if isinstance(task, DictConfig) and "optimizer" in task:
+        _check_optimizer(_resolved(task, "optimizer"), "task.optimizer")
 
 
 # -- monitored metrics ----------------------------------------------------------------------------
@@ -207,6 +306,34 @@ def _warn_sync_in_one_process(cfg: DictConfig) -> None:
         " and ".join(requests),
         OmegaConf.select(cfg, "trainer.strategy", default="auto"),
     )
+
+
+# What trainer.sync_batchnorm=true (normlab.utils.distributed.NormSync) turns into synchronised
+# layers; every other norm is left as it is.
+_SYNCED_NORMS = ("bn", "syncbn", "cuda_bn")
+# Norms with batch statistics that NormSync leaves per process.
+_UNSYNCED_BATCH_NORMS = ("brn", "ghost_bn", "evonorm_b0")
+
+
+def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
+    """``trainer.sync_batchnorm=true`` with norms it does not synchronise: one line saying so."""
+    if not OmegaConf.select(cfg, "trainer.sync_batchnorm"):
+        return
+    left: dict[str, str] = {}  # name -> what it does; model.norm is usually ${norm}: said once
+    for key in _NORM_KEYS:
+        spec = OmegaConf.select(cfg, key)
+        name = spec.get("name") if isinstance(spec, DictConfig) else spec
+        if not isinstance(name, str) or name in _SYNCED_NORMS or name in left:
+            continue
+        statistics = "per-process batch" if name in _UNSYNCED_BATCH_NORMS else "no batch"
+        left[name] = f"{key}={name} ({statistics} statistics)"
+    if left:
+        log.info(
+            "trainer.sync_batchnorm=true syncs only BatchNorm-family layers (%s); it leaves %s "
+            "as they are",
+            ", ".join(_SYNCED_NORMS),
+            ", ".join(left.values()),
+        )
 
 
 # -- built model and data -------------------------------------------------------------------------

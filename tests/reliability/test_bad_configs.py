@@ -152,6 +152,40 @@ CASES = {
     "seed_type": BadConfig(
         (*SMALL, "seed=abc"), "seed must be an integer (or null for a random seed), got 'abc'"
     ),
+    # 13. Norm, model and optimizer numbers outside their valid ranges (the registry's and the
+    # constructors' declarations), named by the config key they were given as.
+    "norm_eps_negative": BadConfig(
+        (*SMALL, "norm.eps=-1"), "norm.eps must be a number > 0, got -1"
+    ),
+    "ln_eps_zero": BadConfig(
+        (*SMALL, "norm=ln", "norm.eps=0"), "norm.eps must be a number > 0, got 0"
+    ),
+    "norm_momentum": BadConfig(
+        (*SMALL, "norm.momentum=2"), "norm.momentum must be null or a number in [0, 1], got 2"
+    ),
+    "head_norm_eps": BadConfig(
+        ("experiment=retinanet_digits", "head_norm={{name:gn,eps:-1}}", "debug=fdr", "logger=csv"),
+        "head_norm.eps must be a number > 0, got -1",
+    ),
+    "convnext_drop_path": BadConfig(
+        ("model=convnext_atto", "model.drop_path_rate=1.5", "debug=fdr", "logger=csv"),
+        "model.drop_path_rate must be a number in [0, 1), got 1.5",
+    ),
+    "pix2pix_generator_width": BadConfig(
+        ("experiment=pix2pix_digits", "model.generator.ngf=0", "logger=csv"),
+        "model.generator.ngf must be an integer >= 1, got 0",
+    ),
+    "optimizer_lr": BadConfig(
+        (*SMALL, "task.optimizer.lr=-1"), "task.optimizer.lr must be a number >= 0, got -1"
+    ),
+    "optimizer_weight_decay": BadConfig(
+        (*SMALL, "task.optimizer.weight_decay=-0.1"),
+        "task.optimizer.weight_decay must be a number >= 0, got -0.1",
+    ),
+    "optimizer_betas": BadConfig(
+        (*SMALL, "task/optimizer=adam", "task.optimizer.betas=[0.9,1.0]"),
+        "task.optimizer.betas must be two numbers in [0, 1), got [0.9, 1.0]",
+    ),
 }
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_name
+from normlab.ranges import COUNT, DROP_RATE, NON_NEGATIVE, POSITIVE, ValueRange, checked_arguments
 
 __all__ = [
     "ConvNeXt",
@@ -170,6 +171,17 @@ def _resolve_head_norm(norm: NormSpec, head_norm: NormSpec | None) -> NormSpec:
     return norm
 
 
+@checked_arguments(
+    num_classes=COUNT,
+    in_channels=COUNT,
+    patch_size=COUNT,
+    drop_path_rate=DROP_RATE,
+    drop_rate=DROP_RATE,
+    ls_init_value=ValueRange(low=0, nullable=True),
+    head_init_scale=NON_NEGATIVE,
+    kernel_size=COUNT,
+    mlp_ratio=POSITIVE,
+)
 class ConvNeXt(nn.Module):
     """ConvNeXt image classifier: patchify stem, four stages of ConvNeXt blocks, pooled head.
 

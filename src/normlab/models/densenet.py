@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import Unpack
 
 from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_and_activation
+from normlab.ranges import COUNT, DROP_RATE, ValueRange, checked_arguments
 
 __all__ = [
     "DenseNet",
@@ -158,6 +159,15 @@ class _Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
 
+@checked_arguments(
+    growth_rate=COUNT,
+    num_init_features=COUNT,
+    bn_size=COUNT,
+    compression=ValueRange(low=0, high=1, low_open=True),
+    drop_rate=DROP_RATE,
+    num_classes=COUNT,
+    in_channels=COUNT,
+)
 class DenseNet(nn.Module):
     """DenseNet-BC: a stem, dense blocks joined by compressing transitions, norm, pool, linear.
 

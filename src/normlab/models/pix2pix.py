@@ -41,6 +41,7 @@ from normlab.norm import (
     fuse_norm_activations,
     get_norm_layer,
 )
+from normlab.ranges import COUNT, NON_NEGATIVE, checked_arguments
 
 __all__ = [
     "INIT_TYPES",
@@ -263,6 +264,7 @@ class UnetSkipBlock(nn.Module):
         return f"role={self.role}"
 
 
+@checked_arguments(in_channels=COUNT, out_channels=COUNT, ngf=COUNT, init_gain=NON_NEGATIVE)
 class UnetGenerator(nn.Module):
     """The pix2pix U-Net generator: ``num_downs`` stride-2 levels, skip connections, Tanh output.
 
@@ -325,6 +327,7 @@ class UnetGenerator(nn.Module):
         return self.unet(x)
 
 
+@checked_arguments(in_channels=COUNT, ndf=COUNT, init_gain=NON_NEGATIVE)
 class PatchDiscriminator(nn.Module):
     """The PatchGAN discriminator: one real/fake logit per overlapping image patch.
 
@@ -382,6 +385,7 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+@checked_arguments(in_channels=COUNT, ndf=COUNT, init_gain=NON_NEGATIVE)
 class PixelDiscriminator(nn.Module):
     """The 1×1 PixelGAN discriminator: one logit per pixel, from 1×1 convolutions only.
 

@@ -50,6 +50,13 @@ from normlab.norm import (
     get_norm_layer,
     norm_name,
 )
+from normlab.ranges import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    ValueRange,
+    checked_arguments,
+)
 
 __all__ = [
     "BOX_LOSSES",
@@ -492,6 +499,26 @@ def _load_detector_weights(
                 module.eps = 0.0
 
 
+# The numeric options of the retinanet_resnet*_fpn constructors.
+_RETINANET_RANGES = {
+    "num_classes": COUNT,
+    "fpn_channels": COUNT,
+    "prior_probability": ValueRange(low=0, high=1, low_open=True, high_open=True),
+    # null turns the class balance off.
+    "focal_alpha": ValueRange(low=0, high=1, nullable=True),
+    "focal_gamma": NON_NEGATIVE,
+    "smooth_l1_beta": NON_NEGATIVE,
+    "fg_iou_thresh": FRACTION,
+    "bg_iou_thresh": FRACTION,
+    "score_thresh": FRACTION,
+    "nms_thresh": FRACTION,
+    "topk_candidates": COUNT,
+    "detections_per_img": COUNT,
+    "max_size": COUNT,
+}
+
+
+@checked_arguments(**_RETINANET_RANGES)
 def retinanet_resnet18_fpn(
     num_classes: int, norm: NormSpec = "bn", **options: Unpack[RetinaNetOptions]
 ) -> RetinaNet:
@@ -499,6 +526,7 @@ def retinanet_resnet18_fpn(
     return _retinanet_resnet_fpn(18, num_classes, norm, **options)
 
 
+@checked_arguments(**_RETINANET_RANGES)
 def retinanet_resnet34_fpn(
     num_classes: int, norm: NormSpec = "bn", **options: Unpack[RetinaNetOptions]
 ) -> RetinaNet:
@@ -506,6 +534,7 @@ def retinanet_resnet34_fpn(
     return _retinanet_resnet_fpn(34, num_classes, norm, **options)
 
 
+@checked_arguments(**_RETINANET_RANGES)
 def retinanet_resnet50_fpn(
     num_classes: int, norm: NormSpec = "bn", **options: Unpack[RetinaNetOptions]
 ) -> RetinaNet:

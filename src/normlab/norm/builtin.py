@@ -9,6 +9,7 @@ from normlab.errors import ConfigError
 from normlab.norm.layers import LayerNorm2d, NoNorm
 from normlab.norm.registry import register_norm
 from normlab.norm.sync import SyncBatchNorm
+from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ValueRange
 
 
 @register_norm("bn")
@@ -22,7 +23,7 @@ def batch_norm(
     return nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)
 
 
-@register_norm("syncbn")
+@register_norm("syncbn", ranges={"group_size": OPTIONAL_COUNT})
 def sync_batch_norm(
     num_features: int,
     eps: float = 1e-5,
@@ -65,7 +66,9 @@ def resolve_num_groups(
     return max(g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0)
 
 
-@register_norm("gn")
+@register_norm(
+    "gn", ranges={"num_groups": OPTIONAL_COUNT, "group_size": OPTIONAL_COUNT, "max_groups": COUNT}
+)
 def group_norm(
     num_features: int,
     num_groups: int | None = None,
@@ -89,7 +92,8 @@ def instance_norm(
     return nn.InstanceNorm2d(num_features, eps, momentum, affine, track_running_stats)
 
 
-@register_norm("frozen_bn")
+# eps=0 is valid here: the statistics are fixed (torchvision's detection weights use it).
+@register_norm("frozen_bn", ranges={"eps": NON_NEGATIVE})
 def frozen_batch_norm(num_features: int, eps: float = 1e-5) -> nn.Module:
     return FrozenBatchNorm2d(num_features, eps=eps)
 
@@ -99,7 +103,7 @@ def no_norm(num_features: int) -> nn.Module:
     return NoNorm(num_features)
 
 
-@register_norm("cuda_bn")
+@register_norm("cuda_bn", ranges={"group_size": OPTIONAL_COUNT, "negative_slope": ValueRange()})
 def cuda_batch_norm(
     num_features: int,
     eps: float = 1e-5,

@@ -6,6 +6,10 @@ A *spec* is what users write in configs and what models accept as `norm=`:
 - a mapping with ``name`` plus keyword arguments: ``{"name": "gn", "num_groups": 8}``
   (an OmegaConf ``DictConfig`` from Hydra works the same);
 - a callable ``num_features -> nn.Module`` (used as is).
+
+Numeric arguments are checked against the ranges a norm declares when it registers
+(``register_norm("rms", ranges={"eps": POSITIVE})``); ``eps`` and ``momentum`` have conventional
+ranges that apply unless the norm declares its own.
 """
 
 from __future__ import annotations
@@ -19,24 +23,43 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from normlab.errors import ConfigError
+from normlab.ranges import MOMENTUM, POSITIVE, ValueRange, check_values
 
 NormFactory = Callable[..., nn.Module]
 NormLayer = Callable[[int], nn.Module]
 NormSpec = str | Mapping[str, Any] | NormLayer
 
 NORMS: dict[str, NormFactory] = {}
+_DECLARED_RANGES: dict[str, dict[str, ValueRange]] = {}
+# What these arguments mean in every norm here (torch's): a norm whose eps or momentum means
+# something else declares its own range.
+CONVENTIONAL_RANGES: dict[str, ValueRange] = {"eps": POSITIVE, "momentum": MOMENTUM}
 
 
-def register_norm(name: str, *, override: bool = False) -> Callable[[NormFactory], NormFactory]:
-    """Decorator: register ``factory(num_features, **kwargs) -> nn.Module`` under ``name``."""
+def register_norm(
+    name: str, *, override: bool = False, ranges: Mapping[str, ValueRange] | None = None
+) -> Callable[[NormFactory], NormFactory]:
+    """Decorator: register ``factory(num_features, **kwargs) -> nn.Module`` under ``name``.
+
+    ``ranges`` declares the valid values of its numeric arguments (``normlab.ranges``); a spec
+    with a value outside them is refused before any layer is built.
+    """
 
     def decorator(factory: NormFactory) -> NormFactory:
         if name in NORMS and not override:
             raise ValueError(f"norm {name!r} is already registered (pass override=True to replace)")
         NORMS[name] = factory
+        _DECLARED_RANGES[name] = dict(ranges or {})
         return factory
 
     return decorator
+
+
+def argument_ranges(name: str) -> dict[str, ValueRange]:
+    """The valid ranges of a registered norm's arguments: declared, or conventional."""
+    params = inspect.signature(NORMS[name]).parameters
+    conventional = {arg: r for arg, r in CONVENTIONAL_RANGES.items() if arg in params}
+    return {**conventional, **_DECLARED_RANGES.get(name, {})}
 
 
 def _split_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -83,6 +106,7 @@ def get_norm_layer(spec: NormSpec) -> NormLayer:
         raise ConfigError(
             f"norm {name!r} does not take {', '.join(unknown)}; its arguments: {', '.join(allowed)}"
         )
+    check_values(argument_ranges(name), kwargs, f"norm {name!r}")
     return functools.partial(factory, **kwargs)
 
 

@@ -1,0 +1,156 @@
+"""Valid ranges of numeric arguments, declared next to the code that takes them.
+
+Norms declare theirs when they register (``register_norm(name, ranges=...)``), models with
+:func:`checked_arguments`. Library calls check them and raise :class:`ArgumentError`, which names
+the argument; the config layer (:mod:`normlab.validation`) checks the same declarations against
+the composed config before anything is built, naming the config key instead
+(``head_norm.eps``, ``model.drop_path_rate``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from normlab.errors import ConfigError
+
+Declared = TypeVar("Declared", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """The values one argument accepts: a number (an integer if ``integer``) between ``low`` and
+    ``high`` (either may be open or absent), or None if ``nullable``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    nullable: bool = False
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if math.isnan(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+            bounds += ")" if self.high_open else "]"
+        elif self.low is not None:
+            bounds = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            bounds = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            bounds = ""
+        text = f"{kind} {bounds}".rstrip()
+        return f"null or {text}" if self.nullable else text
+
+
+POSITIVE = ValueRange(low=0, low_open=True)
+NON_NEGATIVE = ValueRange(low=0)
+COUNT = ValueRange(low=1, integer=True)
+OPTIONAL_COUNT = ValueRange(low=1, integer=True, nullable=True)
+FRACTION = ValueRange(low=0, high=1)
+# Probabilities of dropping something: 1 would drop everything.
+DROP_RATE = ValueRange(low=0, high=1, high_open=True)
+# A running-average momentum; null means a cumulative average (torch's BatchNorm).
+MOMENTUM = ValueRange(low=0, high=1, nullable=True)
+
+
+class ArgumentError(ConfigError):
+    """A numeric argument outside its valid range. ``str()`` names the argument and its owner
+    (``eps must be a number > 0, got -1 (norm 'bn')``); :meth:`at` names a config key instead."""
+
+    def __init__(self, argument: str, value: Any, allowed: ValueRange, owner: str) -> None:
+        self.argument, self.value, self.allowed, self.owner = argument, value, allowed, owner
+        super().__init__(f"{argument} must be {allowed}, got {value!r} ({owner})")
+
+    def at(self, key: str) -> ConfigError:
+        """The same mistake stated for the config key the value came from."""
+        return ConfigError(f"{key} must be {self.allowed}, got {self.value!r}")
+
+
+def check_values(ranges: Mapping[str, ValueRange], values: Mapping[str, Any], owner: str) -> None:
+    """Raise :class:`ArgumentError` for the first of ``values`` outside its declared range."""
+    for argument, value in values.items():
+        allowed = ranges.get(argument)
+        if allowed is not None and not allowed.allows(value):
+            raise ArgumentError(argument, value, allowed, owner)
+
+
+def _given_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments a call passes, by name, with ``**options`` spread out."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return {}  # the call itself reports a wrong signature
+    given = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            given.update(value)
+        else:
+            given[name] = value
+    return given
+
+
+def checked_arguments(**ranges: ValueRange) -> Callable[[Declared], Declared]:
+    """Decorator for a model class or constructor function: every call checks its arguments
+    against ``ranges`` (raising :class:`ArgumentError`), and :func:`declared_ranges` finds them."""
+
+    def decorate(target: Declared) -> Declared:
+        if isinstance(target, type):
+            init = target.__init__
+            signature = inspect.signature(init)
+
+            @functools.wraps(init)
+            def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
+                given = _given_arguments(signature, (self, *args), kwargs)
+                check_values(ranges, given, target.__name__)
+                init(self, *args, **kwargs)
+
+            target.__init__ = checked_init
+            target.argument_ranges = {**getattr(target, "argument_ranges", {}), **ranges}
+            return target
+
+        signature = inspect.signature(target)
+
+        @functools.wraps(target)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            check_values(ranges, _given_arguments(signature, args, kwargs), target.__name__)
+            return target(*args, **kwargs)
+
+        checked.argument_ranges = dict(ranges)
+        return typing.cast(Declared, checked)
+
+    return decorate
+
+
+def declared_ranges(target: Any) -> Mapping[str, ValueRange]:
+    """The ranges ``target`` declares, or, for a constructor function that declares none, those
+    of the class its return annotation names (``convnext_atto -> ConvNeXt``)."""
+    ranges = getattr(target, "argument_ranges", None)
+    if ranges is not None:
+        return ranges
+    if inspect.isfunction(target):
+        try:
+            returned = typing.get_type_hints(target).get("return")
+        except Exception:  # an annotation that does not resolve declares nothing
+            return {}
+        return getattr(returned, "argument_ranges", {}) if isinstance(returned, type) else {}
+    return {}
