@@ -7,6 +7,8 @@ import threading
 import time
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from normlab.utils.study import (
     Configuration,
@@ -17,6 +19,7 @@ from normlab.utils.study import (
     mean_and_spread,
     results_table,
     run_study,
+    saved_overrides,
     slug,
     study_code_line,
     study_time_line,
@@ -153,3 +156,29 @@ def test_jobs_start_in_order_and_never_oversubscribe_the_cores(tmp_path, monkeyp
     run_study(jobs, tmp_path, cores=2)
     assert started == list(sizes)
     assert peak[0] == 2
+
+
+def test_saved_overrides_come_back_as_the_arguments_that_were_passed(tmp_path):
+    """A rerun (experiments/*/run.py) passes a run's saved overrides to training again: quotes,
+    spaces, colons and interpolations must survive the round trip through overrides.yaml."""
+    passed = [
+        "data.root='/a b'",
+        '+x="it\'s: y"',
+        "a.b=c: d",
+        "tags=[a,'b c']",
+        "model.name=${oc.env:HOME}",
+        "task.optimizer.lr=1e-3",
+    ]
+    (tmp_path / ".hydra").mkdir()
+    # Written as Hydra writes it (hydra.core.utils._save_config: OmegaConf.to_yaml of the list).
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(passed)))
+
+    again = saved_overrides(tmp_path)
+
+    assert again == passed
+    parser = OverridesParser.create()
+    parsed = [(o.key_or_group, o.value()) for o in parser.parse_overrides(again)]
+    assert parsed[0] == ("data.root", "/a b")
+    assert parsed[1] == ("x", "it's: y")
+    assert parsed[2] == ("a.b", "c: d")
+    assert parsed == [(o.key_or_group, o.value()) for o in parser.parse_overrides(passed)]

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 
 from normlab.utils.run import CONFIG_DIR
 
@@ -47,9 +48,17 @@ def study_run_dir(task: str, experiment: str) -> Path:
 
 
 def saved_overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides a run was started with (Hydra's .hydra/overrides.yaml)."""
-    lines = (run_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
-    return [line.removeprefix("- ").strip("'\"") for line in lines if line.startswith("- ")]
+    """The command-line overrides a run was started with, exactly as Hydra received them.
+
+    Hydra writes them to ``.hydra/overrides.yaml`` as a YAML list, quoting an entry as YAML
+    needs (``'+x="it''s: y"'``); read as YAML, each comes back as the argument that was passed
+    (no interpolation is resolved: ``${...}`` stays as written).
+    """
+    path = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(path.read_text()) or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError(f"{path} is not a list of overrides")
+    return overrides
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
