@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from torchmetrics.utilities.plot import plot_confusion_matrix
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 
@@ -21,36 +22,33 @@ def figure_to_array(figure: Figure) -> np.ndarray:
 
 
 def confusion_matrix_figure(matrix: torch.Tensor, class_names: Sequence[str]) -> Figure:
-    """A labelled heat map of a confusion matrix (rows: true class, columns: predicted)."""
-    matrix = matrix.detach().cpu().numpy()
+    """A labelled heat map of a confusion matrix (rows: true class, columns: predicted), drawn by
+    torchmetrics on a figure of our own (no pyplot figure is left open); counts are written into
+    the cells up to 20 classes, where they still fit."""
     size = max(4.0, 0.45 * len(class_names) + 2.0)
     figure = Figure(figsize=(size, size), dpi=100)
-    axes = figure.add_subplot()
-    axes.imshow(matrix, cmap="Blues")
-    ticks = np.arange(len(class_names))
-    axes.set_xticks(ticks, labels=class_names, rotation=90)
-    axes.set_yticks(ticks, labels=class_names)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    if len(class_names) <= 20:
-        threshold = matrix.max() / 2 if matrix.size else 0
-        for (row, col), count in np.ndenumerate(matrix):
-            color = "white" if count > threshold else "black"
-            axes.text(col, row, str(int(count)), ha="center", va="center", color=color, fontsize=7)
+    plot_confusion_matrix(
+        matrix.detach().cpu(),
+        ax=figure.add_subplot(),
+        add_text=len(class_names) <= 20,
+        labels=list(class_names),
+        cmap="Blues",
+    )
     figure.tight_layout()
     return figure
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     """An H×W×3 uint8 grid of N×C×H×W images, each min-max scaled on its own for display."""
-    images = images.detach().float().cpu()
-    low = images.amin(dim=(1, 2, 3), keepdim=True)
-    high = images.amax(dim=(1, 2, 3), keepdim=True)
-    images = (images - low) / (high - low).clamp_min(1e-8)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    grid = make_grid(
+        images.detach().float().cpu(),
+        nrow=nrow,
+        padding=2,
+        pad_value=1.0,
+        normalize=True,
+        scale_each=True,
+    )
+    return _to_uint8(grid)
 
 
 def log_image(
@@ -194,9 +192,14 @@ def translation_grid(
     """
 
     def to_rgb(images: torch.Tensor) -> torch.Tensor:
-        images = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+        images = images.detach().float().cpu()
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
     rows = torch.stack([to_rgb(inputs), to_rgb(outputs), to_rgb(targets)], dim=1).flatten(0, 1)
-    grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+    grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0, normalize=True, value_range=(-1, 1))
+    return _to_uint8(grid)
+
+
+def _to_uint8(grid: torch.Tensor) -> np.ndarray:
+    """A 3×H×W grid in [0, 1] as the H×W×3 uint8 array loggers take."""
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
