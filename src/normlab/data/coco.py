@@ -95,7 +95,8 @@ def parse_categories(data: Mapping[str, Any], path: str) -> list[tuple[int, str]
 @dataclass(frozen=True)
 class CocoSplit:
     """One split's checked annotations. Image ``i`` owns rows ``offsets[i]:offsets[i + 1]`` of the
-    per-annotation arrays; boxes are absolute xyxy pixels clipped to the image, labels contiguous."""
+    per-annotation arrays; boxes are absolute xyxy pixels (clipped to the image for training, as
+    the json has them for evaluation), labels contiguous."""
 
     json_path: str
     image_dir: str
@@ -140,6 +141,7 @@ def load_coco_split(
     *,
     split: str,
     keep_crowd: bool,
+    clip_to_image: bool = True,
     on_bad_sample: str = "raise",
     data: Mapping[str, Any] | None = None,
 ) -> tuple[CocoSplit, BadSamples]:
@@ -147,7 +149,9 @@ def load_coco_split(
     json, if any); returns the good images and the report of the bad ones.
 
     ``category_ids[label]`` is the json category id of each contiguous label. Boxes are converted
-    from xywh to xyxy and clipped to the json's image size (counted in one log line). An image is
+    from xywh to xyxy; ``clip_to_image`` clips them to the json's image size (counted in one log
+    line), which training may want, while COCO evaluation scores the boxes, areas and crowd flags
+    as the json has them, so evaluation splits must not clip. An image is
     bad when its file is missing, is not an image, or has another size than the json says, or when
     one of its annotations is (see the ``REASON_*`` constants): with ``on_bad_sample="skip"`` it
     is left out, since keeping it without the bad box would show that object as background to
@@ -222,7 +226,9 @@ def load_coco_split(
         crowd = int(bool(ann.get("iscrowd", 0)))
         if crowd and not keep_crowd:
             continue
-        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        if not clip_to_image:
+            x1, y1, x2, y2 = x, y, x + w, y + h
+        elif (x1, y1, x2, y2) != (x, y, x + w, y + h):
             clipped.append(str(ann_id))
         if category_id not in label_of:
             raise ConfigError(
@@ -379,10 +385,12 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
     ``__init__`` so ``num_classes`` / ``class_names`` / ``category_ids`` are known before the model
     is built, and the other splits must list the same categories.
 
-    Training: ``iscrowd=1`` annotations are dropped, then (optionally) ``RandomShortestSize``
-    (shorter side drawn from ``train_min_sizes``, longer side at most ``max_size``) and a
-    horizontal flip with probability ``hflip``. Val/test images keep their original geometry (so
-    detections are in the coordinates of the json) and keep crowd annotations for evaluation.
+    Training: boxes are clipped to their image, ``iscrowd=1`` annotations are dropped, then
+    (optionally) ``RandomShortestSize`` (shorter side drawn from ``train_min_sizes``, longer side
+    at most ``max_size``) and a horizontal flip with probability ``hflip``. Val/test images keep
+    their original geometry (so detections are in the coordinates of the json) and their
+    annotations as the json has them (crowd regions, boxes reaching past the image edge) for
+    COCO evaluation.
     ``on_bad_sample``: ``"raise"`` (default) stops at the first bad image or annotation naming it,
     ``"skip"`` leaves out the images concerned with a count (see :func:`load_coco_split` and
     :mod:`normlab.data.bad_samples`). ``on_bad_annotation`` (``"error"`` / ``"skip"``) is its
@@ -545,6 +553,7 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
             self.category_ids,
             split=stage,
             keep_crowd=stage != "train",
+            clip_to_image=stage == "train",
             on_bad_sample=self.on_bad_sample,
             data=data,
         )

@@ -60,6 +60,32 @@ def build_map_metric(backend: str = "faster_coco_eval") -> MeanAveragePrecision:
     )
 
 
+def coco_results(
+    image_ids: Sequence[int],
+    detections: Sequence[Mapping[str, Tensor]],
+    category_ids: Sequence[int],
+) -> list[dict[str, Any]]:
+    """Detections in COCO's results format (what ``COCO.loadRes`` and evaluation servers read):
+    one ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` per box, with the json's
+    image and category ids. ``detections[i]`` holds xyxy ``boxes``, ``scores`` and contiguous
+    ``labels`` for image ``image_ids[i]``."""
+    results = []
+    for image_id, detection in zip(image_ids, detections, strict=True):
+        boxes = detection["boxes"].tolist()
+        scores = detection["scores"].tolist()
+        labels = detection["labels"].tolist()
+        for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels, strict=True):
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(category_ids[label]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": score,
+                }
+            )
+    return results
+
+
 def _eval_targets(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
     keys = ("boxes", "labels", "iscrowd", "area")
     return [{k: t[k] for k in keys if k in t} for t in targets]
@@ -96,6 +122,8 @@ class DetectionModule(pl.LightningModule):
         self.test_map = build_map_metric(map_backend)
         self.val_map_best = MaxMetric()
         self._shown: list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]] = []
+        # The last test run's detections per image, for coco_detections().
+        self._tested: list[tuple[int, dict[str, Tensor]]] = []
 
     @classmethod
     def logged_metrics(cls) -> list[str]:
@@ -211,9 +239,23 @@ class DetectionModule(pl.LightningModule):
             self.global_step,
         )
 
+    def on_test_epoch_start(self) -> None:
+        self._tested.clear()
+
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
-        self.test_map.update(self(images), _eval_targets(targets))
+        predictions = self(images)
+        self.test_map.update(predictions, _eval_targets(targets))
+        for prediction, target in zip(predictions, targets, strict=True):
+            if "image_id" in target:
+                kept = {k: prediction[k].detach().cpu() for k in ("boxes", "scores", "labels")}
+                self._tested.append((int(target["image_id"]), kept))
+
+    def coco_detections(self, category_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """The detections of the last test run in COCO's results format (the json's image ids,
+        ``category_ids[label]``, xywh boxes, scores): see :func:`coco_results`."""
+        image_ids = [image_id for image_id, _ in self._tested]
+        return coco_results(image_ids, [d for _, d in self._tested], category_ids)
 
     def on_test_epoch_end(self) -> None:
         self._log_map(self.test_map, "test")
