@@ -9,10 +9,12 @@ from __future__ import annotations
 import copy
 import csv
 import multiprocessing as mp
+import random
 import socket
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from normlab.callbacks import PreciseBN, recompute_norm_statistics
+from normlab.callbacks.precise_bn import preserved_rng_state
 from normlab.errors import ConfigError
 from normlab.norm import SyncBatchNorm
 from normlab.ops.batchnorm import CudaBatchNorm
@@ -313,3 +316,17 @@ def test_two_processes_pool_their_inputs(tmp_path, kind, sizes):
         for mean, var, (want_mean, want_var) in zip(means, variances, expected, strict=True):
             torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(var, want_var, rtol=1e-12, atol=1e-14)
+
+
+def test_statistics_pass_leaves_every_random_generator_where_it_was():
+    def draw() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    pl.seed_everything(5)
+    expected = draw()
+    pl.seed_everything(5)
+    with preserved_rng_state():
+        inside = draw()
+        draw()
+    assert inside == expected
+    assert draw() == expected

@@ -218,16 +218,14 @@ def recompute_norm_statistics(
 def preserved_rng_state() -> Iterator[None]:
     """Put the random generators back afterwards: drawing batches (shuffling, augmentation) for
     the statistics must not change the rest of the training run."""
-    python, numpy_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+    python, numpy_state = random.getstate(), np.random.get_state()
+    cuda_devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
 
 
 def independent_loader(loader: DataLoader) -> DataLoader:
