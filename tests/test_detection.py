@@ -245,6 +245,22 @@ def test_short_detection_run_logs_boxes_metrics_and_checkpoints(compose_config, 
     evaluated = evaluate(eval_cfg)
     assert evaluated["test/map"] == pytest.approx(metrics["test/map"], abs=1e-6)
 
+    # ... and writes its detections in COCO's results format, which pycocotools reads against
+    # the test json and scores as normlab did.
+    (test_json,) = Path(cfg.data.root).rglob("instances_test.json")
+    detections = Path(eval_cfg.paths.output_dir) / "detections_test.json"
+    results = json.loads(detections.read_text())
+    assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(str(test_json))
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(str(detections)), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert {r["image_id"] for r in results} <= set(ground_truth.getImgIds())
+    assert {r["category_id"] for r in results} <= set(ground_truth.getCatIds())
+    assert evaluator.stats[0] == pytest.approx(evaluated["test/map"], abs=1e-4)
+
 
 def test_warmup_multistep_schedule() -> None:
     from normlab.tasks.optim import warmup_multistep

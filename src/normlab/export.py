@@ -62,7 +62,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.errors import ConfigError
-from normlab.eval import load_run_info
+from normlab.eval import check_data_fits, load_run_info
 from normlab.norm import LayerNorm2d, SyncBatchNorm
 from normlab.train import exit_on_config_error, instantiate_data
 from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
@@ -662,6 +662,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt_path={cfg.ckpt_path}: {module_class.__name__} has no inference_network(batch)"
         )
     datamodule = instantiate_data(cfg.data if cfg.get("data") else trained.data)
+    check_data_fits(cfg.ckpt_path, trained, datamodule)
     network, example_inputs = module.inference_network(_first_batch(datamodule))
     network.eval()
     reference = _call(network, example_inputs)
