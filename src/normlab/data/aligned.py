@@ -18,10 +18,11 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.functional import pil_to_tensor
 
 from normlab.data.bad_samples import (
     BadSamples,
@@ -39,8 +40,8 @@ from normlab.errors import ConfigError
 DIRECTIONS = ("AtoB", "BtoA")
 SPLITS = ("train", "val", "test")
 CHANNEL_CHOICES = (1, 3)
-# Lower-case suffixes read as images (the reference accepts the same family).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+# torchvision's ImageFolder suffixes (lower-case), as the reference accepts.
+IMAGE_EXTENSIONS = IMG_EXTENSIONS
 PAIR_LAYOUT = "two equal halves side by side (A on the left, B on the right)"
 REASON_ODD_WIDTH = "odd width"
 
@@ -75,11 +76,7 @@ def check_pair_files(report: BadSamples, paths: list[str]) -> None:
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit PIL image → float32 C×H×W in [-1, 1] (the reference's ToTensor + Normalize(0.5, 0.5))."""
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
-    return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+    return pil_to_tensor(image).to(torch.float32).div_(127.5).sub_(1.0)
 
 
 class AlignedDataset(Dataset):
