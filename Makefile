@@ -11,7 +11,7 @@ STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-nor
 
 .PHONY: install install-export export train test test-slow test-ddp test-gpu bench bench-gpu bench-bn \
   bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
-  sweep-norms sweep-optuna sweep-slurm $(addprefix study-,$(STUDIES))
+  sweep-norms sweep-optuna sweep-slurm slurm-packages slurm-local slurm-down test-slurm $(addprefix study-,$(STUDIES))
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -52,8 +52,9 @@ sweep-norms: install ## multirun EXP over NORMS × BATCHES, one run dir and wand
 sweep-optuna: install ## Optuna search conf/hparams_search/<EXP>_optuna.yaml (densenet_digits, pix2pix_digits); rerun to resume
 	$(BIN)/python -m normlab.train experiment=$(EXP) hparams_search=$(EXP)_optuna $(ARGS)
 
-# On a SLURM login node: ARGS="hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=8 ...".
-sweep-slurm: install ## submit the NORMS grid of EXP to SLURM (submitit; DDP over the job's GPUs)
+# On a Slurm login node: ARGS="hydra.launcher.partition=gpu hydra.launcher.tasks_per_node=8 ..."
+# (one task and one GPU per process); after `make slurm-local`, SLURM_CONF=.slurm/slurm.conf.
+sweep-slurm: install ## submit the NORMS grid of EXP to Slurm as a job array (DDP over each job's GPUs)
 	$(BIN)/python -m normlab.train -m hydra/launcher=slurm trainer=slurm experiment=$(EXP) \
 	  norm=$(NORMS) $(ARGS)
 
@@ -62,10 +63,30 @@ test: install ## run the test suite (fast tests, one worker per core)
 	$(BIN)/python -m pytest -n auto $(ARGS)
 
 test-slow: install ## run the slow tests too (and the multi-process ones)
-	$(BIN)/python -m pytest -m "(slow or ddp or not slow) and not gpu" $(ARGS)
+	$(BIN)/python -m pytest -m "(slow or ddp or not slow) and not gpu and not slurm" $(ARGS)
 
 test-ddp: install ## multi-process checks: SyncBN exactness and 2-process training on CPU (gloo)
 	$(BIN)/python -m pytest -m "ddp or not ddp" tests/test_syncbn.py tests/test_ddp.py $(ARGS)
+
+# A one-node Slurm on this machine (as root), state and logs in SLURM_DIR; Slurm's commands and
+# hydra/launcher=slurm reach it with `export SLURM_CONF=$(SLURM_DIR)/slurm.conf`.
+SLURM_DIR ?= .slurm
+
+slurm-packages:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "local Slurm: slurm-wlm and munge are not installed and there is no apt-get here to install them"; exit 1; }; \
+	  echo "installing slurm-wlm and munge with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; }
+
+slurm-local: slurm-packages ## start a one-node Slurm here (root; apt-installs slurm-wlm and munge if missing)
+	$(PYTHON) scripts/local_slurm.py up --dir $(SLURM_DIR)
+
+slurm-down: ## stop the daemons slurm-local started (and cancel its jobs)
+	$(PYTHON) scripts/local_slurm.py down --dir $(SLURM_DIR)
+
+# Brings up its own local Slurm in a temporary dir and stops it at the end.
+test-slurm: install slurm-packages ## tests against a live local Slurm (root): job arrays, DDP over Slurm tasks, pre-emption
+	$(BIN)/python -m pytest -m slurm tests/slurm $(ARGS)
 
 # The GPU half of cuda_bn: kernels compiled, not interpreted.
 test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf16, torch.compile)

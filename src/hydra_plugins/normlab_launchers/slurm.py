@@ -119,9 +119,10 @@ def slurm_problem() -> str | None:
         )
     except subprocess.TimeoutExpired:
         return "the Slurm controller did not answer `scontrol ping` within 60 s"
-    answer = " ".join((ping.stdout + ping.stderr).split())
-    if ping.returncode != 0 or "UP" not in answer:
-        return f"no Slurm controller answers (scontrol ping: {answer or 'no output'})"
+    answer = (ping.stdout + ping.stderr).strip().splitlines()
+    if ping.returncode != 0 or not answer or not answer[0].rstrip().endswith("UP"):
+        first = answer[0].strip() if answer else "no output"
+        return f"no Slurm controller answers (scontrol ping: {first})"
     return None
 
 

@@ -34,13 +34,18 @@ class StopOnSignal(pl.Callback):
         self._previous: Callable[..., Any] | int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous is None:
-            self._previous = signal.signal(self.signum, self._on_signal)
+        # Installed once and left in place: outside training it passes the signal on. (Lightning
+        # reinstalls, after each stage, the handlers it found before it, so a restore here would
+        # not last anyway.)
+        current = signal.getsignal(self.signum)
+        if current != self._on_signal:
+            self._previous = current
+            signal.signal(self.signum, self._on_signal)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._training = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._training = True
