@@ -63,7 +63,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.errors import ConfigError
 from normlab.eval import check_data_fits, load_run_info
-from normlab.norm import LayerNorm2d, SyncBatchNorm
+from normlab.norm import LayerNorm2d, SyncBatchNorm, bake_standardized_weights
 from normlab.train import exit_on_config_error, instantiate_data
 from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
 
@@ -108,7 +108,7 @@ def is_norm_layer(module: nn.Module) -> bool:
     norms: tuple[type, ...] = (_NormBase, FrozenBatchNorm2d, nn.GroupNorm, nn.LayerNorm)
     if hasattr(nn, "RMSNorm"):
         norms += (nn.RMSNorm,)
-    return isinstance(module, norms)
+    return isinstance(module, norms) or hasattr(type(module), "why_not_folded")
 
 
 def _why_not_affine(module: nn.Module) -> str | None:
@@ -117,6 +117,10 @@ def _why_not_affine(module: nn.Module) -> str | None:
     kind = type(module).__name__
     if isinstance(module, FrozenBatchNorm2d):
         return None
+    # A registry norm that states it (normlab.norm.small_batch): None means BN's eval forward.
+    declared = getattr(type(module), "why_not_folded", False)
+    if declared is not False:
+        return declared
     if isinstance(module, (nn.GroupNorm, nn.LayerNorm, LayerNorm2d)) or (
         hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)
     ):
@@ -294,6 +298,8 @@ class FoldReport:
     parameters_after: int = 0
     buffers_before: int = 0
     buffers_after: int = 0
+    # Convolutions whose weight standardization (norm.weight_standardization) was made constant.
+    standardized_weights_baked: int = 0
     # max |folded(x) - model(x)| on the example input, and that over max |model(x)|; None when
     # the outputs cannot be compared (their shapes changed, e.g. a detector's boxes after NMS).
     max_abs_difference: float | None = None
@@ -308,6 +314,10 @@ class FoldReport:
             f"- parameters: {self.parameters_before:,} → {self.parameters_after:,}; "
             f"buffer values: {self.buffers_before:,} → {self.buffers_after:,}",
         ]
+        if self.standardized_weights_baked:
+            lines.append(
+                f"- standardised conv weights made constant: {self.standardized_weights_baked}"
+            )
         if self.max_relative_difference is not None:
             lines.append(
                 f"- on the example input, max |folded − original| = {self.max_abs_difference:.3g}"
@@ -498,6 +508,8 @@ def fold_norms(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRe
     report = FoldReport(
         parameters_before=_count(model.parameters()), buffers_before=_count(model.buffers())
     )
+    # At inference a standardised weight is a constant: fold into it as into any other weight.
+    report.standardized_weights_baked = bake_standardized_weights(folded)
     trace = _trace(folded, example_inputs)
     finder = _Finder(folded, trace)
     plans: list[tuple[str, nn.Module, nn.Module, str]] = []

@@ -26,7 +26,13 @@ from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
 from torch import nn
 from typing_extensions import Unpack
 
-from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_name
+from normlab.norm import (
+    NormLayer,
+    NormSpec,
+    get_norm_layer,
+    norm_name,
+    standardize_conv_weights,
+)
 from normlab.ranges import COUNT, DROP_RATE, NON_NEGATIVE, POSITIVE, ValueRange, checked_arguments
 
 __all__ = [
@@ -267,6 +273,7 @@ class ConvNeXt(nn.Module):
             drop_rate=drop_rate,
         )
         self._init_weights(head_init_scale)
+        standardize_conv_weights(self)  # norm.weight_standardization=true
 
     @torch.no_grad()
     def _init_weights(self, head_init_scale: float) -> None:

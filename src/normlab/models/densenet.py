@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import Unpack
 
-from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_and_activation
+from normlab.norm import (
+    NormLayer,
+    NormSpec,
+    get_norm_layer,
+    norm_and_activation,
+    standardize_conv_weights,
+)
 from normlab.ranges import COUNT, DROP_RATE, ValueRange, checked_arguments
 
 __all__ = [
@@ -262,6 +268,7 @@ class DenseNet(nn.Module):
 
         self.classifier = nn.Linear(num_features, num_classes)
         self._init_weights()
+        standardize_conv_weights(self)  # norm.weight_standardization=true
 
     def _init_weights(self) -> None:
         # torchvision's init. Norms are recognised by having a weight Parameter, not by class,

@@ -40,6 +40,7 @@ from normlab.norm import (
     activation_after,
     fuse_norm_activations,
     get_norm_layer,
+    standardize_conv_weights,
 )
 from normlab.ranges import COUNT, NON_NEGATIVE, checked_arguments
 
@@ -315,6 +316,7 @@ class UnetGenerator(nn.Module):
             block = level(ngf * mult, ngf * mult * 2, inner=block)
         self.unet = level(out_channels, ngf, in_channels=in_channels, inner=block, role="outermost")
         init_weights(self, init_type, init_gain, key="model.generator.init_type")
+        standardize_conv_weights(self)  # norm.weight_standardization=true
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
@@ -380,6 +382,7 @@ class PatchDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
         fuse_norm_activations(self.net)  # a norm that can apply its LeakyReLU itself does
         init_weights(self, init_type, init_gain, key="model.discriminator.init_type")
+        standardize_conv_weights(self)  # norm.weight_standardization=true
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -424,6 +427,7 @@ class PixelDiscriminator(nn.Module):
         )
         fuse_norm_activations(self.net)  # a norm that can apply its LeakyReLU itself does
         init_weights(self, init_type, init_gain, key="model.discriminator.init_type")
+        standardize_conv_weights(self)  # norm.weight_standardization=true
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

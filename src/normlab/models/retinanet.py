@@ -49,6 +49,7 @@ from normlab.norm import (
     fuse_norm_activations,
     get_norm_layer,
     norm_name,
+    standardize_conv_weights,
 )
 from normlab.ranges import (
     COUNT,
@@ -455,6 +456,7 @@ def _retinanet_resnet_fpn(
     )
     if detector_weights is not None:
         _load_detector_weights(model, detector_weights, num_classes, progress)
+    standardize_conv_weights(model)  # norm.weight_standardization=true (any of the three norms)
     return model
 
 

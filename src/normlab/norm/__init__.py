@@ -6,6 +6,7 @@ Models never import a norm class; they take a spec (a name, a mapping or a calla
 """
 
 from normlab.norm import builtin as _builtin  # noqa: F401  (registers the built-in norms)
+from normlab.norm import small_batch as _small_batch  # noqa: F401  (registers brn, ghost_bn, ...)
 from normlab.norm.convert import convert_norms, norm_channels
 from normlab.norm.fusion import activation_after, fuse_norm_activations, norm_and_activation
 from normlab.norm.layers import LayerNorm2d, NoNorm
@@ -18,16 +19,32 @@ from normlab.norm.registry import (
     norm_name,
     register_norm,
 )
+from normlab.norm.small_batch import (
+    BatchRenorm2d,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm2d,
+    GhostBatchNorm2d,
+    RMSNorm2d,
+)
+from normlab.norm.standardize import bake_standardized_weights, standardize_conv_weights
 from normlab.norm.sync import SyncBatchNorm
 
 __all__ = [
     "NORMS",
+    "BatchRenorm2d",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm2d",
+    "GhostBatchNorm2d",
     "LayerNorm2d",
     "NoNorm",
     "NormLayer",
     "NormSpec",
+    "RMSNorm2d",
     "SyncBatchNorm",
     "activation_after",
+    "bake_standardized_weights",
     "build_norm",
     "convert_norms",
     "fuse_norm_activations",
@@ -36,4 +53,5 @@ __all__ = [
     "norm_channels",
     "norm_name",
     "register_norm",
+    "standardize_conv_weights",
 ]

@@ -12,6 +12,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from normlab.errors import ConfigError
 from normlab.norm.layers import LayerNorm2d, NoNorm
 from normlab.norm.registry import NormSpec, get_norm_layer
+from normlab.norm.small_batch import EvoNormB0, EvoNormS0, FilterResponseNorm2d, RMSNorm2d
+from normlab.norm.standardize import standardize_conv_weights
 
 # LayerNorms that normalise the channel axis of N×C×H×W input. A plain nn.LayerNorm normalises
 # the last axis (channels-last blocks, transformers) and is left alone.
@@ -33,8 +35,10 @@ def norm_channels(module: nn.Module) -> int | None:
         return module.num_channels
     if isinstance(module, FrozenBatchNorm2d):
         return module.weight.shape[0]
-    if isinstance(module, _CHANNELS_FIRST_LAYER_NORMS):
+    if isinstance(module, (*_CHANNELS_FIRST_LAYER_NORMS, RMSNorm2d)):
         return module.normalized_shape[0]
+    if isinstance(module, (FilterResponseNorm2d, EvoNormB0, EvoNormS0)):
+        return module.num_features
     if isinstance(module, NoNorm):
         return module.num_features
     return None
@@ -105,8 +109,12 @@ def convert_norms(model: nn.Module, spec: NormSpec) -> nn.Module:
     shapes; the model is changed in place (except when ``model`` is itself a norm layer, in which
     case the returned module is its replacement). A norm with a fused activation (cuda_bn) passes
     it on to its replacement; if the new kind cannot apply it, nothing is changed and a
-    ConfigError says so.
+    ConfigError says so. With ``weight_standardization`` in ``spec``, the convolution before each
+    new norm is then standardised (``normlab.norm.standardize``); without it, standardised
+    convolutions stay as they are.
     """
     norm_layer = get_norm_layer(spec)
     _check_fused_activations_survive(model, norm_layer, spec)
-    return _convert(model, norm_layer)
+    converted = _convert(model, norm_layer)
+    standardize_conv_weights(converted)
+    return converted

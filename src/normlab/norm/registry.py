@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from normlab.errors import ConfigError
+from normlab.norm import standardize
 from normlab.ranges import MOMENTUM, POSITIVE, ValueRange, check_values
 
 NormFactory = Callable[..., nn.Module]
@@ -97,6 +98,8 @@ def get_norm_layer(spec: NormSpec) -> NormLayer:
     name, kwargs = _split_spec(spec)
     if name not in NORMS:
         raise ConfigError(f"unknown norm {name!r}; registered norms: {registered()}")
+    # A switch on any norm, not an argument of one (normlab.norm.standardize).
+    weight_standardization = standardize.check_switch(kwargs.pop(standardize.SPEC_KEY, False))
     factory = NORMS[name]
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -107,7 +110,8 @@ def get_norm_layer(spec: NormSpec) -> NormLayer:
             f"norm {name!r} does not take {', '.join(unknown)}; its arguments: {', '.join(allowed)}"
         )
     check_values(argument_ranges(name), kwargs, f"norm {name!r}")
-    return functools.partial(factory, **kwargs)
+    norm_layer = functools.partial(factory, **kwargs)
+    return standardize.marking(norm_layer) if weight_standardization else norm_layer
 
 
 def build_norm(spec: NormSpec, num_features: int) -> nn.Module:
