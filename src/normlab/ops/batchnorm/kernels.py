@@ -26,6 +26,8 @@ tensors; that is how CI tests them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +90,14 @@ def _tile(
     mask = (o < outer) & (c < channels) & (i < inner)
     offsets = o.to(tl.int64) * stride_o + c * stride_c + i * stride_i
     return offsets, mask
+
+
+@triton.jit
+def _tile_of_program(num_chunks, BLOCK_C: tl.constexpr):
+    """(chunk, first channel) of an elementwise program. The grid is 1-D, chunks of a channel
+    block adjacent: axis 0 allows 2³¹−1 programs, axes 1 and 2 only 65,535 (too few channels)."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid % num_chunks, (pid // num_chunks) * BLOCK_C
 
 
 @triton.jit
@@ -185,18 +195,21 @@ def _merge_stats_kernel(
     channels,
     stride_stat,
     stride_part,
-    stats_ptr,
-    mean_ptr,
-    invstd_ptr,
-    unbiased_ptr,
+    out_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    momentum,
     eps,
     ACC: tl.constexpr,
-    WRITE_STATS: tl.constexpr,
+    SHARE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Merge P partial (count, mean, M2) rows into the batch mean, 1/σ and unbiased variance
-    (Chan et al.); optionally also the merged (count, mean, M2) (a process's share under sync)."""
+    """Merge P partial (count, mean, M2) rows (Chan et al.) into ``out`` ``[3, C]``: (count, mean,
+    1/σ) for normalising, or with ``SHARE`` the merged (count, mean, M2) — a process's share under
+    sync. ``UPDATE_RUNNING`` also moves the running statistics towards the batch's mean and
+    unbiased variance (channels that saw no value keep theirs), as ``Tensor.lerp_`` does."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < channels
     count = tl.zeros([BLOCK_C], dtype=ACC)
@@ -219,15 +232,30 @@ def _merge_stats_kernel(
         mean += delta * weight
         m2 += block_m2 + delta * delta * count * weight
         count = total
-    if WRITE_STATS:
-        tl.store(stats_ptr + cs, count, mask=cmask)
-        tl.store(stats_ptr + channels + cs, mean, mask=cmask)
-        tl.store(stats_ptr + 2 * channels + cs, m2, mask=cmask)
-    invstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
-    tl.store(mean_ptr + cs, mean, mask=cmask)
-    tl.store(invstd_ptr + cs, invstd, mask=cmask)
-    unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-    tl.store(unbiased_ptr + cs, unbiased, mask=cmask)
+    tl.store(out_ptr + cs, count, mask=cmask)
+    tl.store(out_ptr + channels + cs, mean, mask=cmask)
+    if SHARE:
+        tl.store(out_ptr + 2 * channels + cs, m2, mask=cmask)
+    else:
+        invstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
+        tl.store(out_ptr + 2 * channels + cs, invstd, mask=cmask)
+    if UPDATE_RUNNING:
+        update = cmask & (count > 0)
+        unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+        _lerp_in_place(running_mean_ptr + cs, mean, momentum, update)
+        _lerp_in_place(running_var_ptr + cs, unbiased, momentum, update)
+
+
+@triton.jit
+def _lerp_in_place(ptr, end, weight, mask):
+    """``ptr ← lerp(ptr, end, weight)`` with ``end`` first rounded to ``ptr``'s dtype and the
+    arithmetic of ``Tensor.lerp_`` (fp32 for half buffers), so buffers match BatchNorm's."""
+    compute = tl.float64 if ptr.dtype.element_ty == tl.float64 else tl.float32
+    start = tl.load(ptr, mask=mask, other=0.0).to(compute)
+    end = end.to(ptr.dtype.element_ty).to(compute)
+    difference = end - start
+    result = tl.where(weight < 0.5, start + weight * difference, end - difference * (1.0 - weight))
+    tl.store(ptr, result.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -245,6 +273,7 @@ def _normalize_kernel(
     stride_c,
     stride_i,
     num_i_blocks,
+    num_chunks,
     eps,
     slope,
     ACC: tl.constexpr,
@@ -257,8 +286,7 @@ def _normalize_kernel(
     BLOCK_I: tl.constexpr,
 ):
     """y = act((x − μ)·γ/σ + β) for one tile."""
-    chunk = tl.program_id(0)
-    c_start = tl.program_id(1) * BLOCK_C
+    chunk, c_start = _tile_of_program(num_chunks, BLOCK_C)
     mean, _, scale, shift = _channel_params(
         c_start, channels, mean_ptr, spread_ptr, weight_ptr, bias_ptr, eps,
         ACC, FROM_VAR, HAS_WEIGHT, HAS_BIAS, BLOCK_C,
@@ -333,6 +361,47 @@ def _partial_grad_sums_kernel(
 
 
 @triton.jit
+def _finish_grad_sums_kernel(
+    partial_ptr,
+    P,
+    channels,
+    stride_stat,
+    stride_part,
+    means_ptr,
+    count_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    ACC: tl.constexpr,
+    MEANS: tl.constexpr,
+    GRAD_WEIGHT: tl.constexpr,
+    GRAD_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Sum P partial (Σdz, Σdz·x̂) rows: dβ = Σdz and dγ = Σdz·x̂ in the parameters' dtypes and,
+    with ``MEANS``, ``means`` ``[2, C]`` = both sums over the count at ``count_ptr`` (per channel:
+    the batch's, or under sync all processes' — each process's share then adds up to the mean)."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < channels
+    sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=ACC)
+    for p_start in range(0, P, BLOCK_P):
+        ps = p_start + tl.arange(0, BLOCK_P)[:, None]
+        mask = (ps < P) & cmask[None, :]
+        rows = partial_ptr + ps * stride_part + cs[None, :]
+        sum_dz += tl.sum(tl.load(rows, mask=mask, other=0.0).to(ACC), axis=0)
+        sum_dz_xhat += tl.sum(tl.load(rows + stride_stat, mask=mask, other=0.0).to(ACC), axis=0)
+    if GRAD_WEIGHT:
+        tl.store(grad_weight_ptr + cs, sum_dz_xhat.to(grad_weight_ptr.dtype.element_ty), mask=cmask)
+    if GRAD_BIAS:
+        tl.store(grad_bias_ptr + cs, sum_dz.to(grad_bias_ptr.dtype.element_ty), mask=cmask)
+    if MEANS:
+        count = tl.maximum(tl.load(count_ptr + cs, mask=cmask, other=1.0).to(ACC), 1.0)
+        tl.store(means_ptr + cs, sum_dz / count, mask=cmask)
+        tl.store(means_ptr + channels + cs, sum_dz_xhat / count, mask=cmask)
+
+
+@triton.jit
 def _grad_input_kernel(
     dy_ptr,
     x_ptr,
@@ -341,8 +410,7 @@ def _grad_input_kernel(
     spread_ptr,
     weight_ptr,
     bias_ptr,
-    mean_dz_ptr,
-    mean_dz_xhat_ptr,
+    means_ptr,
     outer,
     channels,
     inner,
@@ -350,6 +418,7 @@ def _grad_input_kernel(
     stride_c,
     stride_i,
     num_i_blocks,
+    num_chunks,
     eps,
     slope,
     ACC: tl.constexpr,
@@ -362,9 +431,10 @@ def _grad_input_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
-    """dx = γ/σ · (dz − mean(dz) − x̂·mean(dz·x̂)); without batch statistics just γ/σ · dz."""
-    chunk = tl.program_id(0)
-    c_start = tl.program_id(1) * BLOCK_C
+    """dx = γ/σ · (dz − mean(dz) − x̂·mean(dz·x̂)); without batch statistics just γ/σ · dz.
+
+    ``means_ptr``: ``[2, C]`` mean(dz) and mean(dz·x̂) (only read with ``BATCH_STATS``)."""
+    chunk, c_start = _tile_of_program(num_chunks, BLOCK_C)
     mean, invstd, scale, shift = _channel_params(
         c_start, channels, mean_ptr, spread_ptr, weight_ptr, bias_ptr, eps,
         ACC, FROM_VAR, HAS_WEIGHT, HAS_BIAS, BLOCK_C,
@@ -379,8 +449,8 @@ def _grad_input_kernel(
     dz = _activation_grad(dy, centred * scale + shift, ACT, slope)
     if BATCH_STATS:
         cs = c_start + tl.arange(0, BLOCK_C)
-        mean_dz = tl.load(mean_dz_ptr + cs, mask=cs < channels, other=0.0).to(ACC)[None, :, None]
-        mean_dz_xhat = tl.load(mean_dz_xhat_ptr + cs, mask=cs < channels, other=0.0).to(ACC)
+        mean_dz = tl.load(means_ptr + cs, mask=cs < channels, other=0.0).to(ACC)[None, :, None]
+        mean_dz_xhat = tl.load(means_ptr + channels + cs, mask=cs < channels, other=0.0).to(ACC)
         dz = dz - mean_dz - centred * invstd * mean_dz_xhat[None, :, None]
     tl.store(dx_ptr + offsets, (dz * scale).to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -477,21 +547,53 @@ def plan_reduction(layout: Layout, programs: int, tile_elements: int) -> Plan:
     )
 
 
+@dataclass(frozen=True)
+class PlanSettings:
+    """What :func:`plan_reduction` aims for: programs to keep busy and elements per tile."""
+
+    programs: int
+    tile_elements: int
+
+
+def gpu_plan_settings(multiprocessors: int) -> PlanSettings:
+    """A GPU's plan: four programs per SM, 2,048-element tiles."""
+    return PlanSettings(programs=4 * multiprocessors, tile_elements=2048)
+
+
+# The interpreter's plan: small tiles and a few splits, so tiny test shapes still cross every
+# chunk and split boundary.
+INTERPRETER_PLAN = PlanSettings(programs=8, tile_elements=128)
+
+_forced_plan: PlanSettings | None = None
+
+
+@contextmanager
+def forced_plan(settings: PlanSettings) -> Iterator[None]:
+    """Plan every launch with ``settings`` whatever the device: the GPU's plan on CPU tensors
+    (interpreter tests, recording the launches a GPU would get)."""
+    global _forced_plan
+    previous, _forced_plan = _forced_plan, settings
+    try:
+        yield
+    finally:
+        _forced_plan = previous
+
+
 def _plan_for(x: Tensor, layout: Layout) -> Plan:
-    if x.is_cuda:
+    settings = _forced_plan
+    if settings is None and x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return plan_reduction(layout, programs=4 * sms, tile_elements=2048)
-    # The interpreter: small tiles and a few splits, so tiny test shapes still cross every
-    # chunk and split boundary.
-    return plan_reduction(layout, programs=8, tile_elements=128)
+        settings = gpu_plan_settings(sms)
+    settings = settings or INTERPRETER_PLAN
+    return plan_reduction(layout, settings.programs, settings.tile_elements)
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _acc(x: Tensor) -> tl.dtype:
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+def _acc(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _blocks(plan: Plan) -> dict[str, int]:
@@ -506,38 +608,51 @@ def _flags(weight: Tensor | None, bias: Tensor | None, activation: str | None) -
     }
 
 
+def _per_channel_blocks(parts: int, channels: int) -> dict[str, int]:
+    """Grid-free block sizes of the small kernels that reduce ``parts`` rows per channel."""
+    return {
+        "BLOCK_P": min(triton.next_power_of_2(max(parts, 1)), 16),
+        "BLOCK_C": min(triton.next_power_of_2(max(channels, 1)), 128),
+    }
+
+
 def local_stats(x: Tensor, layout: Layout) -> Tensor:
-    """Per-split partial statistics ``[3 (count, mean, M2), splits, C]``."""
+    """Per-split partial statistics ``[3 (count, mean, M2), splits, C]``. Every split writes its
+    row (zeros for an empty batch), so the buffer needs no clearing."""
     plan = _plan_for(x, layout)
-    partial = x.new_zeros((3, plan.splits, layout.channels), dtype=stats_dtype(x))
-    if plan.num_chunks == 0 or layout.channels == 0:
+    partial = x.new_empty((3, plan.splits, layout.channels), dtype=stats_dtype(x))
+    if layout.channels == 0:
         return partial
     _partial_stats_kernel[(plan.channel_blocks, plan.splits)](
         x, partial, *layout.args, plan.num_i_blocks, plan.num_chunks, plan.chunks_per_split,
-        partial.stride(0), partial.stride(1), ACC=_acc(x), **_blocks(plan),
+        partial.stride(0), partial.stride(1), ACC=_acc(x.dtype), **_blocks(plan),
     )  # fmt: skip
     return partial
 
 
 def merge_stats(
-    partial: Tensor, eps: float, write_stats: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Merge ``[3, P, C]`` partials: mean, 1/σ, unbiased variance (for the running estimate) and,
-    if ``write_stats``, the merged ``[3, C]`` (count, mean, M2)."""
+    partial: Tensor,
+    eps: float,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.0,
+    share: bool = False,
+) -> Tensor:
+    """Merge ``[3, P, C]`` partials into ``[3, C]``: (count, mean, 1/σ), or with ``share`` the
+    merged (count, mean, M2). Given running buffers, also updates them in place (momentum)."""
     _, parts, channels = partial.shape
-    mean, invstd, unbiased = (partial.new_empty(channels) for _ in range(3))
-    stats = partial.new_empty((3, channels)) if write_stats else None
+    stats = partial.new_empty((3, channels))
     if channels == 0:
-        return mean, invstd, unbiased, stats
-    block_c = min(triton.next_power_of_2(channels), 128)
-    _merge_stats_kernel[(triton.cdiv(channels, block_c),)](
-        partial, parts, channels, partial.stride(0), partial.stride(1),
-        stats if write_stats else mean, mean, invstd, unbiased, eps,
-        ACC=tl.float64 if partial.dtype == torch.float64 else tl.float32,
-        WRITE_STATS=write_stats, BLOCK_P=min(triton.next_power_of_2(max(parts, 1)), 16),
-        BLOCK_C=block_c,
+        return stats
+    update_running = running_mean is not None and running_var is not None
+    blocks = _per_channel_blocks(parts, channels)
+    _merge_stats_kernel[(triton.cdiv(channels, blocks["BLOCK_C"]),)](
+        partial, parts, channels, partial.stride(0), partial.stride(1), stats,
+        running_mean if update_running else stats, running_var if update_running else stats,
+        momentum, eps, ACC=_acc(partial.dtype), SHARE=share, UPDATE_RUNNING=update_running,
+        **blocks,
     )  # fmt: skip
-    return mean, invstd, unbiased, stats
+    return stats
 
 
 def normalize(
@@ -560,9 +675,10 @@ def normalize(
     plan = _plan_for(x, layout)
     if x.numel() == 0:
         return y
-    _normalize_kernel[(plan.num_chunks, plan.channel_blocks)](
-        x, y, mean, spread, weight, bias, *layout.args, plan.num_i_blocks, eps, negative_slope,
-        ACC=_acc(x), FROM_VAR=from_var, **_flags(weight, bias, activation), **_blocks(plan),
+    _normalize_kernel[(plan.num_chunks * plan.channel_blocks,)](
+        x, y, mean, spread, weight, bias, *layout.args, plan.num_i_blocks, plan.num_chunks, eps,
+        negative_slope, ACC=_acc(x.dtype), FROM_VAR=from_var, **_flags(weight, bias, activation),
+        **_blocks(plan),
     )  # fmt: skip
     return y
 
@@ -580,17 +696,43 @@ def grad_sums(
     activation: str | None,
     negative_slope: float,
 ) -> Tensor:
-    """``[2, C]``: Σdz and Σdz·x̂ per channel, where dz = dy·act'(z). ``dy`` has ``x``'s layout."""
+    """``[2, splits, C]``: per-split Σdz and Σdz·x̂, where dz = dy·act'(z) (``dy`` has ``x``'s
+    layout); every split writes its row."""
     plan = _plan_for(x, layout)
-    partial = x.new_zeros((2, plan.splits, layout.channels), dtype=stats_dtype(x))
-    if x.numel() > 0:
-        _partial_grad_sums_kernel[(plan.channel_blocks, plan.splits)](
-            dy, x, partial, mean, spread, weight, bias, *layout.args, plan.num_i_blocks,
-            plan.num_chunks, plan.chunks_per_split, partial.stride(0), partial.stride(1), eps,
-            negative_slope, ACC=_acc(x), FROM_VAR=from_var, **_flags(weight, bias, activation),
-            **_blocks(plan),
-        )  # fmt: skip
-    return partial.sum(dim=1)
+    partial = x.new_empty((2, plan.splits, layout.channels), dtype=stats_dtype(x))
+    if layout.channels == 0:
+        return partial
+    _partial_grad_sums_kernel[(plan.channel_blocks, plan.splits)](
+        dy, x, partial, mean, spread, weight, bias, *layout.args, plan.num_i_blocks,
+        plan.num_chunks, plan.chunks_per_split, partial.stride(0), partial.stride(1), eps,
+        negative_slope, ACC=_acc(x.dtype), FROM_VAR=from_var, **_flags(weight, bias, activation),
+        **_blocks(plan),
+    )  # fmt: skip
+    return partial
+
+
+def finish_grad_sums(
+    partial: Tensor,
+    count: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """From :func:`grad_sums`' partials: (``[2, C]`` mean(dz) and mean(dz·x̂) over the per-channel
+    ``count`` — None without a count —, dγ, dβ — None without the parameter)."""
+    _, parts, channels = partial.shape
+    means = partial.new_empty((2, channels)) if count is not None else None
+    grad_weight = torch.empty_like(weight) if weight is not None else None
+    grad_bias = torch.empty_like(bias) if bias is not None else None
+    if channels == 0 or (means is None and grad_weight is None and grad_bias is None):
+        return means, grad_weight, grad_bias
+    blocks = _per_channel_blocks(parts, channels)
+    _finish_grad_sums_kernel[(triton.cdiv(channels, blocks["BLOCK_C"]),)](
+        partial, parts, channels, partial.stride(0), partial.stride(1),
+        *(partial if t is None else t for t in (means, count, grad_weight, grad_bias)),
+        ACC=_acc(partial.dtype), MEANS=means is not None, GRAD_WEIGHT=grad_weight is not None,
+        GRAD_BIAS=grad_bias is not None, **blocks,
+    )  # fmt: skip
+    return means, grad_weight, grad_bias
 
 
 def grad_input(
@@ -605,20 +747,19 @@ def grad_input(
     from_var: bool,
     activation: str | None,
     negative_slope: float,
-    mean_dz: Tensor | None,
-    mean_dz_xhat: Tensor | None,
+    means: Tensor | None,
 ) -> Tensor:
-    """The input gradient; ``mean_dz``/``mean_dz_xhat`` are None when the statistics were
+    """The input gradient; ``means`` (mean(dz), mean(dz·x̂)) is None when the statistics were
     constants (eval mode), so only the affine map and the activation are differentiated."""
     dx = torch.empty_like(x)
     plan = _plan_for(x, layout)
     if x.numel() == 0:
         return dx
-    batch_stats = mean_dz is not None
-    _grad_input_kernel[(plan.num_chunks, plan.channel_blocks)](
-        dy, x, dx, mean, spread, weight, bias, mean_dz if batch_stats else mean,
-        mean_dz_xhat if batch_stats else mean, *layout.args, plan.num_i_blocks, eps,
-        negative_slope, ACC=_acc(x), FROM_VAR=from_var, **_flags(weight, bias, activation),
-        BATCH_STATS=batch_stats, **_blocks(plan),
+    batch_stats = means is not None
+    _grad_input_kernel[(plan.num_chunks * plan.channel_blocks,)](
+        dy, x, dx, mean, spread, weight, bias, means if batch_stats else mean, *layout.args,
+        plan.num_i_blocks, plan.num_chunks, eps, negative_slope, ACC=_acc(x.dtype),
+        FROM_VAR=from_var, **_flags(weight, bias, activation), BATCH_STATS=batch_stats,
+        **_blocks(plan),
     )  # fmt: skip
     return dx

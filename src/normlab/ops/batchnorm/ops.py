@@ -1,8 +1,9 @@
 """cuda_bn's kernels as PyTorch operators: autograd, ``torch.compile`` and cross-process sync.
 
-The single-process path is three ``torch.library`` custom ops (training forward, eval forward,
-backward) with fake implementations and an autograd formula, so ``torch.compile`` treats each as
-one opaque node (running-statistics updates included) instead of tracing into Triton's launcher.
+The single-process path is four ``torch.library`` custom ops with fake implementations: batch
+statistics (updating the running ones in place), training forward and eval forward (each with an
+autograd formula) and their backward, so ``torch.compile`` treats each as one opaque node instead
+of tracing into Triton's launcher.
 The synchronised path needs collectives between the kernels and is an ``autograd.Function``.
 """
 
@@ -14,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from normlab.norm.sync import update_running_stats
 from normlab.ops.batchnorm import kernels
 from normlab.ops.batchnorm.kernels import layout_of, same_layout, stats_dtype
 
@@ -27,32 +27,49 @@ def _empty() -> Tensor:
     return torch.empty(0)
 
 
-# Functional (no in-place update of the running statistics): custom ops that mutate their inputs
-# cannot have an autograd formula, so the caller applies ``update_running_stats`` to the outputs.
+# The running statistics are updated inside the merge kernel, so the statistics are an op of
+# their own: an op that mutates its inputs cannot have an autograd formula, and it needs none
+# (the input gradient of ``batch_norm_train`` already accounts for the batch statistics).
+@torch.library.custom_op("normlab::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def _batch_stats(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """``[3, C]``: (count, mean, 1/σ) of the batch; running buffers (if given) moved towards its
+    mean and unbiased variance, unless the batch is empty."""
+    x, layout = layout_of(x)
+    partial = kernels.local_stats(x, layout)
+    return kernels.merge_stats(partial, eps, running_mean, running_var, momentum)
+
+
+@_batch_stats.register_fake
+def _(x, running_mean, running_var, momentum, eps):
+    return x.new_empty((3, x.shape[1]), dtype=stats_dtype(x))
+
+
 @torch.library.custom_op("normlab::batch_norm_train", mutates_args=())
 def _train_forward(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
+    stats: Tensor,
     eps: float,
     activation: str | None,
     negative_slope: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, batch mean, batch 1/σ, batch unbiased variance)."""
+) -> Tensor:
+    """act(BN(x)) with the batch's ``stats`` from ``batch_norm_stats``."""
     x, layout = layout_of(x)
-    mean, invstd, unbiased, _ = kernels.merge_stats(kernels.local_stats(x, layout), eps)
-    y = kernels.normalize(
-        x, layout, mean, invstd, weight, bias, eps, False, activation, negative_slope
+    return kernels.normalize(
+        x, layout, stats[1], stats[2], weight, bias, eps, False, activation, negative_slope
     )
-    return y, mean, invstd, unbiased
 
 
 @_train_forward.register_fake
-def _(x, weight, bias, eps, activation, negative_slope):
-    def per_channel() -> Tensor:
-        return x.new_empty(x.shape[1], dtype=stats_dtype(x))
-
-    return torch.empty_like(x), per_channel(), per_channel(), per_channel()
+def _(x, weight, bias, stats, eps, activation, negative_slope):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("normlab::batch_norm_eval", mutates_args=())
@@ -85,8 +102,8 @@ def _backward(
     bias: Tensor | None,
     mean: Tensor,
     spread: Tensor,
+    count: Tensor | None,
     eps: float,
-    batch_stats: bool,
     activation: str | None,
     negative_slope: float,
     input_grad: bool,
@@ -94,28 +111,31 @@ def _backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dγ, dβ); a gradient that was not asked for (or has no parameter) is an empty tensor.
 
-    ``spread`` is 1/σ of the batch (``batch_stats``) or the running variance (eval mode).
+    With batch statistics ``spread`` is the batch's 1/σ and ``count`` its per-channel count;
+    without (eval mode, ``count`` None) ``spread`` is the running variance.
     """
     x, layout = layout_of(x)
     grad_out = same_layout(grad_out, x)
+    batch_stats = count is not None
     args = (mean, spread, weight, bias, eps, not batch_stats, activation, negative_slope)
-    sums = None
+    means = grad_weight = grad_bias = None
     if param_grad or (input_grad and batch_stats):
-        sums = kernels.grad_sums(grad_out, x, layout, *args)
-    grad_x = _empty()
-    if input_grad:
-        means = (sums / max(_channel_count(x), 1)).unbind(0) if batch_stats else (None, None)
-        grad_x = kernels.grad_input(grad_out, x, layout, *args, *means)
-    grad_weight, grad_bias = _empty(), _empty()
-    if param_grad and weight is not None:
-        grad_weight = sums[1].to(weight.dtype, copy=True)  # outputs may not alias each other
-    if param_grad and bias is not None:
-        grad_bias = sums[0].to(bias.dtype, copy=True)
-    return grad_x, grad_weight, grad_bias
+        means, grad_weight, grad_bias = kernels.finish_grad_sums(
+            kernels.grad_sums(grad_out, x, layout, *args),
+            count if input_grad else None,
+            weight if param_grad else None,
+            bias if param_grad else None,
+        )
+    grad_x = kernels.grad_input(grad_out, x, layout, *args, means) if input_grad else _empty()
+    return (
+        grad_x,
+        _empty() if grad_weight is None else grad_weight,
+        _empty() if grad_bias is None else grad_bias,
+    )
 
 
 @_backward.register_fake
-def _(grad_out, x, weight, bias, mean, spread, eps, batch_stats, activation, negative_slope,
+def _(grad_out, x, weight, bias, mean, spread, count, eps, activation, negative_slope,
       input_grad, param_grad):  # fmt: skip
     grad_x = torch.empty_like(x) if input_grad else x.new_empty(0)
     grad_weight = torch.empty_like(weight) if param_grad and weight is not None else x.new_empty(0)
@@ -127,12 +147,12 @@ def _none_if_empty(grad: Tensor, wanted: bool) -> Tensor | None:
     return grad if wanted else None
 
 
-def _call_backward(ctx: Any, grad_out: Tensor, batch_stats: bool) -> tuple[Tensor | None, ...]:
-    x, weight, bias, mean, spread = ctx.saved_tensors
+def _call_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, bias, mean, spread, count = ctx.saved_tensors
     input_grad = ctx.needs_input_grad[0]
     param_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grad_x, grad_weight, grad_bias = torch.ops.normlab.batch_norm_backward(
-        grad_out, x, weight, bias, mean, spread, ctx.eps, batch_stats, ctx.activation,
+        grad_out, x, weight, bias, mean, spread, count, ctx.eps, ctx.activation,
         ctx.negative_slope, input_grad, param_grad,
     )  # fmt: skip
     return (
@@ -142,25 +162,25 @@ def _call_backward(ctx: Any, grad_out: Tensor, batch_stats: bool) -> tuple[Tenso
     )
 
 
-def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, weight, bias, eps, activation, negative_slope = inputs
-    _, mean, invstd, _ = output
-    ctx.save_for_backward(x, weight, bias, mean, invstd)
+def _train_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, weight, bias, stats, eps, activation, negative_slope = inputs
+    count, mean, invstd = stats.unbind(0)
+    ctx.save_for_backward(x, weight, bias, mean, invstd, count)
     ctx.eps, ctx.activation, ctx.negative_slope = eps, activation, negative_slope
 
 
-def _train_backward(ctx: Any, grad_out: Tensor, *_statistics_grads: Tensor):
-    return *_call_backward(ctx, grad_out, batch_stats=True), None, None, None
+def _train_backward(ctx: Any, grad_out: Tensor):
+    return *_call_backward(ctx, grad_out), None, None, None, None
 
 
 def _eval_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
     x, weight, bias, running_mean, running_var, eps, activation, negative_slope = inputs
-    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var, None)
     ctx.eps, ctx.activation, ctx.negative_slope = eps, activation, negative_slope
 
 
 def _eval_backward(ctx: Any, grad_out: Tensor):
-    return *_call_backward(ctx, grad_out, batch_stats=False), None, None, None, None, None
+    return *_call_backward(ctx, grad_out), None, None, None, None, None
 
 
 _train_forward.register_autograd(_train_backward, setup_context=_train_setup)
@@ -179,14 +199,18 @@ def batch_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
 ) -> Tensor:
-    """act(BN(x)) with the Triton kernels, as ``F.batch_norm`` plus a fused activation."""
+    """act(BN(x)) with the Triton kernels, as ``F.batch_norm`` plus a fused activation.
+
+    Training is three kernel launches forward (partial statistics, merge with the running
+    statistics' update, normalise) and at most three backward (partial sums, their merge into
+    the means and dγ/dβ, input gradient)."""
     if use_batch_stats:
-        y, mean, _, unbiased_var = torch.ops.normlab.batch_norm_train(
-            x, weight, bias, eps, activation, negative_slope
+        stats = torch.ops.normlab.batch_norm_stats(
+            x.detach(), running_mean, running_var, momentum, eps
         )
-        if _channel_count(x) > 0:  # an empty batch leaves the running statistics alone
-            update_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
-        return y
+        return torch.ops.normlab.batch_norm_train(
+            x, weight, bias, stats, eps, activation, negative_slope
+        )
     return torch.ops.normlab.batch_norm_eval(
         x, weight, bias, running_mean, running_var, eps, activation, negative_slope
     )
@@ -210,7 +234,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         group: Any,
     ) -> Tensor:
         x, layout = layout_of(x)
-        *_, local = kernels.merge_stats(kernels.local_stats(x, layout), eps, write_stats=True)
+        local = kernels.merge_stats(kernels.local_stats(x, layout), eps, share=True)
         shares = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(shares, local, group=group)
         gathered = torch.stack(shares, dim=1)  # [3 (count, mean, M2), processes, C]
@@ -220,30 +244,30 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 "Expected more than 1 value per channel when training, got "
                 f"{int(gathered[0, :, 0].sum())} across the synchronised processes"
             )
-        mean, invstd, unbiased_var, merged = kernels.merge_stats(gathered, eps, write_stats=True)
-        update_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
+        stats = kernels.merge_stats(gathered, eps, running_mean, running_var, momentum)
+        count, mean, invstd = stats.unbind(0)
         y = kernels.normalize(
             x, layout, mean, invstd, weight, bias, eps, False, activation, negative_slope
         )
-        ctx.save_for_backward(x, weight, bias, mean, invstd, merged[0])
+        ctx.save_for_backward(x, weight, bias, mean, invstd, count)
         ctx.config = (eps, activation, negative_slope, group)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, mean, invstd, total = ctx.saved_tensors
+        x, weight, bias, mean, invstd, count = ctx.saved_tensors
         eps, activation, negative_slope, group = ctx.config
         x, layout = layout_of(x)
         grad_out = same_layout(grad_out, x)
         args = (mean, invstd, weight, bias, eps, False, activation, negative_slope)
-        local = kernels.grad_sums(grad_out, x, layout, *args)
+        # This process's sums over the count of all processes: summed over them, the means.
+        # γ/β gradients stay local (Σ over this process's samples).
+        shares, grad_weight, grad_bias = kernels.finish_grad_sums(
+            kernels.grad_sums(grad_out, x, layout, *args), count, weight, bias
+        )
         # Every process joins, even one whose batch is empty (its sums are zero).
-        global_sums = local.clone()
-        dist.all_reduce(global_sums, group=group)
-        mean_dz, mean_dz_xhat = (global_sums / total).unbind(0)
-        grad_x = kernels.grad_input(grad_out, x, layout, *args, mean_dz, mean_dz_xhat)
-        grad_weight = local[1].to(weight.dtype) if weight is not None else None
-        grad_bias = local[0].to(bias.dtype) if bias is not None else None
+        dist.all_reduce(shares, group=group)
+        grad_x = kernels.grad_input(grad_out, x, layout, *args, shares)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
