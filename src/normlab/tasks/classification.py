@@ -157,8 +157,10 @@ class ClassificationModule(pl.LightningModule):
             )
 
     def on_validation_epoch_end(self) -> None:
-        self.val_acc_best.update(self.val_metrics["acc"].compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
+        # The sanity check's batches are no validation: they must not enter the best-of.
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(self.val_metrics["acc"].compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
         matrix = self.val_confusion.compute()
         self.val_confusion.reset()
         if self.trainer.sanity_checking or not self.trainer.loggers:

@@ -221,8 +221,11 @@ class DetectionModule(pl.LightningModule):
         return results["map"]
 
     def on_validation_epoch_end(self) -> None:
-        self.val_map_best.update(self._log_map(self.val_map, "val"))
-        self.log("val/map_best", self.val_map_best.compute(), prog_bar=True, sync_dist=True)
+        val_map = self._log_map(self.val_map, "val")
+        # The sanity check's batches are no validation: they must not enter the best-of.
+        if not self.trainer.sanity_checking:
+            self.val_map_best.update(val_map)
+            self.log("val/map_best", self.val_map_best.compute(), prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking or not self.trainer.loggers or not self._shown:
             return
         names = getattr(self.trainer.datamodule, "class_names", None) or [

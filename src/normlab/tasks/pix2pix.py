@@ -302,8 +302,10 @@ class Pix2PixModule(pl.LightningModule):
         values = self.val_metrics.compute()
         self.val_metrics.reset()
         self.log_dict(values, prog_bar=True, sync_dist=True)
-        self.val_l1_best.update(values["val/l1"])
-        self.log("val/l1_best", self.val_l1_best.compute(), sync_dist=True)
+        # The sanity check's batches are no validation: they must not enter the best-of.
+        if not self.trainer.sanity_checking:
+            self.val_l1_best.update(values["val/l1"])
+            self.log("val/l1_best", self.val_l1_best.compute(), sync_dist=True)
         if self.trainer.sanity_checking or not self.trainer.loggers or not self._shown:
             return
         inputs, outputs, targets = (torch.cat(part) for part in zip(*self._shown, strict=True))
