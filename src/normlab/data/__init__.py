@@ -7,6 +7,7 @@ from normlab.data.coco import CocoDetectionDataModule
 from normlab.data.digit_pairs import DigitPairsDataModule
 from normlab.data.digit_scenes import DigitScenesDataModule
 from normlab.data.digits import DigitsDataModule
+from normlab.data.fashion_mnist import FashionMNISTDataModule
 from normlab.data.folders import CIFARDataModule, ImageFolderDataModule
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "DigitPairsDataModule",
     "DigitScenesDataModule",
     "DigitsDataModule",
+    "FashionMNISTDataModule",
     "ImageFolderDataModule",
 ]
