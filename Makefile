@@ -9,14 +9,14 @@ export WANDB_SILENT ?= true
 
 STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-norms pix2pix-bn-vs-in accumulation-vs-batch
 
-.PHONY: install install-export export train test test-slow test-ddp test-gpu bench bench-gpu bench-bn \
+.PHONY: install export train test test-slow test-ddp test-gpu bench bench-gpu bench-bn \
   bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
   sweep-norms sweep-optuna sweep-slurm slurm-packages slurm-local slurm-down test-slurm $(addprefix study-,$(STUDIES))
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
-install: $(STAMP) ## create .venv and install normlab with dev and sweep extras
+install: $(STAMP) ## create .venv and install normlab with its dev (tests, lint, ONNX export) and sweep extras
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, torchvision; torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)" \
 	  || { echo "torchvision cannot run its ops with this torch build: remove $(VENV) and reinstall"; exit 1; }
 	touch $@
-
-install-export: install ## add the ONNX extra (onnx, onnxscript, onnxruntime) for `make export`
-	$(BIN)/python -m pip install --quiet -e '.[dev,sweep,export]'
 
 # CKPT: a checkpoint of `python -m normlab.train` (ARGS="format=onnx fold_norms=false" ...).
 export: install ## export a checkpoint (folded norms, TorchScript or ONNX) with a report: CKPT=path
