@@ -1,14 +1,17 @@
 """Sweeps from the command line: a multirun grid with one grouped wandb run per job, a resumable
-Optuna search, and the submitit launcher running jobs as separate processes."""
+Optuna search, and the submitit launcher running jobs as separate processes; in each, a job that
+fails is recorded as failed, the other jobs run and the sweep exits 1 with a list of the failed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from omegaconf import OmegaConf
 
 from normlab.sweep import stored_trials
@@ -36,6 +39,43 @@ def job_dirs(sweep_dir: Path, prefix: str = "") -> list[Path]:
         (p for p in sweep_dir.iterdir() if p.is_dir() and p.name.removeprefix(prefix).isdigit()),
         key=lambda p: int(p.name.removeprefix(prefix)),
     )
+
+
+SEED_ERROR = "configuration error: seed must be an integer (or null for a random seed), got 'abc'"
+
+
+def outcome(job: Path) -> dict:
+    return json.loads((job / "job_outcome.json").read_text())
+
+
+def summary_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("normlab: ")]
+
+
+def test_a_failed_job_does_not_stop_the_grid_and_the_sweep_lists_it(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli("-m", *QUICK, "logger=csv", "seed=1,abc,2,3", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    jobs = job_dirs(sweep_dir)
+    assert [job.name for job in jobs] == ["0", "1", "2", "3"]
+    # The three good jobs ran to the end (their config, metrics and outcome are there)...
+    for job in (jobs[0], jobs[2], jobs[3]):
+        assert outcome(job)["status"] == "completed"
+        assert (job / "config_resolved.yaml").is_file()
+        assert (job / "csv").is_dir()
+    # ...and the bad one stopped at once, its one line in its own log and in the summary.
+    assert outcome(jobs[1])["status"] == "failed"
+    assert outcome(jobs[1])["error"] == SEED_ERROR
+    assert not (jobs[1] / "config_resolved.yaml").exists()
+    log_lines = (jobs[1] / "train.log").read_text().splitlines()
+    errors = [line for line in log_lines if "ERROR" in line]
+    assert len(errors) == 1 and errors[0].endswith(f"normlab: {SEED_ERROR}")
+    assert "Traceback" not in (jobs[1] / "train.log").read_text()
+    assert summary_lines(result.stderr) == [
+        f"normlab: sweep {sweep_dir}: 1 of 4 jobs failed (each job's job_outcome.json and log "
+        "say more):",
+        f"normlab:   job 1 (seed=abc): {SEED_ERROR}",
+    ]
 
 
 def test_grid_gives_each_job_a_run_dir_and_a_wandb_run_grouped_by_sweep(tmp_path):
@@ -106,6 +146,39 @@ def test_optuna_search_stores_trials_in_sqlite_and_resumes(tmp_path):
         assert 0.0 <= trial.value <= 1.0
 
 
+def test_a_failed_trial_is_stored_as_failed_and_the_resumed_study_proposes_new_points(tmp_path):
+    sweep_dir = tmp_path / "optuna"
+    search = (
+        *QUICK,
+        "hparams_search=densenet_digits_optuna",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    storage = f"sqlite:///{sweep_dir}/optuna.db"
+
+    # A first invocation whose one trial fails: stored as FAIL, the sweep says so and exits 1.
+    first = run_cli(*search, "hydra.sweeper.n_trials=1", "seed=abc")
+    assert first.returncode == 1, first.stderr[-3000:]
+    # A sweep of one job lists all its overrides: the trial's parameters and the bad seed.
+    failed_line = summary_lines(first.stderr)[-1]
+    assert failed_line.startswith("normlab:   job 0 (task.optimizer.lr=")
+    assert failed_line.endswith(f" seed=abc): {SEED_ERROR}")
+    trials = stored_trials(storage, "lr_wd_smoothing")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+
+    # Resumed with the full budget of three: the failed trial counts, two more run and complete
+    # (the failure of an earlier invocation does not fail this one).
+    resumed = run_cli(*search, "hydra.sweeper.n_trials=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 of 3 trials done" in resumed.stdout + resumed.stderr
+    trials = stored_trials(storage, "lr_wd_smoothing")
+    states = [t.state for t in trials]
+    assert states == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 2
+    # The seeded sampler did not start its sequence again: no trial repeats another's point.
+    points = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(points)) == 3, points
+
+
 def test_submitit_local_launcher_runs_two_jobs_in_their_own_processes(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
@@ -125,3 +198,21 @@ def test_submitit_local_launcher_runs_two_jobs_in_their_own_processes(tmp_path):
     logs = [path.read_text() for path in submitit.glob("*/*_log.out")]
     assert len(logs) == 2
     assert all("Job completed successfully" in text for text in logs)
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_the_other_job_when_one_fails(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "-m",
+        *QUICK,
+        "hydra/launcher=local",
+        "seed=abc,1",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    jobs = job_dirs(sweep_dir)
+    assert [outcome(job)["status"] for job in jobs] == ["failed", "completed"]
+    assert "Traceback" not in (jobs[0] / "train.log").read_text()
+    assert summary_lines(result.stderr)[-1] == f"normlab:   job 0 (seed=abc): {SEED_ERROR}"

@@ -14,3 +14,8 @@ class DataError(ConfigError):
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. a non-finite loss); the message says where it stopped and
     what was kept. The entry points report it as one line and exit with code 3."""
+
+
+class JobFailed(RuntimeError):
+    """A job of a multirun that stopped; the message is the one line reported for it. Raised to
+    Hydra, which records the job as failed, while the sweep goes on with the next job."""

@@ -4,6 +4,11 @@ The plugin loads an existing study from its storage (``load_if_exists``) but the
 ``n_trials`` *more* trials, numbering their jobs from 0 again, so rerunning an interrupted sweep
 overruns its budget and writes over the first trials' run dirs. This subclass counts the trials
 the storage already holds: it runs only the missing ones and numbers new jobs after the old.
+A seeded sampler would also start its sequence again and propose the first trials' points once
+more, so a resumed study's sampler gets a seed that counts the stored trials.
+
+A failed trial (its job failed, or its metric was not finite) is stored as FAIL and the study goes
+on, as long as ``max_failure_rate`` allows (the hparams_search configs set 1.0: never stop).
 """
 
 from __future__ import annotations
@@ -12,7 +17,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from omegaconf import DictConfig
+from optuna.trial import TrialState
 
 from normlab.sweep import SPENT_STATES, stored_trials
 
@@ -32,6 +41,12 @@ class ResumableOptunaSweeper(OptunaSweeper):
                 "hydra.sweeper.storage and hydra.sweeper.study_name must be set for a resumable "
                 "Optuna sweep (e.g. storage=sqlite:///${hydra.sweep.dir}/optuna.db)"
             )
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.sampler_config = config.hydra.sweeper.sampler
 
     def sweep(self, arguments: list[str]) -> None:
         impl = self.sweeper
@@ -55,4 +70,15 @@ class ResumableOptunaSweeper(OptunaSweeper):
         if impl.n_trials == 0:
             log.info("Study %r has all its trials; nothing to run", impl.study_name)
             return
-        super().sweep(arguments)
+        seed = self.sampler_config.get("seed")
+        if trials and seed is not None:
+            impl.sampler = instantiate(self.sampler_config, seed=seed + len(trials))
+        try:
+            super().sweep(arguments)
+        except ValueError:
+            # Optuna's study.best_trial, read after the last trial, fails when no trial
+            # completed; the failed jobs are what SweepReport reports.
+            after = stored_trials(storage, impl.study_name)
+            if len(after) == len(trials) or any(t.state == TrialState.COMPLETE for t in after):
+                raise
+            log.warning("Study %r: no trial completed, no best parameters", impl.study_name)

@@ -19,8 +19,22 @@ from normlab.utils.secrets import mask_secrets, mask_secrets_in_files, secret_va
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
+def _not_an_advertisement(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip")
+
+
 def quiet_dependency_warnings() -> None:
-    """Silence deprecation notices raised inside dependencies that users cannot act on."""
+    """Silence notices from dependencies that users cannot act on or did not ask for."""
+    # Lightning advertises its cloud services (litlogger, litmodels) at the start of every fit.
+    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(_not_an_advertisement)
+    # Lightning's hint to prepend `srun`, given on any machine with Slurm's client tools: a run
+    # started without srun here is meant to run in this process (hydra/launcher=slurm starts
+    # Slurm jobs itself, and Lightning finds their tasks without the hint).
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+    # torch's ONNX exporter runs onnxscript's graph passes, which log each rewrite at INFO (~18
+    # lines per export that say nothing about the exported file).
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Lightning 2.6's pytree helper trips a torch>=2.10 deprecation on every run.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # faster-coco-eval prints COCO's whole 12-line summary at INFO after every evaluation; the
@@ -43,6 +57,11 @@ def _hydra_job() -> tuple[bool, str, str, str]:
         return "" if value is None else str(value)
 
     return multirun, field("sweep.dir"), field("job.num"), field("job.override_dirname")
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (a sweep)."""
+    return _hydra_job()[0]
 
 
 def run_group(experiment: str) -> str:

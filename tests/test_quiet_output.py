@@ -1,0 +1,72 @@
+"""A run's output holds what the user needs, not the dependencies' notices: no advertisements
+from Lightning, no hint to use srun on a machine that merely has Slurm's tools, no wandb warning
+about a setting nobody set, no log line per graph rewrite from the ONNX exporter."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+NOISE = (
+    "💡 Tip",  # Lightning's litlogger and litmodels advertisements
+    "The `srun` command is available",  # Lightning, whenever srun is on the PATH
+    "The anonymous setting has no effect",  # wandb, for the option Lightning always passes
+)
+
+
+def test_a_short_run_with_wandb_prints_none_of_the_dependency_notices(tmp_path):
+    # A stand-in for Slurm's client tools: Lightning only looks for an `srun` on the PATH.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tools / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
+    env.pop("WANDB_SILENT", None)  # wandb's warnings are what is checked
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "normlab.train",
+            "model=densenet_bc_40",
+            "data.image_size=16",
+            "data.batch_size=8",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "test=false",
+            "logger=wandb",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wandb" in output  # wandb did speak (its offline-sync hint), only not the noise
+    for notice in NOISE:
+        assert notice not in output, notice
+
+
+def test_onnx_export_logs_none_of_the_graph_passes(caplog, tmp_path):
+    import normlab.export  # noqa: F401  (imported as `python -m normlab.export` imports it)
+
+    caplog.set_level(logging.INFO)
+    network = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    torch.onnx.export(
+        network, (torch.randn(1, 3, 8, 8),), str(tmp_path / "m.onnx"), external_data=False
+    )
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    passes = [
+        r.getMessage() for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir"))
+    ]
+    assert passes == []
