@@ -25,8 +25,10 @@ def _not_an_advertisement(record: logging.LogRecord) -> bool:
 
 def quiet_dependency_warnings() -> None:
     """Silence notices from dependencies that users cannot act on or did not ask for."""
-    # Lightning advertises its cloud services (litlogger, litmodels) at the start of every fit.
-    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(_not_an_advertisement)
+    # Lightning advertises its cloud services (litlogger, litmodels) at the start of every fit,
+    # through the logger that lightning.pytorch (or, alone, lightning.fabric) sets up.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_an_advertisement)
     # Lightning's hint to prepend `srun`, given on any machine with Slurm's client tools: a run
     # started without srun here is meant to run in this process (hydra/launcher=slurm starts
     # Slurm jobs itself, and Lightning finds their tasks without the hint).
