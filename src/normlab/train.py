@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
-import math
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
 
 import hydra
 import lightning.pytorch as pl
@@ -19,9 +15,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.errors import ConfigError, JobFailed, TrainingError
-from normlab.group_options import refuse_unknown_options
-from normlab.utils.checkpoint import AtomicCheckpointIO, SaveOnSigterm, resume_checkpoint
+from normlab.callbacks import ResumeRecord
+from normlab.errors import ConfigError, TrainingError
+from normlab.utils.checkpoint import (
+    AtomicCheckpointIO,
+    Resume,
+    SaveOnSigterm,
+    check_writable,
+    load_weights,
+    resume_checkpoint,
+)
 from normlab.utils.distributed import (
     NormSync,
     inherited_run_config,
@@ -29,12 +32,12 @@ from normlab.utils.distributed import (
     publish_run_config,
     split_global_batch,
 )
+from normlab.utils.logs import continue_logs
 from normlab.utils.run import (
     CONFIG_DIR,
     RunInfo,
     attach_wandb_run,
     git_sha,
-    in_multirun,
     quiet_dependency_warnings,
     register_resolvers,
     save_run_info,
@@ -109,11 +112,18 @@ def _fit_and_test(
     trainer: pl.Trainer,
     module: pl.LightningModule,
     datamodule: pl.LightningDataModule,
-    resume_from: Path | None,
+    continuing: Resume | None,
+    record: ResumeRecord,
 ) -> dict[str, float]:
+    metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        trainer.fit(module, datamodule=datamodule, ckpt_path=continuing and continuing.path)
+        if continuing and record.resumed and trainer.global_step == continuing.step:
+            # A requeued or repeated command of a run that had finished: not an error, and a
+            # sweeper gets the metrics the run ended with.
+            log.info("run already complete at step %d: nothing left to train", continuing.step)
+            metrics.update(record.resumed["metrics"])
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
@@ -161,7 +171,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import_user_modules(cfg.get("imports"))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    resume_from = resume_checkpoint(cfg.get("ckpt_path"), cfg.get("resume"), output_dir)
+    resume = resume_checkpoint(
+        cfg.get("ckpt_path"), cfg.get("resume"), output_dir, cfg.get("resume_mode", "continue")
+    )
+    continuing = resume if resume is not None and resume.mode == "continue" else None
+    # Now, not after an epoch of training (or in Hydra's log setup, for the run dir itself).
+    check_writable(output_dir / "checkpoints", "hydra.run.dir")
 
     split_global_batch(cfg)
     datamodule = instantiate_data(cfg.data)
@@ -169,17 +184,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # The model is built here, before any data is read, so a bad norm or model fails at once.
     task = OmegaConf.to_container(cfg.task, resolve=True)
     module: pl.LightningModule = instantiate(task, _recursive_=False)
+    if resume is not None and resume.mode == "weights":
+        load_weights(module, resume.path)
 
+    resume_from = continuing and continuing.path
     wandb_id = attach_wandb_run(cfg, output_dir, resume_from, write=is_rank_zero())
     info = save_run_info(cfg, output_dir, git_sha(), write=is_rank_zero())
     info["wandb_id"] = wandb_id
     if is_rank_zero():
         publish_run_config(output_dir / "config_resolved.yaml")
+    record = ResumeRecord()
     callbacks = [
         *instantiate_group(cfg.get("callbacks")),
         RunInfo(info),
         SaveOnSigterm(output_dir / "checkpoints"),
+        record,
     ]
+    if continuing is not None:
+        continue_logs(cfg.get("logger"), continuing.path)
     # Logger options (run names carry the overrides) with secrets masked, as in the saved config.
     loggers = instantiate_group(masked_config(cfg.get("logger")))
     trainer = _build_trainer(cfg, callbacks, loggers)
@@ -195,7 +217,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
 
     try:
-        metrics = _fit_and_test(cfg, trainer, module, datamodule, resume_from)
+        metrics = _fit_and_test(cfg, trainer, module, datamodule, continuing, record)
     except SIGTERMException:
         # Pre-empted: last.ckpt was written (SaveOnSigterm). Exit as a killed process would, not
         # with 0, so a scheduler does not count the run as finished.
@@ -223,11 +245,6 @@ def _reported_error(error: BaseException | None) -> ConfigError | TrainingError 
     return None
 
 
-def _one_line(reported: ConfigError | TrainingError) -> str:
-    kind = "training stopped" if isinstance(reported, TrainingError) else "configuration error"
-    return f"{kind}: {reported}"
-
-
 def exit_on_config_error(error: Exception) -> None:
     """Report a configuration mistake as one line and exit 2 (a run that had to stop, e.g. on a
     non-finite loss: exit 3); re-raise anything else."""
@@ -236,62 +253,26 @@ def exit_on_config_error(error: Exception) -> None:
         raise error
     # One line naming the key and what is allowed (or where the run stopped); a traceback
     # would bury it.
-    print(f"normlab: {_one_line(reported)}", file=sys.stderr)
-    sys.exit(3 if isinstance(reported, TrainingError) else 2)
+    if isinstance(reported, TrainingError):
+        print(f"normlab: training stopped: {reported}", file=sys.stderr)
+        sys.exit(3)
+    print(f"normlab: configuration error: {reported}", file=sys.stderr)
+    sys.exit(2)
 
 
-def fail_sweep_job(error: Exception) -> NoReturn:
-    """End a multirun job that failed without ending the sweep: write why into the job's log (the
-    one line, or the traceback of an unexpected error) and raise :class:`JobFailed`, which Hydra
-    records as the job's result (``SweepReport`` lists it when the sweep ends)."""
-    reported = _reported_error(error)
-    if reported is None:
-        log.exception("job failed")
-        first_line = next(iter(str(error).splitlines()), "")
-        line = f"{type(error).__name__}: {first_line}"
-    else:
-        line = _one_line(reported)
-        log.error("normlab: %s", line)
-    raise JobFailed(line) from error
-
-
-def _group_options_checked_first(entry: Callable[..., Any]) -> Callable[..., Any]:
-    """On the command line, refuse unknown group options (``norm=nope``) in one line before Hydra
-    composes the config (Hydra's error would list the options over 16 lines, exit code 1)."""
-
-    @functools.wraps(entry)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        if not args and not kwargs:  # Hydra is about to read sys.argv
-            try:
-                refuse_unknown_options(sys.argv[1:])
-            except ConfigError as error:
-                exit_on_config_error(error)
-        return entry(*args, **kwargs)
-
-    return checked
-
-
-@_group_options_checked_first
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry; returns ``cfg.optimized_metric`` for sweepers (Optuna). A single run that
-    fails exits (see :func:`exit_on_config_error`); a multirun job that fails is recorded as
-    failed and the sweep goes on (see :func:`fail_sweep_job`)."""
+    """Hydra entry; returns ``cfg.optimized_metric`` for sweepers (Optuna)."""
     try:
         metrics = train(cfg)
         name = cfg.get("optimized_metric")
         if name and name not in metrics:
-            raise ConfigError(
-                f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}"
-            )
-        if name and in_multirun() and not math.isfinite(metrics[name]):
-            # Optuna cannot store a NaN value: the trial is a failure, not a result.
-            raise TrainingError(f"optimized_metric {name}={metrics[name]}")
+            # A run shorter than its first validation trained fine: not a failure (a sweeper
+            # that needs the number gets None).
+            log.warning(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
     except Exception as error:
-        if in_multirun():
-            fail_sweep_job(error)
         exit_on_config_error(error)
-    return metrics[name] if name else None
+    return metrics.get(name) if name else None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ the weights of a run that was never interrupted, bit for bit; SIGTERM saves befo
 
 from __future__ import annotations
 
+import csv
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +34,7 @@ DIGITS = (
     "trainer.limit_train_batches=6",
     "trainer.limit_val_batches=2",
     "test=false",
+    "trainer.log_every_n_steps=1",
     "callbacks.last_checkpoint.every_n_train_steps=1",
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
@@ -72,9 +76,10 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     )
 
 
-def finish(process: subprocess.Popen) -> None:
+def finish(process: subprocess.Popen) -> str:
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
+    return output
 
 
 def saved_step(checkpoint: Path) -> int:
@@ -111,10 +116,23 @@ def uninterrupted_state(run_dir: Path, recipe: tuple[str, ...]) -> dict[str, tor
     return final_state(run_dir)
 
 
+def csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 @pytest.fixture(scope="module")
-def uninterrupted_digits(tmp_path_factory) -> dict[str, torch.Tensor]:
-    """Final weights of the digits run that is never interrupted, computed once."""
-    return uninterrupted_state(tmp_path_factory.mktemp("digits"), DIGITS)
+def uninterrupted_digits_dir(tmp_path_factory) -> Path:
+    """The digits run that is never interrupted, run once."""
+    run_dir = tmp_path_factory.mktemp("digits")
+    finish(start(run_dir, *DIGITS, "logger=csv"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_digits(uninterrupted_digits_dir) -> dict[str, torch.Tensor]:
+    """Final weights of the digits run that is never interrupted."""
+    return final_state(uninterrupted_digits_dir)
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +140,28 @@ def uninterrupted_pix2pix(tmp_path_factory) -> dict[str, torch.Tensor]:
     return uninterrupted_state(tmp_path_factory.mktemp("pix2pix"), PIX2PIX)
 
 
-def kill_and_resume(run_dir: Path, recipe: tuple[str, ...], step: int, logger: str) -> int:
+def kill_and_resume(
+    run_dir: Path, recipe: tuple[str, ...], step: int, logger: str
+) -> tuple[int, str]:
+    """Kill a run once it has checkpointed ``step`` and resume it; the step it had reached and
+    the output of the resumed process."""
     last = run_dir / "checkpoints" / "last.ckpt"
     reached = kill_at_step(start(run_dir, *recipe, f"logger={logger}"), last, step)
-    finish(start(run_dir, *recipe, f"logger={logger}", "ckpt_path=last"))
-    return reached
+    return reached, finish(start(run_dir, *recipe, f"logger={logger}", "ckpt_path=last"))
 
 
 def test_killed_mid_epoch_and_resumed_ends_bit_identical_and_continues_the_wandb_run(
-    tmp_path, uninterrupted_digits
+    tmp_path, uninterrupted_digits, uninterrupted_digits_dir
 ):
-    reached = kill_and_resume(tmp_path, DIGITS, 3, logger="default")
+    reached, output = kill_and_resume(tmp_path, DIGITS, 3, logger="default")
     assert 3 <= reached < 12  # the kill came before the end of training
+    # Lightning sees the sampler's state: no false "dataloader is not resumable" warning.
+    assert "not resumable" not in output
+    assert re.search(r"resumed in epoch 0 after its batch [3-5]:", output), output[-3000:]
     assert_identical(final_state(tmp_path), uninterrupted_digits)
+    # The CSV log is continued, not restarted: the rows of the killed part are kept, none is
+    # doubled, and every logged value equals the uninterrupted run's.
+    assert csv_rows(tmp_path) == csv_rows(uninterrupted_digits_dir)
 
     # Both processes wrote to the same wandb run (its id kept in the run dir and checkpoint).
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
@@ -200,3 +227,47 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path):
     assert "stopped by SIGTERM" in result.stdout + result.stderr
     # The periodic checkpoint never fired (every 1000 steps): this one was written on SIGTERM.
     assert saved_step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 4
+
+
+def logged_step(run_dir: Path) -> int:
+    """The highest step in the run's metrics.csv (every row is on disk as soon as it is logged)."""
+    try:
+        return max((int(row["step"]) for row in csv_rows(run_dir)), default=-1)
+    except (FileNotFoundError, ValueError, KeyError):  # not created yet, or a row half-written
+        return -1
+
+
+# 60 optimizer steps over 25-batch epochs, so the run ends in the middle of its third epoch;
+# last.ckpt every 7 steps (and after each validation, and at the end).
+SIXTY_STEPS = (
+    *(o for o in DIGITS if not o.startswith(("trainer.max_epochs", "trainer.limit_train", "call"))),
+    "trainer.max_epochs=null",
+    "trainer.max_steps=60",
+    "trainer.limit_train_batches=25",
+    "callbacks.last_checkpoint.every_n_train_steps=7",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "logger=csv",
+)
+
+
+@pytest.mark.slow
+def test_sixty_step_run_killed_at_a_random_step_ends_like_the_uninterrupted_one(tmp_path):
+    uninterrupted = tmp_path / "uninterrupted"
+    finish(start(uninterrupted, *SIXTY_STEPS))
+    expected = final_state(uninterrupted)
+    assert int(expected["global_step"]) == 60  # the final weights are in last.ckpt
+    assert [p.name for p in (uninterrupted / "checkpoints").glob("last*")] == ["last.ckpt"]
+
+    kill_step = random.randint(2, 58)
+    killed = tmp_path / "killed"
+    process = start(killed, *SIXTY_STEPS)
+    while logged_step(killed) < kill_step:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finish(start(killed, *SIXTY_STEPS, "resume=auto"))
+    print(f"killed at logged step {kill_step}")  # shown when the test fails
+    assert_identical(final_state(killed), expected)
+    assert csv_rows(killed) == csv_rows(uninterrupted), f"killed at step {kill_step}"

@@ -4,7 +4,7 @@ statistics monitoring (``NormStatistics``) and gradient-norm curves (``GradientN
 from normlab.callbacks.gradient_norm import GradientNorm
 from normlab.callbacks.norm_stats import NormStatistics, statistic_gaps
 from normlab.callbacks.precise_bn import PreciseBN, PreciseStatistics, recompute_norm_statistics
-from normlab.callbacks.resume import ExactResume
+from normlab.callbacks.resume import ExactResume, ResumeRecord
 
 __all__ = [
     "ExactResume",
@@ -12,6 +12,7 @@ __all__ = [
     "NormStatistics",
     "PreciseBN",
     "PreciseStatistics",
+    "ResumeRecord",
     "recompute_norm_statistics",
     "statistic_gaps",
 ]

@@ -5,14 +5,17 @@ checkpoint ends with the weights an uninterrupted run ends with, bit for bit (on
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torchmetrics import Metric
 
 from normlab.data.transforms import EpochSeededSampler
+from normlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,30 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def metric_states(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """The accumulated states of the torchmetrics metrics in ``module``, by module name. They are
+    not in its state_dict (torchmetrics keeps them out by default), so a run resumed in the
+    middle of an epoch would compute that epoch's metrics over the batches after the resume
+    only."""
+    return {
+        name: dict(metric.metric_state)
+        for name, metric in module.named_modules()
+        if isinstance(metric, Metric)
+    }
+
+
+def set_metric_states(module: torch.nn.Module, states: dict[str, dict[str, Any]]) -> None:
+    metrics = dict(module.named_modules())
+    for name, state in states.items():
+        metric = metrics.get(name)
+        if not isinstance(metric, Metric):
+            continue
+        for key, value in state.items():
+            if isinstance(value, list):
+                value = [item.to(metric.device) for item in value]
+            setattr(metric, key, value.to(metric.device) if torch.is_tensor(value) else value)
+
+
 class ExactResume(pl.Callback):
     """Stores the RNG states in every checkpoint and, on resume, restores them and makes the
     training sampler skip the batches the interrupted epoch had already trained on.
@@ -60,6 +87,7 @@ class ExactResume(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint["rng_states"] = rng_states()
+        checkpoint["metric_states"] = metric_states(pl_module)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -71,6 +99,7 @@ class ExactResume(pl.Callback):
             # Saved in on_train_batch_end (processed = completed + 1) or after it: the batches
             # of this epoch that have gone through a training step.
             "batches": progress["processed"],
+            "metrics": checkpoint.get("metric_states", {}),
         }
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -79,6 +108,9 @@ class ExactResume(pl.Callback):
         pending, self._pending = self._pending, None
         if pending["rng"] is not None:
             set_rng_states(pending["rng"])
+        if trainer.current_epoch == pending["epoch"]:
+            # What the epoch's accumulated metrics (train/acc over the epoch) had counted.
+            set_metric_states(pl_module, pending["metrics"])
         else:
             log.warning("resumed from a checkpoint without RNG states: the resume is not exact")
         batches = pending["batches"]
@@ -91,9 +123,71 @@ class ExactResume(pl.Callback):
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, EpochSeededSampler):
             sampler.skip_next(batches * loader.batch_size)
+            log.info(
+                "resumed in epoch %d after its batch %d: the data continues in the same order",
+                trainer.current_epoch,
+                batches,
+            )
         else:
             log.warning(
                 "resumed mid-epoch with a %s: epoch %d restarts from its first batch",
                 type(sampler).__name__,
                 trainer.current_epoch,
             )
+
+
+class ResumeRecord(pl.Callback):
+    """Records in every checkpoint what a later resume checks and reports: how many optimizer
+    steps the learning-rate schedule was planned for, and the metrics so far. Resuming (``resume_mode=continue``) with a step budget
+    the restored schedule was not planned for stops before training, naming the way to extend.
+    """
+
+    def __init__(self) -> None:
+        self.planned_steps: int | None = None
+        self.resumed: dict[str, Any] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["resume_record"] = {
+            "planned_steps": self.planned_steps,
+            "metrics": scalar_metrics(trainer.callback_metrics),
+        }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.resumed = {"metrics": {}, **checkpoint.get("resume_record", {})}
+        if self.resumed.get("planned_steps") is None:
+            # Written before this record existed: OneCycleLR keeps its plan in its own state.
+            schedulers = checkpoint.get("lr_schedulers", [])
+            planned = [state["total_steps"] for state in schedulers if "total_steps" in state]
+            self.resumed["planned_steps"] = planned[0] if planned else None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        requested = trainer.estimated_stepping_batches if trainer.lr_scheduler_configs else None
+        requested = int(requested) if requested is not None and math.isfinite(requested) else None
+        if self.resumed is None:
+            self.planned_steps = requested
+            return
+        # The restored schedule keeps its plan (OneCycleLR's state) or is rebuilt for the new
+        # budget while its step count continues (LambdaLR): either way not the schedule the
+        # run started with.
+        self.planned_steps = planned = self.resumed["planned_steps"]
+        if requested is not None and planned is not None and requested != planned:
+            raise ConfigError(
+                f"resume_mode=continue: the learning-rate schedule in {trainer.ckpt_path} was "
+                f"planned for {planned} optimizer steps, this run asks for {requested}; resume "
+                "with the trainer.max_epochs/max_steps it started with, or extend it with "
+                f"resume_mode=weights ckpt_path={trainer.ckpt_path} in a new run dir (its weights, "
+                "a fresh optimizer and a schedule for the new budget)"
+            )
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The one-number entries of ``trainer.callback_metrics`` as floats."""
+    return {
+        name: float(value)
+        for name, value in metrics.items()
+        if not isinstance(value, torch.Tensor) or value.numel() == 1
+    }

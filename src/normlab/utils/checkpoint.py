@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
 
 from normlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-RESUME_MODES = ("auto", "never")
+# resume=...: whether a run continues from its run dir's newest checkpoint by itself.
+RESUME_OPTIONS = ("auto", "never")
+# resume_mode=...: what a run takes from the checkpoint it resumes from.
+RESUME_MODES = ("continue", "weights")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,25 +66,120 @@ class SaveOnSigterm(pl.Callback):
             log.warning("SIGTERM: saved %s at step %d", self.path, trainer.global_step)
 
 
-def newest_checkpoint(directory: Path) -> Path | None:
-    """The most recently written ``*.ckpt`` in ``directory`` (None if there is none)."""
-    candidates = list(directory.glob("*.ckpt")) if directory.is_dir() else []
-    return max(candidates, key=lambda path: path.stat().st_mtime_ns, default=None)
+class LastCheckpoint(pl.Callback):
+    """Keeps one ``last.ckpt``, always the newest state: written every ``every_n_train_steps``
+    optimizer steps, after each validation and when training ends (so a ``max_steps`` run that
+    stops mid-epoch has its final weights on disk), each time replacing the previous one, also
+    one that cannot be read."""
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ConfigError(
+                "callbacks.last_checkpoint.every_n_train_steps must be an integer >= 1 or null, "
+                f"got {every_n_train_steps!r}"
+            )
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_step = -1
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        every = self.every_n_train_steps
+        step = trainer.global_step
+        if every and step % every == 0 and step != self._saved_step:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Always: the loop counters now say "finished", which a resume of this run relies on.
+        self._save(trainer)
 
 
-def resume_checkpoint(ckpt_path: str | None, resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint a run continues from, or None for a fresh start.
+class UnreadableCheckpoint(ConfigError):
+    """A checkpoint file that ``torch.load`` cannot read (truncated, not a checkpoint)."""
+
+
+def recorded_step(path: Path) -> int:
+    """The global step stored in the checkpoint ``path``; UnreadableCheckpoint naming the file if
+    it cannot be read. Only the small entries are read (mmap), not the weights."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint["global_step"])
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise UnreadableCheckpoint(f"{path} is not a readable checkpoint ({reason})") from error
+
+
+def newest_checkpoint(candidates: list[Path]) -> tuple[Path, int] | None:
+    """The readable checkpoint of ``candidates`` with the highest recorded step (``last.ckpt`` on a
+    tie), or None; unreadable files are skipped with a warning. File times are not used: a copied
+    run dir has new ones."""
+    readable = []
+    for path in candidates:
+        try:
+            readable.append((recorded_step(path), path.name == "last.ckpt", path))
+        except UnreadableCheckpoint as error:
+            log.warning("%s; skipping it", error)
+    if not readable:
+        return None
+    step, _, path = max(readable)
+    return path, step
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a run starts from: ``path`` (a checkpoint at global ``step``) taken as ``mode``."""
+
+    path: Path
+    step: int
+    mode: str
+
+
+def resume_checkpoint(
+    ckpt_path: str | None, resume: str | None, run_dir: Path, mode: str = "continue"
+) -> Resume | None:
+    """The checkpoint a run starts from, or None for a fresh start.
 
     - ``ckpt_path=<file>``: that file.
-    - ``ckpt_path=last``: ``<run dir>/checkpoints/last.ckpt``; the run dir must be the one to
-      continue (``hydra.run.dir=...``). Unlike Lightning, which starts from scratch when it finds
-      no ``last.ckpt``, a missing one is an error.
-    - ``resume=auto``: the newest checkpoint in ``<run dir>/checkpoints`` if there is one, else a
-      fresh start: one command for a first start and every restart (SLURM requeues).
+    - ``ckpt_path=last``: ``<run dir>/checkpoints/last.ckpt`` (of ``last.ckpt`` and the
+      ``last-vN.ckpt`` older versions wrote beside it, the one with the highest step); the run dir
+      must be the one to continue (``hydra.run.dir=...``). Unlike Lightning, which starts from
+      scratch when it finds no ``last.ckpt``, a missing or unreadable one is an error.
+    - ``resume=auto``: the run dir's checkpoint with the highest recorded step, skipping (with a
+      warning) any that cannot be read, else a fresh start: one command for a first start and
+      every restart (SLURM requeues).
+
+    ``mode``: ``continue`` (the exact state: weights, optimizer, schedule, loops, RNG) or
+    ``weights`` (the model's weights and norm buffers only, for a new run in its own dir; needs
+    ``ckpt_path``; with ``resume=auto`` a restart continues that new run's own checkpoints).
     """
     checkpoints = run_dir / "checkpoints"
-    if resume not in (None, *RESUME_MODES):
-        raise ConfigError(f"resume={resume!r} is not one of {', '.join(RESUME_MODES)} (or null)")
+    if resume not in (None, *RESUME_OPTIONS):
+        raise ConfigError(f"resume={resume!r} is not one of {', '.join(RESUME_OPTIONS)} (or null)")
+    if mode not in RESUME_MODES:
+        raise ConfigError(f"resume_mode={mode!r} is not one of {', '.join(RESUME_MODES)}")
+    if mode == "weights" and ckpt_path is None:
+        raise ConfigError(
+            "resume_mode=weights needs ckpt_path=<checkpoint file> (or last): the weights to start "
+            "from; resume=auto continues a run with resume_mode=continue"
+        )
+    if mode == "weights":
+        if resume == "auto" and (own := newest_checkpoint(sorted(checkpoints.glob("*.ckpt")))):
+            # A restart of a run that began from other weights: it continues its own state.
+            log.info("resume=auto: continuing from %s (step %d)", *own)
+            return Resume(*own, "continue")
+        if any(checkpoints.glob("*.ckpt")):
+            raise ConfigError(
+                f"resume_mode=weights starts a new run at step 0, but {checkpoints} already holds "
+                "a run's checkpoints: give the new run its own dir (another hydra.run.dir, or "
+                "none) and ckpt_path=<the old run dir>/checkpoints/last.ckpt"
+            )
     if ckpt_path == "last":
         last = checkpoints / "last.ckpt"
         if not last.is_file():
@@ -85,14 +187,79 @@ def resume_checkpoint(ckpt_path: str | None, resume: str | None, run_dir: Path) 
                 f"ckpt_path=last: there is no {last}; continue a run with "
                 "hydra.run.dir=<its run dir> ckpt_path=last, or give ckpt_path=<checkpoint file>"
             )
-        return last
+        try:
+            recorded_step(last)
+        except UnreadableCheckpoint as error:
+            raise ConfigError(
+                f"ckpt_path=last: {error}; resume=auto (without ckpt_path) continues from the "
+                "newest readable checkpoint of the run dir"
+            ) from error
+        found = newest_checkpoint([last, *checkpoints.glob("last-v*.ckpt")])
+        assert found is not None  # last.ckpt itself is readable
+        return Resume(*found, mode)
     if ckpt_path is not None:
         path = Path(ckpt_path)
         if not path.is_file():
             raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-        return path
+        try:
+            return Resume(path, recorded_step(path), mode)
+        except UnreadableCheckpoint as error:
+            raise ConfigError(f"ckpt_path={ckpt_path}: {error}") from error
     if resume == "auto":
-        found = newest_checkpoint(checkpoints)
-        log.info("resume=auto: %s", f"continuing from {found}" if found else "no checkpoint yet")
-        return found
+        found = newest_checkpoint(sorted(checkpoints.glob("*.ckpt")))
+        if found is None:
+            log.info("resume=auto: no readable checkpoint in %s: starting fresh", checkpoints)
+            return None
+        log.info("resume=auto: continuing from %s (step %d)", *found)
+        return Resume(*found, mode)
     return None
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """Create ``directory`` if needed and write and delete a file in it; ConfigError naming it
+    (and ``key``, the setting that places it) if that fails. A real write rather than
+    ``os.access``, which says yes to root on a read-only mount."""
+    probe = directory / f".normlab-write-test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"{directory} is not writable ({error.strerror or error}); set {key} to a directory "
+            "this process can write"
+        ) from error
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load the weights and buffers (norm running statistics) of the checkpoint ``path`` into
+    ``module``, nothing else: ``resume_mode=weights``."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(
+            f"resume_mode=weights: the weights in {path} do not fit this model ({reason})"
+        ) from error
+    log.info(
+        "resume_mode=weights: loaded the weights of %s; optimizer and schedule start fresh", path
+    )
+
+
+class WritableRunDir(Callback):
+    """Hydra callback: a run (sweep) dir that cannot be written stops the command with one line
+    naming it, before Hydra creates it and sets up its log file there (a traceback otherwise)."""
+
+    def _check(self, directory: str, key: str) -> None:
+        try:
+            check_writable(Path(directory), key)
+        except ConfigError as error:
+            print(f"normlab: configuration error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
