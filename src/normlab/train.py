@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+import math
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
 import lightning.pytorch as pl
@@ -16,7 +20,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import ResumeRecord
-from normlab.errors import ConfigError, TrainingError
+from normlab.errors import ConfigError, JobFailed, TrainingError
+from normlab.group_options import refuse_unknown_options
 from normlab.utils.checkpoint import (
     AtomicCheckpointIO,
     Resume,
@@ -38,6 +43,7 @@ from normlab.utils.run import (
     RunInfo,
     attach_wandb_run,
     git_sha,
+    in_multirun,
     quiet_dependency_warnings,
     register_resolvers,
     save_run_info,
@@ -245,6 +251,11 @@ def _reported_error(error: BaseException | None) -> ConfigError | TrainingError 
     return None
 
 
+def _one_line(reported: ConfigError | TrainingError) -> str:
+    kind = "training stopped" if isinstance(reported, TrainingError) else "configuration error"
+    return f"{kind}: {reported}"
+
+
 def exit_on_config_error(error: Exception) -> None:
     """Report a configuration mistake as one line and exit 2 (a run that had to stop, e.g. on a
     non-finite loss: exit 3); re-raise anything else."""
@@ -253,24 +264,62 @@ def exit_on_config_error(error: Exception) -> None:
         raise error
     # One line naming the key and what is allowed (or where the run stopped); a traceback
     # would bury it.
-    if isinstance(reported, TrainingError):
-        print(f"normlab: training stopped: {reported}", file=sys.stderr)
-        sys.exit(3)
-    print(f"normlab: configuration error: {reported}", file=sys.stderr)
-    sys.exit(2)
+    print(f"normlab: {_one_line(reported)}", file=sys.stderr)
+    sys.exit(3 if isinstance(reported, TrainingError) else 2)
 
 
+def fail_sweep_job(error: Exception) -> NoReturn:
+    """End a multirun job that failed without ending the sweep: write why into the job's log (the
+    one line, or the traceback of an unexpected error) and raise :class:`JobFailed`, which Hydra
+    records as the job's result (``SweepReport`` lists it when the sweep ends)."""
+    reported = _reported_error(error)
+    if reported is None:
+        log.exception("job failed")
+        first_line = next(iter(str(error).splitlines()), "")
+        line = f"{type(error).__name__}: {first_line}"
+    else:
+        line = _one_line(reported)
+        log.error("normlab: %s", line)
+    raise JobFailed(line) from error
+
+
+def _group_options_checked_first(entry: Callable[..., Any]) -> Callable[..., Any]:
+    """On the command line, refuse unknown group options (``norm=nope``) in one line before Hydra
+    composes the config (Hydra's error would list the options over 16 lines, exit code 1)."""
+
+    @functools.wraps(entry)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:  # Hydra is about to read sys.argv
+            try:
+                refuse_unknown_options(sys.argv[1:])
+            except ConfigError as error:
+                exit_on_config_error(error)
+        return entry(*args, **kwargs)
+
+    return checked
+
+
+@_group_options_checked_first
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry; returns ``cfg.optimized_metric`` for sweepers (Optuna)."""
+    """Hydra entry; returns ``cfg.optimized_metric`` for sweepers (Optuna). A single run that
+    fails exits (see :func:`exit_on_config_error`); a multirun job that fails is recorded as
+    failed and the sweep goes on (see :func:`fail_sweep_job`)."""
     try:
         metrics = train(cfg)
         name = cfg.get("optimized_metric")
         if name and name not in metrics:
-            # A run shorter than its first validation trained fine: not a failure (a sweeper
-            # that needs the number gets None).
-            log.warning(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+            message = f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}"
+            if in_multirun():
+                raise ConfigError(message)  # the sweeper needs it: the job failed
+            # A run shorter than its first validation trained fine: not a failure.
+            log.warning(message)
+        if name and in_multirun() and not math.isfinite(metrics[name]):
+            # Optuna cannot store a NaN value: the trial is a failure, not a result.
+            raise TrainingError(f"optimized_metric {name}={metrics[name]}")
     except Exception as error:
+        if in_multirun():
+            fail_sweep_job(error)
         exit_on_config_error(error)
     return metrics.get(name) if name else None
 
