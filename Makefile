@@ -9,7 +9,7 @@ export WANDB_SILENT ?= true
 
 STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-norms pix2pix-bn-vs-in accumulation-vs-batch
 
-.PHONY: install export train test test-slow test-ddp test-gpu bench bench-gpu bench-bn \
+.PHONY: install export train data-fashion-mnist test test-slow test-ddp test-gpu bench bench-gpu bench-bn \
   bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
   sweep-norms sweep-optuna sweep-slurm slurm-packages slurm-local slurm-down test-slurm $(addprefix study-,$(STUDIES))
 
@@ -38,6 +38,11 @@ TRAIN_EXPERIMENT ?= $(EXP)
 
 train: install ## train EXP (default densenet_digits: DenseNet-BC on digits, ~2 min on 2 CPU cores)
 	$(BIN)/python -m normlab.train experiment=$(TRAIN_EXPERIMENT) $(ARGS)
+
+# Files already under data/ are used (and checked); else the Debian package's are linked, the
+# package installed with apt-get (as root), or torchvision downloads them (internet).
+data-fashion-mnist: install ## Fashion-MNIST's IDX files into data/FashionMNIST/raw (Debian package, apt-get or download)
+	$(BIN)/python -m normlab.data.fetch_fashion_mnist --root data
 
 # The grid sweep-norms and sweep-slurm run: one job per norm × batch size.
 NORMS ?= bn,syncbn,ln,gn,cuda_bn
