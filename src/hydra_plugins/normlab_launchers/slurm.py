@@ -236,7 +236,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
             if stop.code != STOPPED_BY_SIGTERM:
                 raise
             if environment.global_rank != 0:
-                sys.exit(0)  # rank 0 requeues; a non-zero exit here would end the job first
+                log.warning("stopped at the step rank 0 chose: rank 0 requeues the job")
+                sys.exit(0)  # a non-zero exit would end the job (srun --kill-on-bad-exit) first
             log.warning("stopped with last.ckpt written: requeueing the job")
             try:
                 requeue(environment._usr_sig(), None)
