@@ -282,3 +282,9 @@ def test_resume_auto_recovers_from_a_corrupt_last_ckpt_and_the_next_save_replace
     assert f"{last} is not a readable checkpoint" in caplog.text
     # It went on from the best checkpoint (step 3) and wrote a whole last.ckpt at step 6.
     assert torch.load(last, weights_only=True)["global_step"] == 6
+
+
+def test_a_fast_dev_run_writes_no_checkpoint(compose_config):
+    cfg = compose_config(*TINY, "debug=fdr")
+    train(cfg)
+    assert not list((Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"))

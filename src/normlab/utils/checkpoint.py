@@ -83,6 +83,8 @@ class LastCheckpoint(pl.Callback):
         self._saved_step = -1
 
     def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.fast_dev_run:  # a wiring check, as for Lightning's ModelCheckpoint
+            return
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
