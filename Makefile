@@ -9,7 +9,7 @@ export WANDB_SILENT ?= true
 
 STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-norms pix2pix-bn-vs-in accumulation-vs-batch
 
-.PHONY: install export train data-fashion-mnist test test-slow test-ddp test-gpu bench bench-gpu bench-bn \
+.PHONY: install export train data-fashion-mnist test test-slow test-ddp test-gpu test-aot bench bench-gpu bench-bn \
   bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
   sweep-norms sweep-optuna sweep-slurm slurm-packages slurm-local slurm-down test-slurm $(addprefix study-,$(STUDIES))
 
@@ -93,6 +93,10 @@ test-slurm: install slurm-packages ## tests against a live local Slurm (root): j
 # The GPU half of cuda_bn: kernels compiled, not interpreted.
 test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf16, torch.compile)
 	TRITON_INTERPRET=0 $(BIN)/python -m pytest -m gpu tests/test_cuda_bn_gpu.py $(ARGS)
+
+# No GPU needed: Triton compiles for sm_80/sm_90 with its bundled ptxas.
+test-aot: install ## compile every cuda_bn kernel configuration for sm_80/sm_90; writes experiments/bench/cuda_bn_aot.md
+	TRITON_INTERPRET=0 $(BIN)/python experiments/bench/cuda_bn_aot.py $(ARGS)
 
 bench: install ## CPU benchmarks (~9 min on 2 cores): tables in experiments/bench/*.md
 	$(BIN)/python experiments/bench/run.py $(ARGS)

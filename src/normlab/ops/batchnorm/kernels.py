@@ -17,7 +17,11 @@ for fp64 input).
 Passes over the data (the minimum for training-mode BN): forward reads x twice (statistics, then
 normalise + affine + activation, writing y); backward reads x and dy twice (the per-channel sums
 Σdz and Σdz·x̂, then the input gradient). The activation is recomputed from x in backward, so
-nothing but x is kept for it.
+nothing but x is kept for it. Between the passes one tiny kernel each merges the partials: in
+forward it also updates the running statistics, in backward it writes dγ, dβ and the means the
+input gradient needs — three launches each way, no memsets (every split writes its partial row).
+The elementwise kernels run on a 1-D grid: CUDA allows 2³¹−1 programs on axis 0, 65,535 on the
+others.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU
 tensors; that is how CI tests them.
