@@ -224,3 +224,14 @@ def test_export_of_a_standardized_checkpoint(compose_config, fast, tmp_path, exp
     assert folding["max_relative_difference"] < 1e-5
     relative = folding["max_relative_difference"] / folding["max_abs_difference"]
     assert report["max_abs_difference_exported"] * relative < 1e-5
+
+
+def test_config_validation_refuses_a_non_boolean_switch_before_building_anything():
+    from omegaconf import OmegaConf
+
+    from normlab.validation import _check_norm_spec
+
+    spec = OmegaConf.create({"name": "gn", "weight_standardization": "maybe"})
+    with pytest.raises(ConfigError, match=r"^norm\.weight_standardization must be true or false"):
+        _check_norm_spec(spec, "norm")
+    _check_norm_spec(OmegaConf.create({"name": "gn", "weight_standardization": True}), "norm")

@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from normlab.errors import ConfigError
+from normlab.norm import standardize
 from normlab.norm.convert import norm_channels
 from normlab.norm.layers import NoNorm
 from normlab.norm.registry import NORMS, argument_ranges
@@ -152,6 +153,9 @@ def _check_norm_spec(spec: Any, key: str) -> None:
         value = _resolved(spec, argument)
         if value is not _UNSET and argument in ranges and not ranges[argument].allows(value):
             raise ConfigError(f"{key}.{argument} must be {ranges[argument]}, got {value!r}")
+    switch = _resolved(spec, standardize.SPEC_KEY) if standardize.SPEC_KEY in spec else False
+    if not isinstance(switch, bool) and switch is not _UNSET:
+        raise ConfigError(f"{key}.{standardize.SPEC_KEY} must be true or false, got {switch!r}")
 
 
 def _target(node: DictConfig) -> Any:
