@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 
 import normlab.data.fashion_mnist as fashion_mnist
 import normlab.data.fetch_fashion_mnist as fetch
 from normlab.data import FashionMNISTDataModule
 from normlab.data.fashion_mnist import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from normlab.data.transforms import SeededSamples
 from normlab.errors import ConfigError, DataError
 from normlab.train import exit_on_config_error, train
 
@@ -175,6 +177,22 @@ def test_training_batches_depend_on_seed_and_epoch_only(tmp_path: Path) -> None:
     assert len(resumed) == len(first) - 2
     assert all(torch.equal(a, b) for a, b in zip(first[2:], resumed, strict=True))
     assert not torch.equal(first[0], epoch_batches(2, global_seed=0)[0])
+
+
+def test_seeded_samples_draw_what_torch_manual_seed_draws_and_restore_the_rng(
+    tmp_path: Path,
+) -> None:
+    """SeededSamples seeds only the CPU generator (cheaply): the augmentation a seed gives is the
+    one ``torch.manual_seed(seed)`` gives, and the global stream goes on untouched."""
+    build_fashion(tmp_path)
+    dm = tiny(tmp_path)
+    seeded = SeededSamples(dm.train_set)
+    torch.manual_seed(1234)
+    expected = dm.train_set[3][0]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert torch.equal(seeded[(3, 1234)][0], expected)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,21 +411,14 @@ def test_densenet_fashion_is_the_published_recipe(compose_config) -> None:
     assert list(sched.milestones) == [0.5, 0.75] and sched.gamma == 0.1
     assert sched.warmup_steps == 0
 
-    # The schedule those values give: ÷10 at epochs 150 and 225 of 300.
-    from hydra.utils import instantiate
-
-    steps_per_epoch = 860
+    # The schedule those values give: ÷10 at epochs 150 and 225 of 300 (860 steps an epoch).
+    steps = 860
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=opt.lr)
-    scheduler = instantiate(sched)(optimizer, total_steps=300 * steps_per_epoch)
-    lrs = {}
-    for step in range(300 * steps_per_epoch):
-        if step % steps_per_epoch == 0:
-            lrs[step // steps_per_epoch] = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-    assert lrs[0] == lrs[149] == pytest.approx(0.1)
-    assert lrs[150] == lrs[224] == pytest.approx(0.01)
-    assert lrs[225] == lrs[299] == pytest.approx(0.001)
+    factor = instantiate(sched)(optimizer, total_steps=300 * steps).lr_lambdas[0]
+    lr = {epoch: opt.lr * factor(epoch * steps) for epoch in (0, 150, 225, 299)}
+    assert lr == pytest.approx({0: 0.1, 150: 0.01, 225: 0.001, 299: 0.001})
+    assert opt.lr * factor(150 * steps - 1) == pytest.approx(0.1)
+    assert opt.lr * factor(225 * steps - 1) == pytest.approx(0.01)
 
 
 def test_densenet_fashion_runs_one_batch(compose_config, tmp_path: Path) -> None:
@@ -418,6 +429,7 @@ def test_densenet_fashion_runs_one_batch(compose_config, tmp_path: Path) -> None
         "debug=fdr",
         f"data.root={root}",
         "data.val_images=20",
+        "data.batch_size=8",
         "logger=csv",
         "callbacks.progress_bar=null",
     )
