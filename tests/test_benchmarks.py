@@ -55,8 +55,12 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
         )
     # 1 shape × 2 layouts × 2 dtypes × 3 passes × (plain, with ReLU)
     assert reports["bn_gpu"].count("| 2×3×5×7 |") == 24
-    for norm in ("bn", "syncbn", "cuda_bn", "ln", "gn", "in", "frozen_bn", "none"):
-        assert f"\n| {norm} | " in reports["norm_cost"], norm
+    old_norms = ("bn", "syncbn", "cuda_bn", "ln", "gn", "in", "frozen_bn", "none")
+    small_batch_norms = ("brn", "ghost_bn", "frn", "evonorm_b0", "evonorm_s0", "rms")
+    for norm in (*old_norms, *small_batch_norms):  # one row per memory format
+        assert reports["norm_cost"].count(f"\n| {norm} | ") == 2, norm
+    assert "## NCHW input" in reports["norm_cost"]
+    assert "## channels_last input" in reports["norm_cost"]
 
 
 def test_kernels_import_without_a_gpu_or_the_interpreter():

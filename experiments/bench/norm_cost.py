@@ -2,10 +2,13 @@
 
     python experiments/bench/norm_cost.py                         # part of `make bench`
 
-Each norm is built from the registry with its default arguments (``conf/norm/*.yaml`` defaults)
-and runs in training mode on a 32×256×28×28 float32 tensor (the size of a ResNet stage-2 feature
-map at batch 32): forward, then backward of a fixed upstream gradient. All norms alternate in
-every round. Writes norm_cost.md next to this file.
+Each norm is built from the registry with its default arguments (``conf/norm/*.yaml`` defaults;
+ghost_bn with a virtual batch of a quarter of the batch, so that it splits the batch) and runs in training mode on a 32×256×28×28 float32 tensor (the size of a ResNet stage-2 feature
+map at batch 32): forward, then backward of a fixed upstream gradient. Every norm runs on that
+tensor in both memory formats (NCHW-contiguous and channels_last; a norm's cost can differ by 2×
+between them), and all of them alternate in every round. One table per format, each relative to
+bn in that format, and bn's channels_last time relative to its NCHW time. Writes norm_cost.md
+next to this file.
 """
 
 from __future__ import annotations
@@ -16,15 +19,21 @@ from pathlib import Path
 import torch
 
 from normlab.norm import NORMS, build_norm
-from normlab.utils.benchmark import compare, markdown_table, write_report
+from normlab.utils.benchmark import Timing, compare, markdown_table, write_report
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
 SMOKE = ["--shape", "2", "8", "4", "4", "--repeats", "1", "--inner", "1"]
 
 
+MEMORY_FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 def forward_backward(name: str, x: torch.Tensor, grad: torch.Tensor):
-    layer = build_norm(name, x.shape[1]).train()
+    spec = {"name": name}
+    if name == "ghost_bn":  # its default (32 samples) would be one chunk, that is bn, at batch 32
+        spec["virtual_batch_size"] = max(1, x.shape[0] // 4)
+    layer = build_norm(spec, x.shape[1]).train()
     x = x.detach().requires_grad_(True)
 
     def call() -> None:
@@ -46,11 +55,28 @@ def main(argv: list[str] | None = None) -> str:
     x = torch.randn(args.shape, generator=generator)
     grad = torch.randn(args.shape, generator=generator)
     names = ["bn", *sorted(name for name in NORMS if name != "bn")]
+    candidates = {
+        (name, layout): forward_backward(
+            name, x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
+        )
+        for layout, fmt in MEMORY_FORMATS.items()
+        for name in names
+    }
     timings = compare(
-        {name: forward_backward(name, x, grad) for name in names},
+        {f"{name} ({layout})": call for (name, layout), call in candidates.items()},
         repeats=args.repeats,
         inner=args.inner,
     )
+    # The same rounds, split by format; each table names the norms plainly.
+    by_format = {
+        layout: [
+            Timing(name, t.seconds)
+            for (name, lay), t in zip(candidates, timings, strict=True)
+            if lay == layout
+        ]
+        for layout in MEMORY_FORMATS
+    }
+    bn_ratio = by_format["channels_last"][0].ratio_to(by_format["NCHW"][0])
     shape = "×".join(map(str, args.shape))
     return write_report(
         args.out,
@@ -59,8 +85,10 @@ def main(argv: list[str] | None = None) -> str:
         f"--repeats {args.repeats} --inner {args.inner}",
         f"Training mode, float32, CPU; each measurement averages {args.inner} calls, "
         f"{args.repeats} rounds in which every norm runs once. `syncbn` outside a process group "
-        "and `cuda_bn` on CPU tensors (backend auto) run PyTorch's BatchNorm.",
-        markdown_table(timings),
+        "and `cuda_bn` on CPU tensors (backend auto) run PyTorch's BatchNorm; `ghost_bn` splits "
+        "the batch into 4 virtual batches.",
+        f"bn on channels_last input / bn on NCHW input = {bn_ratio:.3f}",
+        *(f"## {layout} input\n\n{markdown_table(rows)}" for layout, rows in by_format.items()),
     )
 
 
