@@ -212,10 +212,18 @@ def test_ghost_bn_equals_per_chunk_bn_with_pooled_running_statistics():
     assert int(ghost.num_batches_tracked) == 3
 
 
-def test_ghost_bn_refuses_a_chunk_with_one_value_per_channel():
-    ghost = GhostBatchNorm2d(C, virtual_batch_size=4)
-    with pytest.raises(ValueError, match="one value per channel"):
-        ghost(torch.randn(5, C, 1, 1))
+def test_ghost_bn_joins_a_remainder_with_one_value_per_channel_to_the_chunk_before():
+    generator = torch.Generator().manual_seed(14)
+    ghost = GhostBatchNorm2d(C, virtual_batch_size=4).double()
+    x = torch.randn(9, C, 1, 1, generator=generator, dtype=torch.float64)  # chunks 4 and 4 + 1
+    chunks = [x[:4], x[4:]]
+    expected = torch.cat(
+        [(c - c.mean(0)) / torch.sqrt(c.var(0, unbiased=False) + ghost.eps) for c in chunks]
+    )
+    torch.testing.assert_close(ghost(x), expected, rtol=1e-12, atol=1e-12)
+    # One sample of 1×1 is still a batch BN cannot normalise: torch's own error, as for bn.
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        ghost(x[:1])
 
 
 def test_state_dicts_round_trip_between_bn_brn_and_ghost_bn():

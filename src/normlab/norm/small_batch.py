@@ -138,8 +138,9 @@ class GhostBatchNorm2d(_PerProcessStatistics, nn.BatchNorm2d):
     """Ghost Batch Normalization (Hoffer et al., 2017).
 
     Training: the batch is split into consecutive chunks of ``virtual_batch_size`` samples (the
-    last one holds the remainder and may be smaller), and each chunk is normalised with its own
-    statistics, as BN would normalise it alone. The running statistics are updated once per
+    last one holds the remainder and may be smaller; a remainder with a single value per channel,
+    one sample of a 1×1 map, joins the chunk before it, since it has no variance of its own), and
+    each chunk is normalised with its own statistics, as BN would normalise it alone. The running statistics are updated once per
     forward, with BN's momentum, from: the batch mean (the size-weighted mean of the chunk means)
     and the pooled within-chunk variance ``Σ_k n_k·var_k / Σ_k (n_k − 1)`` (``var_k`` biased,
     ``n_k`` values per channel in chunk k), the unbiased estimate of the variance each chunk is
@@ -165,15 +166,8 @@ class GhostBatchNorm2d(_PerProcessStatistics, nn.BatchNorm2d):
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         outputs, means, variances, counts = [], [], [], []
-        for chunk in x.split(self.virtual_batch_size):
+        for chunk in x.split(self._chunk_sizes(x)):
             count = chunk.numel() // chunk.shape[1]
-            if count < 2:
-                raise ValueError(
-                    f"ghost_bn: a chunk of {chunk.shape[0]} sample(s) of shape "
-                    f"{tuple(chunk.shape[1:])} has one value per channel; use a batch size that "
-                    f"leaves no remainder of this size after dividing by virtual_batch_size="
-                    f"{self.virtual_batch_size}"
-                )
             var, mean = torch.var_mean(chunk, dims, correction=0)
             scale = torch.rsqrt(var + self.eps)
             shift = -mean * scale
@@ -188,6 +182,15 @@ class GhostBatchNorm2d(_PerProcessStatistics, nn.BatchNorm2d):
             counts.append(count)
         self._update_running_statistics(means, variances, counts)
         return torch.cat(outputs)
+
+    def _chunk_sizes(self, x: Tensor) -> list[int]:
+        full, remainder = divmod(x.shape[0], self.virtual_batch_size)
+        sizes = [self.virtual_batch_size] * full
+        if remainder * (x[0, 0].numel()) > 1:
+            sizes.append(remainder)
+        elif remainder:
+            sizes[-1] += remainder
+        return sizes
 
     @torch.no_grad()
     def _update_running_statistics(
