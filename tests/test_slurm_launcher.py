@@ -83,3 +83,24 @@ def test_the_preemption_signal_stops_training_after_the_current_step(tmp_path):
         trainer.fit(_Steps(signal_at=3))
     # Step 3 (the fourth) completed, then the loop stopped as on SIGTERM.
     assert trainer.global_step == 4
+
+
+def test_what_the_launcher_adds_stays_out_of_the_run_name():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from normlab.utils.run import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(
+                "config",
+                overrides=_with_slurm_overrides(["norm=gn"]),
+                return_hydra_config=True,
+            )
+    finally:
+        GlobalHydra.instance().clear()
+    assert cfg.resume == "auto"
+    assert cfg.callbacks.slurm_preemption.signal_name == "SIGUSR2"
+    assert cfg.hydra.job.override_dirname == "norm=gn"
