@@ -75,7 +75,7 @@ BoxLoss = Literal["l1", "smooth_l1", "giou"]
 
 # Norms whose statistics come from the batch: in a head shared by all FPN levels they mix the
 # statistics of five differently scaled feature maps (detectron2 keeps one norm per level).
-_BATCH_STAT_NORMS = {"bn", "syncbn", "cuda_bn"}
+_BATCH_STAT_NORMS = {"bn", "syncbn", "cuda_bn", "brn", "ghost_bn", "evonorm_b0"}
 
 _RESNET_C5_CHANNELS = {18: 512, 34: 512, 50: 2048}
 
