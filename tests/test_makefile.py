@@ -21,6 +21,8 @@ TARGETS = [
     "test-slow",
     "test-ddp",
     "test-gpu",
+    "test-aot",
+    "data-fashion-mnist",
     "lint",
     "format",
     "sweep-norms",
