@@ -10,7 +10,9 @@ import signal
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 from torch import nn
 
 from hydra_plugins.normlab_launchers.slurm import (
@@ -19,6 +21,7 @@ from hydra_plugins.normlab_launchers.slurm import (
     slurm_problem,
 )
 from normlab.callbacks.preemption import StopOnSignal
+from normlab.train import _build_trainer
 
 
 def test_squeue_states_are_read_per_array_task():
@@ -104,3 +107,23 @@ def test_what_the_launcher_adds_stays_out_of_the_run_name():
     assert cfg.resume == "auto"
     assert cfg.callbacks.slurm_preemption.signal_name == "SIGUSR2"
     assert cfg.hydra.job.override_dirname == "norm=gn"
+
+
+def test_inside_a_slurm_job_lightning_requeues_nothing_itself(monkeypatch):
+    for key, value in {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "7",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }.items():
+        monkeypatch.setenv(key, value)
+    cfg = OmegaConf.create(
+        {"trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 1}}
+    )
+    trainer = _build_trainer(cfg, callbacks=[], loggers=[])
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment)
+    assert environment.auto_requeue is False

@@ -16,6 +16,7 @@ import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -160,6 +161,10 @@ def _stop_other_ranks(trainer: pl.Trainer) -> None:
 
 def _build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer:
     plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Pre-emption is ours (USR2 -> last.ckpt -> the launcher requeues, resume=auto); Lightning's
+        # own USR1 requeue would write hpc_ckpt files that nothing resumes from.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     options = {}
     if cfg.trainer.get("sync_batchnorm"):
         # Lightning's own option converts to torch.nn.SyncBatchNorm, which refuses CPU tensors.
