@@ -363,7 +363,9 @@ def test_file_reading_data_configs_declare_on_bad_sample() -> None:
     for path in sorted((CONFIG_DIR / "data").glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
         target = config.get("_target_", "")
-        if target and not target.endswith("DigitsDataModule"):  # digits: in memory, no files
+        # digits: in memory, no files; fashion_mnist: one IDX archive per split, read whole, so a
+        # bad file stops the run (tests/test_fashion_mnist.py) and there is no sample to skip.
+        if target and not target.endswith(("DigitsDataModule", "FashionMNISTDataModule")):
             declared[path.stem] = config.get("on_bad_sample")
     assert set(declared) == {
         "aligned", "cifar10", "cifar100", "coco", "digit_pairs", "digit_scenes", "imagefolder"
