@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -17,6 +19,7 @@ from normlab.errors import ConfigError
 from normlab.train import main, train
 from normlab.utils.checkpoint import WritableRunDir, load_weights, resume_checkpoint
 from normlab.utils.logs import continue_logs
+from normlab.utils.run import CONFIG_DIR
 
 # 3 batches an epoch of the small DenseNet at 16 px: a whole run takes seconds.
 TINY = (
@@ -213,15 +216,31 @@ def test_weights_mode_loads_weights_and_norm_statistics_only(compose_config, tmp
         load_weights(mismatched, path)
 
 
-def test_an_unwritable_run_dir_stops_the_command_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("override", "unwritable"),
+    [
+        ("hydra.run.dir={tmp}/file/run", "{tmp}/file/run"),
+        # The default run dir: ${paths.log_dir}/... through ${hydra:runtime.cwd}, which Hydra
+        # resolves only once its config is set.
+        ("paths.log_dir={tmp}/file/logs", "{tmp}/file/logs/classification/default/"),
+    ],
+)
+def test_an_unwritable_run_dir_stops_the_command_in_one_line(
+    tmp_path, capsys, override, unwritable
+):
     (tmp_path / "file").write_text("not a directory")
-    config = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "file" / "run")}}})
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        config = compose(
+            "config", overrides=[override.format(tmp=tmp_path)], return_hydra_config=True
+        )
     with pytest.raises(SystemExit) as stopped:
         WritableRunDir().on_run_start(config=config)
     assert stopped.value.code == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("normlab: configuration error: ") and "\n" not in line
-    assert f"{tmp_path / 'file' / 'run'} is not writable" in line and "hydra.run.dir" in line
+    assert f"{unwritable.format(tmp=tmp_path)}" in line and "is not writable" in line
+    assert "hydra.run.dir" in line
 
 
 def saved_at(step: int, batch_in_epoch: int, after_batch_end: bool) -> dict:

@@ -12,10 +12,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
 
@@ -253,7 +254,11 @@ class WritableRunDir(Callback):
     """Hydra callback: a run (sweep) dir that cannot be written stops the command with one line
     naming it, before Hydra creates it and sets up its log file there (a traceback otherwise)."""
 
-    def _check(self, directory: str, key: str) -> None:
+    def _check(self, config: DictConfig, key: str) -> None:
+        # The default dirs interpolate ${hydra:runtime.cwd}, which Hydra only answers once its
+        # config is set; Hydra sets it again from the same object (same ${now:} value) right after.
+        HydraConfig.instance().set_config(config)
+        directory = OmegaConf.select(config, key)
         try:
             check_writable(Path(directory), key)
         except ConfigError as error:
@@ -261,7 +266,7 @@ class WritableRunDir(Callback):
             sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir, "hydra.run.dir")
+        self._check(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._check(config, "hydra.sweep.dir")
