@@ -26,7 +26,8 @@ TEST_FRACTION = 0.15
 
 
 class TensorImageDataset(Dataset):
-    """``(transform(images[i]) - mean) / std, labels[i]`` over in-memory ``(N, C, H, W)`` images."""
+    """``(transform(images[i]) / divisor - mean) / std, labels[i]`` over in-memory
+    ``(N, C, H, W)`` images (``divisor=255`` for uint8 images kept as they are stored)."""
 
     def __init__(
         self,
@@ -35,12 +36,14 @@ class TensorImageDataset(Dataset):
         mean: float,
         std: float,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        divisor: float = 1.0,
     ) -> None:
         self.images = images
         self.labels = labels
         self.mean = mean
         self.std = std
         self.transform = transform
+        self.divisor = divisor
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -50,7 +53,7 @@ class TensorImageDataset(Dataset):
         if self.transform is not None:
             # Augment before normalising so that the affine fill value (0) is the background.
             image = self.transform(image)
-        return (image - self.mean) / self.std, self.labels[index]
+        return (image.float() / self.divisor - self.mean) / self.std, self.labels[index]
 
 
 def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:

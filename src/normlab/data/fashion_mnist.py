@@ -19,11 +19,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset
 from torchvision.datasets import FashionMNIST
 from torchvision.transforms import v2
 from typing_extensions import Unpack
 
+from normlab.data.digits import TensorImageDataset
 from normlab.data.transforms import ImageClassificationDataModule, LoaderOptions, check_int
 from normlab.errors import ConfigError, DataError
 
@@ -162,35 +162,6 @@ def download(root: str) -> None:
             ) from None
 
 
-class UInt8ImageDataset(Dataset):
-    """``(transform(images[i]) / 255 - mean) / std, labels[i]`` over ``(N, C, H, W)`` uint8
-    images held in memory."""
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        mean: float,
-        std: float,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        self.images = images
-        self.labels = labels
-        self.mean = mean
-        self.std = std
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[index]
-        if self.transform is not None:
-            # Padding fills with 0, the background of these images, before normalising.
-            image = self.transform(image)
-        return (image.float() / 255.0 - self.mean) / self.std, self.labels[index]
-
-
 def pixel_mean_std(images: torch.Tensor) -> tuple[float, float]:
     """Mean and standard deviation of uint8 ``images`` in [0, 1], from a histogram of the 256
     values: exact, without a float copy of the whole set."""
@@ -312,9 +283,11 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
 
         def dataset(
             images: torch.Tensor, labels: torch.Tensor, transform: Callable | None
-        ) -> UInt8ImageDataset:
-            return UInt8ImageDataset(
-                images.contiguous(), labels.contiguous(), self.mean, self.std, transform
+        ) -> TensorImageDataset:
+            # Kept as uint8 (a quarter of float32's memory); padding fills with 0, the
+            # background, before the division and normalisation.
+            return TensorImageDataset(
+                images.contiguous(), labels.contiguous(), self.mean, self.std, transform, 255.0
             )
 
         self.train_set = dataset(train_images[train_t], train_labels[train_t], train_tf)
