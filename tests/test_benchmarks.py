@@ -28,6 +28,9 @@ def test_compare_alternates_and_reports_ratios_to_the_baseline():
         compare({"a": lambda: None}, repeats=0)
 
 
+# Slow: a minute of CPU (every benchmark, every norm in both memory formats) that checks the scripts
+# run, not a result; `make test-slow` runs it, and the benchmarks' own make targets run them all.
+@pytest.mark.slow
 def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
     """`run.py --smoke`: each benchmark once, in one process (Triton's interpreter for bn_gpu)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
