@@ -8,31 +8,24 @@ what is allowed; the entry point prints it as one line (``normlab.train.exit_on_
   sweeps monitor, BN synchronisation in a single process).
   ``train()`` calls it before anything is built: several bad Trainer values would otherwise fail
   inside Lightning's constructor with a traceback.
-- :func:`check_num_classes` and :func:`check_norm_inputs` need the built model and data module;
-  the tasks call them from their ``check_run``.
+- What needs the built model and data module is checked by the tasks' ``check_run``
+  (:mod:`normlab.tasks.checks`).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
-from itertools import chain
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from hydra.utils import get_class, get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch import nn
-from torch.func import functional_call
 
 from normlab.errors import ConfigError
 from normlab.norm import standardize
-from normlab.norm.convert import norm_channels
-from normlab.norm.layers import NoNorm
 from normlab.norm.registry import NORMS, argument_ranges
-from normlab.norm.sync import SyncBatchNorm
 from normlab.ranges import DROP_RATE, FRACTION, NON_NEGATIVE, ValueRange, declared_ranges
 from normlab.utils.distributed import world_size
 
@@ -338,96 +331,3 @@ def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
             ", ".join(_SYNCED_NORMS),
             ", ".join(left.values()),
         )
-
-
-# -- built model and data -------------------------------------------------------------------------
-
-
-def check_num_classes(num_classes: int, datamodule: object, *, what: str = "classes") -> None:
-    """Labels run over the data's ``num_classes``: a model with fewer outputs would index past
-    them in the loss (a device-side assert or an index error deep inside training)."""
-    data_classes = getattr(datamodule, "num_classes", None)
-    if data_classes is None or num_classes >= data_classes:
-        return
-    names = getattr(datamodule, "class_names", None) or []
-    shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
-    raise ConfigError(
-        f"model.num_classes={num_classes} is smaller than the {data_classes} {what} of the data"
-        + (f" ({shown})" if shown else "")
-        + f"; set model.num_classes >= {data_classes}, or leave it unset to take it from the data"
-    )
-
-
-class _NormInputProblem(Exception):
-    """Raised from a forward pre-hook to stop the probe at the first norm that cannot work."""
-
-
-def _norm_problem(module: nn.Module, shape: tuple[int, ...]) -> str | None:
-    """Why ``module`` cannot normalise an input of ``shape`` in training (torch's own checks,
-    stated for the user), or None if it can."""
-    if len(shape) != 4:
-        return (
-            f"it is a 2-D norm, which needs N×C×H×W input, but gets a {len(shape)}-D tensor "
-            "(no H, W axes, as after pooling and flattening)"
-        )
-    batch, channels, height, width = shape
-    pixels = height * width
-    if isinstance(module, nn.InstanceNorm2d) and pixels == 1:
-        return "instance norm takes each channel's statistics over one image's H×W pixels, here 1"
-    if isinstance(module, nn.GroupNorm) and channels // module.num_groups * pixels == 1:
-        return "each of its groups holds a single value per image (1 channel × 1 pixel)"
-    batch_statistics = isinstance(module, nn.modules.batchnorm._BatchNorm) and not (
-        isinstance(module, SyncBatchNorm) or getattr(module, "sync", False)
-    )
-    if batch_statistics and batch * pixels == 1:
-        return "its batch statistics would be a single value per channel (1 image × 1 pixel)"
-    return None
-
-
-def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: str) -> None:
-    """Raise ConfigError if a norm layer of ``network`` cannot train on the tensor it gets from
-    an input batch of ``input_shape`` (``where`` names the config keys that set that shape).
-
-    The network runs once on the meta device (shapes only: no memory, no arithmetic, well under a
-    second for RetinaNet-R50 at 800 px), with a hook on every 2-D norm layer. This catches what
-    otherwise stops the first training step with a traceback after the data is loaded: instance
-    norm on 1×1 maps (small images, a pooled head), BatchNorm on one image of 1×1, a 2-D norm
-    given features without H and W. A forward the probe cannot run (a model that needs real
-    values) is skipped: this check must never refuse a run that would work.
-    """
-
-    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            shape = tuple(args[0].shape)
-            if (reason := _norm_problem(module, shape)) is not None:
-                raise _NormInputProblem(names[module], type(module).__name__, shape, reason)
-
-    names = {
-        module: name
-        for name, module in network.named_modules()
-        if norm_channels(module) is not None and not isinstance(module, NoNorm)  # takes anything
-    }
-    hooks = [module.register_forward_pre_hook(pre_hook) for module in names]
-    meta_state = {
-        name: torch.empty_like(tensor, device="meta")
-        for name, tensor in chain(network.named_parameters(), network.named_buffers())
-    }
-    modes = {module: module.training for module in network.modules()}
-    network.eval()  # no running-statistics updates and no dropout draws; the hooks check shapes
-    try:
-        with torch.no_grad():
-            functional_call(network, meta_state, (torch.empty(*input_shape, device="meta"),))
-    except _NormInputProblem as problem:
-        layer, kind, shape, reason = problem.args
-        raise ConfigError(
-            f"{where}: norm layer {layer} ({kind}) gets input of shape {tuple(shape)}, which it "
-            f"cannot normalise in training: {reason}. Use larger images or another norm for that "
-            "layer (norm=..., or head_norm=... for a head)"
-        ) from None
-    except Exception as error:  # best effort: a model may need real values to run
-        log.debug("norm input check skipped (%s: %s)", type(error).__name__, error)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, training in modes.items():
-            module.training = training

@@ -23,8 +23,8 @@ from torch import nn
 
 from normlab.errors import ConfigError
 from normlab.norm import build_norm
+from normlab.tasks.checks import check_norm_inputs
 from normlab.train import exit_on_config_error, train
-from normlab.validation import check_norm_inputs
 
 ENV = {
     **os.environ,

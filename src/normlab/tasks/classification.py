@@ -13,10 +13,10 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from normlab.tasks.checks import check_norm_inputs, check_num_classes
 from normlab.tasks.guard import LossGuard
 from normlab.tasks.optim import configure_optimization, plain_config
 from normlab.utils.figures import confusion_matrix_figure, figure_to_array, image_grid, log_image
-from normlab.validation import check_norm_inputs, check_num_classes
 
 
 def _top_k(num_classes: int) -> int:

@@ -19,10 +19,10 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from normlab.errors import ConfigError
 from normlab.models.retinanet import DenseRetinaNet
+from normlab.tasks.checks import check_norm_inputs, check_num_classes
 from normlab.tasks.guard import LossGuard
 from normlab.tasks.optim import configure_optimization, plain_config
 from normlab.utils.figures import log_detections
-from normlab.validation import check_norm_inputs, check_num_classes
 
 Batch = tuple[Sequence[Tensor], Sequence[dict[str, Tensor]]]
 

@@ -26,10 +26,10 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from normlab.errors import ConfigError
 from normlab.models.pix2pix import check_image_size
+from normlab.tasks.checks import check_norm_inputs
 from normlab.tasks.guard import LossGuard
 from normlab.tasks.optim import build_optimizer, plain_config
 from normlab.utils.figures import log_image, translation_grid
-from normlab.validation import check_norm_inputs
 
 log = logging.getLogger(__name__)
 
