@@ -1,4 +1,5 @@
-"""Which layers keep running statistics, and the statistics of one input of such a layer.
+"""The layers of a model that keep running statistics, and the statistics of one input of such
+a layer.
 
 Shared by :class:`~normlab.callbacks.PreciseBN` (which averages them) and
 :class:`~normlab.callbacks.NormStatistics` (which compares them with the running ones). The
@@ -18,20 +19,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torchvision.ops import FrozenBatchNorm2d
 
-
-def has_running_statistics(module: nn.Module) -> bool:
-    """Whether ``module`` is a norm that tracks running statistics in training (and so uses them
-    in eval mode): BatchNorm-like layers and InstanceNorm with ``track_running_stats=True``."""
-    return (
-        isinstance(module, _NormBase)
-        and module.track_running_stats
-        and module.running_mean is not None
-        and module.running_var is not None
-    )
+from normlab.norm.inspect import has_running_statistics
 
 
 def running_statistics_layers(model: nn.Module, *, frozen: bool = False) -> dict[str, nn.Module]:

@@ -29,9 +29,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
-from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.errors import ConfigError
 from normlab.norm import (
@@ -40,6 +38,7 @@ from normlab.norm import (
     activation_after,
     fuse_norm_activations,
     get_norm_layer,
+    is_norm,
     standardize_conv_weights,
 )
 from normlab.ranges import COUNT, NON_NEGATIVE, checked_arguments
@@ -63,19 +62,10 @@ INIT_TYPES: tuple[str, ...] = ("normal", "xavier", "kaiming", "orthogonal")
 # The U-Net has four fixed outer levels (ngf → 2ngf → 4ngf → 8ngf) plus the innermost one.
 MIN_NUM_DOWNS = 5
 
-# Set on every module built through a network's norm factory, so that init_weights recognises
-# norms that share no base class with torch's (a registered custom norm or a plain callable).
+# Set on every module built through a network's norm factory. A norm spec may be any callable
+# (a user's own nn.Module class), which nothing but having been built in a norm's place marks as
+# a norm; init_weights must still give it the norm init, as the reference gives its BatchNorm.
 _NORM_MARK = "_normlab_norm_layer"
-
-# Torch's norm classes, for modules that were not built here (e.g. swapped in by convert_norms).
-# _NormBase covers BatchNorm, SyncBatchNorm and InstanceNorm; LayerNorm covers LayerNorm2d.
-_TORCH_NORMS: tuple[type[nn.Module], ...] = (
-    _NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    FrozenBatchNorm2d,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
 
 BlockRole = Literal["outermost", "intermediate", "innermost"]
 
@@ -92,9 +82,10 @@ def _marked(norm_layer: NormLayer) -> NormLayer:
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a norm layer: built by one of this module's networks from the norm
-    registry, or an instance of one of torch's (or torchvision's) norm classes."""
-    return bool(getattr(module, _NORM_MARK, False)) or isinstance(module, _TORCH_NORMS)
+    """Whether ``module`` is a norm layer: built in a norm's place by one of this module's networks
+    (whatever the spec built), or a norm by :func:`normlab.norm.is_norm` (e.g. swapped in later by
+    ``convert_norms``)."""
+    return bool(getattr(module, _NORM_MARK, False)) or is_norm(module)
 
 
 def norm_has_shift(norm: nn.Module) -> bool:

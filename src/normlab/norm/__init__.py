@@ -7,8 +7,9 @@ Models never import a norm class; they take a spec (a name, a mapping or a calla
 
 from normlab.norm import builtin as _builtin  # noqa: F401  (registers the built-in norms)
 from normlab.norm import small_batch as _small_batch  # noqa: F401  (registers brn, ghost_bn, ...)
-from normlab.norm.convert import convert_norms, norm_channels
+from normlab.norm.convert import convert_norms
 from normlab.norm.fusion import activation_after, fuse_norm_activations, norm_and_activation
+from normlab.norm.inspect import has_running_statistics, is_norm, norm_channels
 from normlab.norm.layers import LayerNorm2d, NoNorm
 from normlab.norm.registry import (
     NORMS,
@@ -49,6 +50,8 @@ __all__ = [
     "convert_norms",
     "fuse_norm_activations",
     "get_norm_layer",
+    "has_running_statistics",
+    "is_norm",
     "norm_and_activation",
     "norm_channels",
     "norm_name",

@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-import timm.layers
 import torch
-import torchvision.models.convnext
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.errors import ConfigError
-from normlab.norm.layers import LayerNorm2d, NoNorm
+from normlab.norm.inspect import fused_activation, norm_channels
 from normlab.norm.registry import NormSpec, get_norm_layer
-from normlab.norm.small_batch import EvoNormB0, EvoNormS0, FilterResponseNorm2d, RMSNorm2d
 from normlab.norm.standardize import standardize_conv_weights
 
-# LayerNorms that normalise the channel axis of N×C×H×W input. A plain nn.LayerNorm normalises
-# the last axis (channels-last blocks, transformers) and is left alone.
-_CHANNELS_FIRST_LAYER_NORMS = (
-    LayerNorm2d,
-    timm.layers.LayerNorm2d,
-    torchvision.models.convnext.LayerNorm2d,
-)
 _STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def norm_channels(module: nn.Module) -> int | None:
-    """The channel count of a 2-D norm layer, or None if ``module`` is not one."""
-    if isinstance(module, _BatchNorm) and not isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d)):
-        return module.num_features
-    if isinstance(module, nn.InstanceNorm2d):
-        return module.num_features
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels
-    if isinstance(module, FrozenBatchNorm2d):
-        return module.weight.shape[0]
-    if isinstance(module, (*_CHANNELS_FIRST_LAYER_NORMS, RMSNorm2d)):
-        return module.normalized_shape[0]
-    if isinstance(module, (FilterResponseNorm2d, EvoNormB0, EvoNormS0)):
-        return module.num_features
-    if isinstance(module, NoNorm):
-        return module.num_features
-    return None
 
 
 def _floating_tensor(module: nn.Module) -> torch.Tensor | None:
@@ -62,15 +31,9 @@ def _transfer_state(source: nn.Module, target: nn.Module) -> None:
             dst.copy_(src)
 
 
-def _fused_activation(module: nn.Module) -> nn.Module | None:
-    """The activation a norm applies itself (cuda_bn's fused one), as a module; else None."""
-    fused = getattr(module, "fused_activation", None)
-    return fused() if callable(fused) else None
-
-
 def _check_fused_activations_survive(model: nn.Module, norm_layer, spec: NormSpec) -> None:
     for name, module in model.named_modules():
-        channels, activation = norm_channels(module), _fused_activation(module)
+        channels, activation = norm_channels(module), fused_activation(module)
         if channels is None or activation is None:
             continue
         absorb = getattr(norm_layer(channels), "absorb_activation", None)
@@ -86,7 +49,7 @@ def _convert(module: nn.Module, norm_layer) -> nn.Module:
     channels = norm_channels(module)
     if channels is not None:
         replacement = norm_layer(channels)
-        activation = _fused_activation(module)
+        activation = fused_activation(module)
         if activation is not None:
             replacement.absorb_activation(activation)
         reference = _floating_tensor(module)
