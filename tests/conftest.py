@@ -18,7 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
+from normlab.utils.dependency_warnings import quiet_dependency_warnings
+from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

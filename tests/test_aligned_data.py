@@ -22,7 +22,7 @@ from normlab.data.aligned import AlignedDataset
 from normlab.data.digits import split_indices
 from normlab.errors import ConfigError
 from normlab.train import instantiate_data
-from normlab.utils.run import CONFIG_DIR
+from normlab.utils.hydra_run import CONFIG_DIR
 
 # --------------------------------------------------------------------------------------------------
 # aligned fixtures

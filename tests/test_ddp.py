@@ -50,7 +50,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from normlab.utils.run import RunInfo
+from normlab.callbacks.checkpointing import RunInfo
 
 
 class RecordConfig(pl.Callback):

@@ -7,7 +7,7 @@ import pytest
 
 from normlab.errors import ConfigError
 from normlab.group_options import group_options, refuse_unknown_options
-from normlab.utils.run import CONFIG_DIR
+from normlab.utils.hydra_run import CONFIG_DIR
 
 
 def test_options_are_the_group_files():

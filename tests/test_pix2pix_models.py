@@ -22,7 +22,7 @@ from normlab.models.pix2pix import (
     is_norm_layer,
 )
 from normlab.norm import NORMS, convert_norms, get_norm_layer
-from normlab.utils.run import CONFIG_DIR
+from normlab.utils.hydra_run import CONFIG_DIR
 
 # Norms that carry their own shift (a bias parameter, or FrozenBN's bias buffer).
 SHIFT_NORMS = ("bn", "syncbn", "cuda_bn", "ln", "gn", "in", "frozen_bn")

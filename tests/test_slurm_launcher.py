@@ -92,7 +92,7 @@ def test_what_the_launcher_adds_stays_out_of_the_run_name():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from normlab.utils.run import CONFIG_DIR
+    from normlab.utils.hydra_run import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     try:

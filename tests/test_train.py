@@ -12,7 +12,7 @@ import torch
 from normlab.eval import evaluate
 from normlab.norm import NORMS
 from normlab.train import train
-from normlab.utils.run import CONFIG_DIR
+from normlab.utils.hydra_run import CONFIG_DIR
 from normlab.utils.wandb_offline import read_offline_run
 
 NORM_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "norm").glob("*.yaml"))

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from normlab.tasks.optim import build_optimizer, build_scheduler
 from normlab.train import instantiate_data
 from normlab.utils.benchmark import compare, markdown_table, timed_epoch, write_report
-from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
+from normlab.utils.dependency_warnings import quiet_dependency_warnings
+from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/test_benchmarks.py).

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
 from normlab.train import exit_on_config_error, instantiate_data, instantiate_group
-from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
+from normlab.utils.dependency_warnings import quiet_dependency_warnings
+from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 
 log = logging.getLogger("normlab.eval")
 register_resolvers()

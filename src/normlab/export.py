@@ -65,7 +65,8 @@ from normlab.errors import ConfigError
 from normlab.eval import check_data_fits, load_run_info
 from normlab.norm import LayerNorm2d, SyncBatchNorm, bake_standardized_weights
 from normlab.train import exit_on_config_error, instantiate_data
-from normlab.utils.run import CONFIG_DIR, quiet_dependency_warnings, register_resolvers
+from normlab.utils.dependency_warnings import quiet_dependency_warnings
+from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 
 log = logging.getLogger("normlab.export")
 register_resolvers()

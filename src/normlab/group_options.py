@@ -14,7 +14,7 @@ from hydra.core.override_parser.types import ChoiceSweep, Override
 from hydra.errors import HydraException
 
 from normlab.errors import ConfigError
-from normlab.utils.run import CONFIG_DIR
+from normlab.utils.hydra_run import CONFIG_DIR
 
 # Configs found outside conf/ (another config dir, Hydra's search path) may hold options that
 # conf/ lacks: with these on the command line, Hydra alone decides.

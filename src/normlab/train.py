@@ -21,16 +21,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import ResumeRecord
+from normlab.callbacks.checkpointing import AtomicCheckpointIO, RunInfo, SaveOnSigterm
 from normlab.errors import ConfigError, JobFailed, TrainingError
 from normlab.group_options import refuse_unknown_options
-from normlab.utils.checkpoint import (
-    AtomicCheckpointIO,
-    Resume,
-    SaveOnSigterm,
-    check_writable,
-    load_weights,
-    resume_checkpoint,
-)
+from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.distributed import (
     NormSync,
     inherited_run_config,
@@ -38,18 +32,13 @@ from normlab.utils.distributed import (
     publish_run_config,
     split_global_batch,
 )
+from normlab.utils.hydra_run import CONFIG_DIR, in_multirun, register_resolvers
 from normlab.utils.logs import continue_logs
-from normlab.utils.run import (
-    CONFIG_DIR,
-    RunInfo,
-    attach_wandb_run,
-    git_sha,
-    in_multirun,
-    quiet_dependency_warnings,
-    register_resolvers,
-    save_run_info,
-)
+from normlab.utils.resume_selection import Resume, load_weights, resume_checkpoint
+from normlab.utils.run_info import git_sha, save_run_info
 from normlab.utils.secrets import masked_config
+from normlab.utils.wandb_logger import attach_wandb_run
+from normlab.utils.writable_dirs import check_writable
 from normlab.validation import validate_config
 
 log = logging.getLogger("normlab.train")

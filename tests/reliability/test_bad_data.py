@@ -31,7 +31,7 @@ from normlab.data import (
 from normlab.data.bad_samples import SkipUndecodable
 from normlab.data.folders import rgb_loader
 from normlab.errors import ConfigError, DataError
-from normlab.utils.run import CONFIG_DIR
+from normlab.utils.hydra_run import CONFIG_DIR
 
 # The fixture builders of the data tests (tests/ is on sys.path: it holds the root conftest.py).
 from test_aligned_data import HALF, write_pair

@@ -17,9 +17,10 @@ from omegaconf import OmegaConf
 
 from normlab.errors import ConfigError
 from normlab.train import main, train
-from normlab.utils.checkpoint import WritableRunDir, load_weights, resume_checkpoint
+from normlab.utils.hydra_run import CONFIG_DIR
 from normlab.utils.logs import continue_logs
-from normlab.utils.run import CONFIG_DIR
+from normlab.utils.resume_selection import load_weights, resume_checkpoint
+from normlab.utils.writable_dirs import WritableRunDir
 
 # 3 batches an epoch of the small DenseNet at 16 px: a whole run takes seconds.
 TINY = (

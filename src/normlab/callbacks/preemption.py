@@ -1,6 +1,6 @@
 """Stop for a scheduler's pre-emption or time-limit signal at a step boundary that every process
 agrees on, through Lightning's SIGTERM path (which writes ``last.ckpt``: see
-:class:`~normlab.utils.checkpoint.SaveOnSigterm`)."""
+:class:`~normlab.callbacks.checkpointing.SaveOnSigterm`)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from normlab.utils.run import CONFIG_DIR
+from normlab.utils.hydra_run import CONFIG_DIR
 
 REPO_ROOT = CONFIG_DIR.parent
 

@@ -1,22 +1,13 @@
-"""Checkpoints that survive interruptions: atomic writes, a save on SIGTERM, and the rules for
-which checkpoint a run resumes from."""
+"""Which checkpoint a run starts from (``ckpt_path``, ``resume``) and what it takes from it
+(``resume_mode``)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
 
@@ -26,82 +17,6 @@ log = logging.getLogger(__name__)
 RESUME_OPTIONS = ("auto", "never")
 # resume_mode=...: what a run takes from the checkpoint it resumes from.
 RESUME_MODES = ("continue", "weights")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside its destination, flushes it to disk and
-    renames it into place: a kill during a save leaves the previous ``last.ckpt`` intact, never a
-    truncated one."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with partial.open("wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-
-
-class SaveOnSigterm(pl.Callback):
-    """On SIGTERM (SLURM pre-emption, ``kill``), Lightning stops after the current batch; this
-    writes ``last.ckpt`` at that point so the run resumes from there, not from the last periodic
-    checkpoint."""
-
-    def __init__(self, dirpath: str | Path) -> None:
-        self.path = Path(dirpath) / "last.ckpt"
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.training:
-            trainer.save_checkpoint(self.path, weights_only=False)  # optimizer state too
-            log.warning("SIGTERM: saved %s at step %d", self.path, trainer.global_step)
-
-
-class LastCheckpoint(pl.Callback):
-    """Keeps one ``last.ckpt``, always the newest state: written every ``every_n_train_steps``
-    optimizer steps, after each validation and when training ends (so a ``max_steps`` run that
-    stops mid-epoch has its final weights on disk), each time replacing the previous one, also
-    one that cannot be read."""
-
-    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ConfigError(
-                "callbacks.last_checkpoint.every_n_train_steps must be an integer >= 1 or null, "
-                f"got {every_n_train_steps!r}"
-            )
-        self.path = Path(dirpath) / "last.ckpt"
-        self.every_n_train_steps = every_n_train_steps
-        self._saved_step = -1
-
-    def _save(self, trainer: pl.Trainer) -> None:
-        if trainer.fast_dev_run:  # a wiring check, as for Lightning's ModelCheckpoint
-            return
-        trainer.save_checkpoint(self.path, weights_only=False)
-        self._saved_step = trainer.global_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        every = self.every_n_train_steps
-        step = trainer.global_step
-        if every and step % every == 0 and step != self._saved_step:
-            self._save(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._save(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Always: the loop counters now say "finished", which a resume of this run relies on.
-        self._save(trainer)
 
 
 class UnreadableCheckpoint(ConfigError):
@@ -218,22 +133,6 @@ def resume_checkpoint(
     return None
 
 
-def check_writable(directory: Path, key: str) -> None:
-    """Create ``directory`` if needed and write and delete a file in it; ConfigError naming it
-    (and ``key``, the setting that places it) if that fails. A real write rather than
-    ``os.access``, which says yes to root on a read-only mount."""
-    probe = directory / f".normlab-write-test.{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(
-            f"{directory} is not writable ({error.strerror or error}); set {key} to a directory "
-            "this process can write"
-        ) from error
-
-
 def load_weights(module: torch.nn.Module, path: Path) -> None:
     """Load the weights and buffers (norm running statistics) of the checkpoint ``path`` into
     ``module``, nothing else: ``resume_mode=weights``."""
@@ -248,25 +147,3 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     log.info(
         "resume_mode=weights: loaded the weights of %s; optimizer and schedule start fresh", path
     )
-
-
-class WritableRunDir(Callback):
-    """Hydra callback: a run (sweep) dir that cannot be written stops the command with one line
-    naming it, before Hydra creates it and sets up its log file there (a traceback otherwise)."""
-
-    def _check(self, config: DictConfig, key: str) -> None:
-        # The default dirs interpolate ${hydra:runtime.cwd}, which Hydra only answers once its
-        # config is set; Hydra sets it again from the same object (same ${now:} value) right after.
-        HydraConfig.instance().set_config(config)
-        directory = OmegaConf.select(config, key)
-        try:
-            check_writable(Path(directory), key)
-        except ConfigError as error:
-            print(f"normlab: configuration error: {error}", file=sys.stderr)
-            sys.exit(2)
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, "hydra.sweep.dir")
