@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from normlab.eval import evaluate
 from normlab.tasks.detection import MAP_BACKENDS, build_map_metric
 from normlab.train import train
-from normlab.utils.wandb_offline import read_offline_run
+from wandb_offline import read_offline_run
 
 
 def _fixed_predictions_and_targets() -> tuple[list[dict], list[dict]]:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from normlab.callbacks import NormStatistics
 from normlab.errors import ConfigError
 from normlab.train import train
-from normlab.utils.wandb_offline import read_offline_run
+from wandb_offline import read_offline_run
 
 
 class TinyTask(pl.LightningModule):

@@ -13,7 +13,7 @@ from normlab.errors import ConfigError
 from normlab.eval import evaluate
 from normlab.tasks.pix2pix import GAN_MODES, Pix2PixModule, gan_loss, linear_decay
 from normlab.train import train
-from normlab.utils.wandb_offline import read_offline_run
+from wandb_offline import read_offline_run
 
 
 def _module(**options) -> Pix2PixModule:

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from normlab.sweep import stored_trials
-from normlab.utils.wandb_offline import read_offline_run
+from wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # One batch of everything, on the small DenseNet: what is tested here is the sweep machinery.

@@ -13,7 +13,7 @@ from normlab.eval import evaluate
 from normlab.norm import NORMS
 from normlab.train import train
 from normlab.utils.hydra_run import CONFIG_DIR
-from normlab.utils.wandb_offline import read_offline_run
+from wandb_offline import read_offline_run
 
 NORM_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "norm").glob("*.yaml"))
 # Added with issue 20; their fast_dev_runs here are slow tests (tests/test_small_batch_norms.py

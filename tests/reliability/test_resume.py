@@ -18,7 +18,7 @@ import torch
 
 from normlab.errors import ConfigError
 from normlab.train import train
-from normlab.utils.wandb_offline import read_offline_run
+from wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}

@@ -14,8 +14,8 @@ import torch
 from cluster_helpers import Cluster, run_train, start_train
 from omegaconf import OmegaConf
 
-from normlab.utils.wandb_offline import read_offline_run
 from test_ddp import HELPERS, SHORT, _assert_same_float64_weights
+from wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.slurm
 

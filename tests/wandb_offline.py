@@ -4,6 +4,9 @@ wandb no longer ships a Python reader for its ``run-<id>.wandb`` transaction log
 7-byte W&B header followed by LevelDB-style log blocks of 32 KiB; each chunk has a 7-byte header
 (masked CRC32C, little-endian length, type) and whole records are protobuf ``Record`` messages,
 possibly split across blocks as FIRST/MIDDLE/LAST chunks.
+
+Only the tests read runs back; they import this as ``wandb_offline`` (tests/ is on sys.path, as
+the directory of the root conftest.py).
 """
 
 from __future__ import annotations
