@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from normlab.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
-from normlab.data.folders import CIFAR10_CLASSES, CIFAR100_CLASSES
+from normlab.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
 from normlab.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import normlab.data.fashion_mnist as fashion_mnist
 import normlab.data.fetch_fashion_mnist as fetch
 from normlab.data import FashionMNISTDataModule
 from normlab.data.fashion_mnist import IMAGES_MAGIC, LABELS_MAGIC, read_idx
-from normlab.data.transforms import SeededSamples
+from normlab.data.samplers import SeededSamples
 from normlab.errors import ConfigError, DataError
 from normlab.train import exit_on_config_error, train
 

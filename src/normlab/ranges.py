@@ -1,10 +1,12 @@
-"""Valid ranges of numeric arguments, declared next to the code that takes them.
+"""Valid ranges of numeric arguments, and the checks that enforce them: normlab's one place for
+argument checks.
 
 Norms declare theirs when they register (``register_norm(name, ranges=...)``), models with
 :func:`checked_arguments`. Library calls check them and raise :class:`ArgumentError`, which names
 the argument; the config layer (:mod:`normlab.validation`) checks the same declarations against
 the composed config before anything is built, naming the config key instead
-(``head_norm.eps``, ``model.drop_path_rate``).
+(``head_norm.eps``, ``model.drop_path_rate``). Arguments whose lower bound depends on another
+argument are checked where they are taken, with :func:`check_int`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,21 @@ from normlab.errors import ConfigError
 Declared = TypeVar("Declared", bound=Callable[..., Any])
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer; ``True`` is not (YAML's ``true`` is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is an int or a float, ``True`` and ``False`` excluded."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(bound: float) -> str:
+    # An integer bound as written: ":g" would show a minimum of 1000000 as 1e+06.
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
 @dataclass(frozen=True)
 class ValueRange:
     """The values one argument accepts: a number (an integer if ``integer``) between ``low`` and
@@ -37,7 +54,7 @@ class ValueRange:
     def allows(self, value: Any) -> bool:
         if value is None:
             return self.nullable
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             return False
         if self.integer and not isinstance(value, int):
             return False
@@ -50,12 +67,12 @@ class ValueRange:
     def __str__(self) -> str:
         kind = "an integer" if self.integer else "a number"
         if self.low is not None and self.high is not None:
-            bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+            bounds = f"in {'(' if self.low_open else '['}{_shown(self.low)}, {_shown(self.high)}"
             bounds += ")" if self.high_open else "]"
         elif self.low is not None:
-            bounds = f"{'>' if self.low_open else '>='} {self.low:g}"
+            bounds = f"{'>' if self.low_open else '>='} {_shown(self.low)}"
         elif self.high is not None:
-            bounds = f"{'<' if self.high_open else '<='} {self.high:g}"
+            bounds = f"{'<' if self.high_open else '<='} {_shown(self.high)}"
         else:
             bounds = ""
         text = f"{kind} {bounds}".rstrip()
@@ -74,16 +91,29 @@ MOMENTUM = ValueRange(low=0, high=1, nullable=True)
 
 
 class ArgumentError(ConfigError):
-    """A numeric argument outside its valid range. ``str()`` names the argument and its owner
-    (``eps must be a number > 0, got -1 (norm 'bn')``); :meth:`at` names a config key instead."""
+    """A numeric argument outside its valid range. ``str()`` names the argument and, when given,
+    its owner (``eps must be a number > 0, got -1 (norm 'bn')``); :meth:`at` names a config key
+    instead."""
 
-    def __init__(self, argument: str, value: Any, allowed: ValueRange, owner: str) -> None:
+    def __init__(
+        self, argument: str, value: Any, allowed: ValueRange, owner: str | None = None
+    ) -> None:
         self.argument, self.value, self.allowed, self.owner = argument, value, allowed, owner
-        super().__init__(f"{argument} must be {allowed}, got {value!r} ({owner})")
+        message = f"{argument} must be {allowed}, got {value!r}"
+        super().__init__(message if owner is None else f"{message} ({owner})")
 
     def at(self, key: str) -> ConfigError:
         """The same mistake stated for the config key the value came from."""
         return ConfigError(f"{key} must be {self.allowed}, got {self.value!r}")
+
+
+def check_int(argument: str, value: Any, *, minimum: int, owner: str | None = None) -> int:
+    """``value`` if it is an integer >= ``minimum``; else :class:`ArgumentError` naming
+    ``argument`` (``batch_size must be an integer >= 1, got 0``)."""
+    allowed = ValueRange(low=minimum, integer=True)
+    if not allowed.allows(value):
+        raise ArgumentError(argument, value, allowed, owner)
+    return value
 
 
 def check_values(ranges: Mapping[str, ValueRange], values: Mapping[str, Any], owner: str) -> None:

@@ -29,7 +29,7 @@ from normlab.data import (
     ImageFolderDataModule,
 )
 from normlab.data.bad_samples import SkipUndecodable
-from normlab.data.folders import rgb_loader
+from normlab.data.imagefolder import rgb_loader
 from normlab.errors import ConfigError, DataError
 from normlab.utils.hydra_run import CONFIG_DIR
 

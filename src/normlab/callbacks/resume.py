@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from normlab.data.transforms import EpochSeededSampler
+from normlab.data.samplers import EpochSeededSampler
 from normlab.errors import ConfigError
 
 log = logging.getLogger(__name__)

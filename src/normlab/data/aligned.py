@@ -34,8 +34,9 @@ from normlab.data.bad_samples import (
     guard_decoding,
     load_image,
 )
-from normlab.data.transforms import SplitLoaders, check_int
+from normlab.data.datamodule import SplitLoaders
 from normlab.errors import ConfigError
+from normlab.ranges import check_int, is_int
 
 DIRECTIONS = ("AtoB", "BtoA")
 SPLITS = ("train", "val", "test")
@@ -191,8 +192,8 @@ class AlignedDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule
                 f"data.direction must be one of {list(DIRECTIONS)}, got {direction!r}"
             )
         self.direction = direction
-        self.crop_size = check_int("crop_size", crop_size, minimum=1)
-        self.load_size = check_int("load_size", load_size, minimum=1)
+        self.crop_size = check_int("data.crop_size", crop_size, minimum=1)
+        self.load_size = check_int("data.load_size", load_size, minimum=1)
         if self.load_size < self.crop_size:
             raise ConfigError(
                 f"data.load_size ({load_size}) must be >= data.crop_size ({crop_size}): training "
@@ -210,9 +211,9 @@ class AlignedDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.image_size = self.crop_size
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.num_workers = check_int("num_workers", num_workers, minimum=0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        self.batch_size = check_int("data.batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
+        if not is_int(seed):
             raise ConfigError(f"data.seed must be an integer, got {seed!r}")
         self.seed = seed
         self.pin_memory = bool(pin_memory)

@@ -1,28 +1,22 @@
-"""Object-detection data in COCO format from a local folder.
+"""Object-detection data in COCO format from a local folder: the dataset and its data module.
 
 Layout (the one the official COCO archives unpack to)::
 
     <root>/<split dir>/*.jpg|png                      e.g. <root>/train2017/000000000009.jpg
     <root>/annotations/instances_<split dir>.json    e.g. <root>/annotations/instances_train2017.json
 
-The json files are parsed with the standard library; pycocotools is only needed for evaluation.
-Annotations and image headers are checked once, when a split is loaded, and kept in flat numpy
-arrays (not one Python object per box), so a 118k-image split costs little memory and forked loader
-workers share it. Broken samples follow ``on_bad_sample``; see :mod:`normlab.data.bad_samples`.
+Reading and checking the json files is :mod:`normlab.data.coco_format`'s part. Broken samples
+follow ``on_bad_sample``; see :mod:`normlab.data.bad_samples`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -33,14 +27,20 @@ from normlab.data.bad_samples import (
     BadSamples,
     ReportsUndecodable,
     UndecodableSampleError,
-    check_header,
     check_on_bad_sample,
     guard_decoding,
-    listing,
     undecodable,
 )
-from normlab.data.transforms import SplitLoaders, check_int
+from normlab.data.coco_format import (
+    CocoSplit,
+    annotation_path,
+    load_coco_split,
+    parse_categories,
+    read_json,
+)
+from normlab.data.datamodule import SplitLoaders
 from normlab.errors import ConfigError
+from normlab.ranges import check_int, is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -49,239 +49,7 @@ STAGES = ("train", "val", "test")
 # The deprecated data.on_bad_annotation's values and their data.on_bad_sample equivalents.
 LEGACY_POLICIES = {"error": "raise", "skip": "skip"}
 
-# Why an annotation or image is rejected (the keys of the per-reason counts in errors and logs).
-REASON_EMPTY_BOX = "box with width or height <= 0"
-REASON_OUTSIDE = "box entirely outside its image"
-REASON_CATEGORY = "category_id not in the json's categories"
-REASON_IMAGE = "image_id not in the json's images"
-REASON_SIZE = "image size differs from the json"
-
 Target = dict[str, Any]
-
-
-def annotation_path(root: str, split_dir: str) -> str:
-    """``<root>/annotations/instances_<split_dir>.json``."""
-    return os.path.join(root, "annotations", f"instances_{split_dir}.json")
-
-
-def read_json(path: str) -> dict[str, Any]:
-    """The json object in ``path``; ConfigError naming the file when it is not one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.root: cannot read {path} as json ({type(e).__name__}: {e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"data.root: {path} must hold a json object, got {type(data).__name__}")
-    return data
-
-
-def parse_categories(data: Mapping[str, Any], path: str) -> list[tuple[int, str]]:
-    """``(category id, name)`` sorted by id: the label order. ConfigError on a malformed list."""
-    raw = data.get("categories")
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"data.root: {path} has no 'categories' list (or it is empty)")
-    categories: dict[int, str] = {}
-    for i, entry in enumerate(raw):
-        cat_id = entry.get("id") if isinstance(entry, dict) else None
-        if isinstance(cat_id, bool) or not isinstance(cat_id, int):
-            raise ConfigError(f"data.root: {path}: categories[{i}] has no integer 'id': {entry!r}")
-        if cat_id in categories:
-            raise ConfigError(f"data.root: {path}: category id {cat_id} appears twice")
-        categories[cat_id] = str(entry.get("name", cat_id))
-    return sorted(categories.items())
-
-
-@dataclass(frozen=True)
-class CocoSplit:
-    """One split's checked annotations. Image ``i`` owns rows ``offsets[i]:offsets[i + 1]`` of the
-    per-annotation arrays; boxes are absolute xyxy pixels (clipped to the image for training, as
-    the json has them for evaluation), labels contiguous."""
-
-    json_path: str
-    image_dir: str
-    file_names: list[str]
-    image_ids: np.ndarray  # int64 [I]
-    sizes: np.ndarray  # int64 [I, 2]: (height, width) from the json
-    offsets: np.ndarray  # int64 [I + 1]
-    boxes: np.ndarray  # float32 [M, 4]
-    labels: np.ndarray  # int64 [M]
-    iscrowd: np.ndarray  # int64 [M]
-    area: np.ndarray  # float32 [M]
-    annotation_ids: np.ndarray  # int64 [M]
-
-    def __len__(self) -> int:
-        return len(self.file_names)
-
-
-def _entry_error(path: str, what: str, index: int, problem: str) -> ConfigError:
-    return ConfigError(f"data.root: {path}: {what}[{index}] {problem}")
-
-
-def _int_field(entry: Any, key: str, path: str, what: str, index: int) -> int:
-    value = entry.get(key) if isinstance(entry, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _entry_error(path, what, index, f"has no integer {key!r}")
-    return value
-
-
-def _clip(
-    x: float, y: float, w: float, h: float, width: int, height: int
-) -> tuple[float, float, float, float]:
-    """xywh box as xyxy clipped to a ``width`` x ``height`` image."""
-    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    return x1, y1, x2, y2
-
-
-def load_coco_split(
-    path: str,
-    image_dir: str,
-    category_ids: Sequence[int],
-    *,
-    split: str,
-    keep_crowd: bool,
-    clip_to_image: bool = True,
-    on_bad_sample: str = "raise",
-    data: Mapping[str, Any] | None = None,
-) -> tuple[CocoSplit, BadSamples]:
-    """Read and check the annotations and image files of one split (``data``: the already parsed
-    json, if any); returns the good images and the report of the bad ones.
-
-    ``category_ids[label]`` is the json category id of each contiguous label. Boxes are converted
-    from xywh to xyxy; ``clip_to_image`` clips them to the json's image size (counted in one log
-    line), which training may want, while COCO evaluation scores the boxes, areas and crowd flags
-    as the json has them, so evaluation splits must not clip. An image is
-    bad when its file is missing, is not an image, or has another size than the json says, or when
-    one of its annotations is (see the ``REASON_*`` constants): with ``on_bad_sample="skip"`` it
-    is left out, since keeping it without the bad box would show that object as background to
-    the detector and to the evaluation. ``keep_crowd=False`` drops ``iscrowd=1`` annotations
-    (training ignores them; COCO evaluation needs them).
-    """
-    if data is None:
-        data = read_json(path)
-    label_of = {cat_id: label for label, cat_id in enumerate(category_ids)}
-    known_categories = {cat_id for cat_id, _ in parse_categories(data, path)}
-
-    images = data.get("images")
-    if not isinstance(images, list):
-        raise ConfigError(f"data.root: {path} has no 'images' list")
-    annotations = data.get("annotations", [])
-    if not isinstance(annotations, list):
-        raise ConfigError(f"data.root: {path}: 'annotations' must be a list")
-
-    file_names: list[str] = []
-    image_ids: list[int] = []
-    sizes: list[tuple[int, int]] = []
-    row_of: dict[int, int] = {}
-    for i, entry in enumerate(images):
-        image_id = _int_field(entry, "id", path, "images", i)
-        height = _int_field(entry, "height", path, "images", i)
-        width = _int_field(entry, "width", path, "images", i)
-        file_name = entry.get("file_name")
-        if not isinstance(file_name, str) or not file_name:
-            raise _entry_error(path, "images", i, "has no 'file_name'")
-        if image_id in row_of:
-            raise _entry_error(path, "images", i, f"repeats image id {image_id}")
-        row_of[image_id] = len(file_names)
-        file_names.append(file_name)
-        image_ids.append(image_id)
-        sizes.append((height, width))
-
-    report = BadSamples(split, path, len(file_names))
-    per_image: list[list[tuple[int, float, float, float, float, int, int, float]]] = [
-        [] for _ in file_names
-    ]
-    clipped: list[str] = []
-    for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict):
-            raise _entry_error(path, "annotations", i, "is not an object")
-        ann_id = ann.get("id", f"#{i}")
-        image_id = ann.get("image_id")
-        try:
-            x, y, w, h = map(float, ann["bbox"])
-        except (KeyError, TypeError, ValueError):
-            raise _entry_error(
-                path, "annotations", i, f"(id {ann_id}) has no [x, y, w, h] 'bbox'"
-            ) from None
-        row = row_of.get(image_id) if isinstance(image_id, int) else None
-        category_id = ann.get("category_id")
-        height, width = sizes[row] if row is not None else (0, 0)
-        x1, y1, x2, y2 = _clip(x, y, w, h, width, height)
-        if row is None:
-            problem = (REASON_IMAGE, f"image id {image_id!r} is not listed")
-        elif type(category_id) is not int or category_id not in known_categories:
-            problem = (REASON_CATEGORY, f"category_id {category_id!r}")
-        elif not (w > 0 and h > 0 and math.isfinite(x + y + w + h)):
-            problem = (REASON_EMPTY_BOX, f"bbox {ann['bbox']}")
-        elif x2 <= x1 or y2 <= y1:
-            problem = (REASON_OUTSIDE, f"bbox {ann['bbox']} in {width}x{height}")
-        else:
-            problem = None
-        if problem is not None:
-            reason, detail = problem
-            where = f"{path}: annotation id {ann_id} (image id {image_id})"
-            report.add(reason, f"annotation {ann_id}", f"{where}: {reason} ({detail})", row)
-            continue
-        crowd = int(bool(ann.get("iscrowd", 0)))
-        if crowd and not keep_crowd:
-            continue
-        if not clip_to_image:
-            x1, y1, x2, y2 = x, y, x + w, y + h
-        elif (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            clipped.append(str(ann_id))
-        if category_id not in label_of:
-            raise ConfigError(
-                f"data.root: {path} uses category id {category_id} that the training json lacks"
-            )
-        area = ann.get("area")
-        if isinstance(area, bool) or not isinstance(area, (int, float)):
-            area = w * h
-        numeric_id = ann_id if isinstance(ann_id, int) and not isinstance(ann_id, bool) else -1
-        per_image[row].append((label_of[category_id], x1, y1, x2, y2, crowd, numeric_id, area))
-
-    for row, name in enumerate(file_names):
-        file = os.path.join(image_dir, name)
-        size = check_header(report, row, file, name)
-        height, width = sizes[row]
-        if size is not None and size != (width, height):
-            detail = (
-                f"{file} is {size[0]}x{size[1]} (WxH) but {path} says {width}x{height} for image "
-                f"id {image_ids[row]}: its boxes would be misplaced"
-            )
-            report.add(REASON_SIZE, name, detail, row)
-    report.settle(on_bad_sample)
-    if clipped:
-        log.info(
-            "data: clipped %d %s boxes that reach outside their image to it (%s): annotations %s",
-            len(clipped),
-            split,
-            path,
-            listing(clipped),
-        )
-
-    kept = report.kept(range(len(file_names)))
-    rows_kept = [per_image[row] for row in kept]
-    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
-    np.cumsum([len(rows) for rows in rows_kept], out=offsets[1:])
-    flat = [entry for rows in rows_kept for entry in rows]
-    table = np.asarray(flat, dtype=np.float64).reshape(len(flat), 8)
-    return (
-        CocoSplit(
-            json_path=path,
-            image_dir=image_dir,
-            file_names=[file_names[row] for row in kept],
-            image_ids=np.asarray([image_ids[row] for row in kept], dtype=np.int64),
-            sizes=np.asarray([sizes[row] for row in kept], dtype=np.int64).reshape(-1, 2),
-            offsets=offsets,
-            boxes=table[:, 1:5].astype(np.float32),
-            labels=table[:, 0].astype(np.int64),
-            iscrowd=table[:, 5].astype(np.int64),
-            area=table[:, 7].astype(np.float32),
-            annotation_ids=table[:, 6].astype(np.int64),
-        ),
-        report,
-    )
 
 
 class CocoDetectionDataset(Dataset):
@@ -417,24 +185,22 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
         on_bad_annotation: str | None = None,
     ) -> None:
         super().__init__()
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.num_workers = check_int("num_workers", num_workers, minimum=0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        self.batch_size = check_int("data.batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
+        if not is_int(seed):
             raise ConfigError(f"data.seed must be an integer, got {seed!r}")
         self.seed = seed
         self.pin_memory = bool(pin_memory)
         self.train_min_sizes = self._check_min_sizes(train_min_sizes)
-        self.max_size = None if max_size is None else check_int("max_size", max_size, minimum=1)
+        self.max_size = (
+            None if max_size is None else check_int("data.max_size", max_size, minimum=1)
+        )
         if self.max_size is not None and self.train_min_sizes is None:
             raise ConfigError(
                 "data.max_size only applies together with data.train_min_sizes; set both or "
                 "set data.max_size=null"
             )
-        if (
-            isinstance(hflip, bool)
-            or not isinstance(hflip, (int, float))
-            or not 0.0 <= float(hflip) <= 1.0
-        ):
+        if not (is_number(hflip) and 0.0 <= hflip <= 1.0):
             raise ConfigError(f"data.hflip must be a probability in [0, 1], got {hflip!r}")
         self.hflip = float(hflip)
         self.on_bad_sample = self._check_policy(on_bad_sample, on_bad_annotation)
@@ -477,14 +243,14 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
     def _check_min_sizes(value: Sequence[int] | int | None) -> list[int] | None:
         if value is None:
             return None
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             value = [value]
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
             raise ConfigError(
                 f"data.train_min_sizes must be null or a non-empty list of integers >= 1, "
                 f"got {value!r}"
             )
-        return [check_int("train_min_sizes", v, minimum=1) for v in value]
+        return [check_int("data.train_min_sizes", v, minimum=1) for v in value]
 
     # -- layout -----------------------------------------------------------------------------------
 

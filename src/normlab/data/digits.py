@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from typing_extensions import Unpack
 
-from normlab.data.transforms import ImageClassificationDataModule, LoaderOptions
+from normlab.data.datamodule import ImageClassificationDataModule, LoaderOptions
 
 # Fixed, independent of `seed`: the splits never change between runs.
 SPLIT_RANDOM_STATE = 0

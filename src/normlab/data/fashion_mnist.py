@@ -23,9 +23,10 @@ from torchvision.datasets import FashionMNIST
 from torchvision.transforms import v2
 from typing_extensions import Unpack
 
+from normlab.data.datamodule import ImageClassificationDataModule, LoaderOptions
 from normlab.data.digits import TensorImageDataset
-from normlab.data.transforms import ImageClassificationDataModule, LoaderOptions, check_int
 from normlab.errors import ConfigError, DataError
+from normlab.ranges import check_int
 
 CLASS_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -198,11 +199,11 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
         super().__init__(**loader_options)
         self.root = os.path.expanduser(os.fspath(root))
         self.download = bool(download)
-        self.val_images = check_int("val_images", val_images, minimum=len(CLASS_NAMES))
+        self.val_images = check_int("data.val_images", val_images, minimum=len(CLASS_NAMES))
         self.train_subset = (
             None
             if train_subset is None
-            else check_int("train_subset", train_subset, minimum=len(CLASS_NAMES))
+            else check_int("data.train_subset", train_subset, minimum=len(CLASS_NAMES))
         )
         self.class_names = list(CLASS_NAMES)
         self.split_indices: dict[str, np.ndarray] = {}

@@ -1,0 +1,168 @@
+"""The base of every data module: loaders over ``train_set`` / ``val_set`` / ``test_set``.
+
+- :class:`SplitLoaders`: the three Lightning loaders, the training one in an order that depends
+  only on the seed and the epoch (:mod:`normlab.data.samplers`), each split built on demand;
+- :class:`ImageClassificationDataModule`: that plus the loading arguments every classification
+  module takes (:class:`LoaderOptions`), checked with error messages naming their config keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypedDict
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from normlab.data.samplers import EpochSeededLoader, EpochSeededSampler, SeededSamples
+from normlab.errors import ConfigError
+from normlab.ranges import check_int, is_int
+
+# The splits each Lightning stage reads.
+STAGE_SPLITS = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+}
+
+
+class SplitLoaders:
+    """``train/val/test_dataloader`` over ``train_set`` / ``val_set`` / ``test_set``, shared by
+    the data modules: the training order depends only on ``seed`` and the epoch
+    (:class:`EpochSeededSampler`), and a split that is not set up yet is set up on demand.
+    Subclasses may set ``collate_fn``."""
+
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    seed: int
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    train_set: Dataset | None
+    val_set: Dataset | None
+    test_set: Dataset | None
+
+    def _dataset(self, split: str) -> Dataset:
+        """Build one split (``train``, ``val`` or ``test``); for :meth:`setup_splits`."""
+        raise NotImplementedError
+
+    def setup_splits(self, stage: str | None, *, test_is_val: bool) -> None:
+        """Build only the splits ``stage`` needs (all for ``None``), each once; ``test_is_val``
+        makes the test split the val split's dataset."""
+        needed = STAGE_SPLITS.get(stage or "", ("train", "val", "test"))
+        if "train" in needed and self.train_set is None:
+            self.train_set = self._dataset("train")
+        if ("val" in needed or ("test" in needed and test_is_val)) and self.val_set is None:
+            self.val_set = self._dataset("val")
+        if "test" in needed and self.test_set is None:
+            self.test_set = self.val_set if test_is_val else self._dataset("test")
+
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        assert dataset is not None
+        return (EpochSeededLoader if train else DataLoader)(
+            SeededSamples(dataset) if train else dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSeededSampler(dataset, self.seed) if train else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+            drop_last=False,
+            # Worker seeds come from this generator, not the global RNG, which then advances
+            # only with what the model draws (dropout, drop path): a resumed run can restore it.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            self.setup("test")
+        return self._loader(self.test_set, train=False)
+
+
+class LoaderOptions(TypedDict, total=False):
+    """The loading arguments every data module takes; see :class:`ImageClassificationDataModule`."""
+
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    image_size: int
+    augment: bool
+    seed: int
+
+
+class ImageClassificationDataModule(SplitLoaders, pl.LightningDataModule):
+    """Base class: subclasses set ``num_classes``, ``in_channels``, ``class_names`` in ``__init__``
+    and ``train_set`` / ``val_set`` / ``test_set`` in :meth:`setup`."""
+
+    num_classes: int
+    in_channels: int
+    class_names: list[str]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        image_size: int = 32,
+        augment: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.batch_size = check_int("data.batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
+        self.image_size = check_int("data.image_size", image_size, minimum=1)
+        if not is_int(seed):
+            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.pin_memory = bool(pin_memory)
+        self.augment = bool(augment)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # -- subclasses -------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Create ``train_set``, ``val_set`` and ``test_set`` (called once)."""
+        raise NotImplementedError
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        # All three splits are cheap to index (data are decoded lazily or already in memory), so
+        # every stage builds them all; this keeps `dm.setup("fit")` followed by `trainer.test(dm)`
+        # simple and idempotent.
+        if self.train_set is None:
+            self._build()
+
+    def _ready(self) -> None:
+        if self.train_set is None:
+            self.setup()
+
+    # -- conveniences -----------------------------------------------------------------------------
+
+    @property
+    def train_size(self) -> int:
+        self._ready()
+        return len(self.train_set)  # type: ignore[arg-type]
+
+    @property
+    def val_size(self) -> int:
+        self._ready()
+        return len(self.val_set)  # type: ignore[arg-type]
+
+    @property
+    def test_size(self) -> int:
+        self._ready()
+        return len(self.test_set)  # type: ignore[arg-type]
