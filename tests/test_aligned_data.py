@@ -21,7 +21,7 @@ from normlab.data import digit_pairs as pairs_module
 from normlab.data.aligned import AlignedDataset
 from normlab.data.digits import split_indices
 from normlab.errors import ConfigError
-from normlab.train import instantiate_data
+from normlab.runs import instantiate_data
 from normlab.utils.hydra_run import CONFIG_DIR
 
 # --------------------------------------------------------------------------------------------------

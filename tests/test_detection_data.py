@@ -18,7 +18,7 @@ from normlab.data import digit_scenes as scenes_module
 from normlab.data.coco import detection_collate
 from normlab.data.digits import split_indices
 from normlab.errors import ConfigError, DataError
-from normlab.train import instantiate_data
+from normlab.runs import instantiate_data
 
 # --------------------------------------------------------------------------------------------------
 # COCO fixtures

@@ -14,7 +14,9 @@ from torch import nn
 
 from normlab import models
 from normlab.errors import ConfigError
-from normlab.export import export, fold_norms, is_norm_layer
+from normlab.export import export
+from normlab.norm import is_norm
+from normlab.norm.fold import fold_norms
 from normlab.ops.batchnorm import CudaBatchNorm
 from normlab.tasks import ClassificationModule, DetectionModule, Pix2PixModule
 from normlab.train import train
@@ -116,7 +118,7 @@ def test_retinanet_backbone_folds_every_norm(norm):
     detector = models.retinanet_resnet18_fpn(num_classes=3, norm=norm, fpn_channels=32)
     folded, report = _fold_and_compare(detector.backbone, torch.randn(1, 3, 64, 64))
     assert len(report.folded) == 20 and not report.unfolded  # stem, 16 in blocks, 3 downsample
-    assert not any(is_norm_layer(m) for m in folded.modules())
+    assert not any(is_norm(m) for m in folded.modules())
 
 
 def test_whole_retinanet_with_shared_bn_heads():
@@ -140,7 +142,7 @@ def test_unet_folds_into_convs_and_transposed_convs(norm):
     # Down: conv → norm in 3 intermediate levels; up: convT → norm in those and the innermost.
     kinds = Counter(type(folded.get_submodule(f.conv)).__name__ for f in report.folded)
     assert kinds == {"Conv2d": 3, "ConvTranspose2d": 4} and not report.unfolded
-    assert not any(is_norm_layer(m) for m in folded.modules())
+    assert not any(is_norm(m) for m in folded.modules())
 
 
 class _Residual(nn.Module):

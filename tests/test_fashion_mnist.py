@@ -20,7 +20,8 @@ from normlab.data import FashionMNISTDataModule
 from normlab.data.fashion_mnist import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 from normlab.data.samplers import SeededSamples
 from normlab.errors import ConfigError, DataError
-from normlab.train import exit_on_config_error, train
+from normlab.runs import exit_on_config_error
+from normlab.train import train
 
 PER_CLASS_TRAIN = 12
 PER_CLASS_TEST = 3

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from normlab.utils.benchmark import timed_epoch, write_report
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from normlab.train import fill_from_datamodule, instantiate_data
-from normlab.utils.benchmark import timed_epoch, write_report
+from normlab.runs import fill_from_datamodule, instantiate_data
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from normlab.utils.benchmark import compare, markdown_table, timed_epoch, write_report
 from omegaconf import DictConfig, OmegaConf
 
+from normlab.runs import instantiate_data
 from normlab.tasks.optim import build_optimizer, build_scheduler
-from normlab.train import instantiate_data
-from normlab.utils.benchmark import compare, markdown_table, timed_epoch, write_report
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 

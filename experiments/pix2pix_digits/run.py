@@ -15,13 +15,6 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
-from PIL import Image
-
-from normlab.eval import load_run_info
-from normlab.tasks import Pix2PixModule
-from normlab.train import instantiate_data
-from normlab.utils.figures import translation_grid
 from normlab.utils.study import (
     column,
     machine_line,
@@ -30,6 +23,12 @@ from normlab.utils.study import (
     saved_overrides,
     study_run_dir,
 )
+from omegaconf import OmegaConf
+from PIL import Image
+
+from normlab.runs import instantiate_data, load_run_info
+from normlab.tasks import Pix2PixModule
+from normlab.utils.figures import translation_grid
 
 HERE = Path(__file__).resolve().parent
 METRICS = ["l1", "psnr", "ssim"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import math
 import signal
@@ -24,6 +23,16 @@ from normlab.callbacks import ResumeRecord
 from normlab.callbacks.checkpointing import AtomicCheckpointIO, RunInfo, SaveOnSigterm
 from normlab.errors import ConfigError, JobFailed, TrainingError
 from normlab.group_options import refuse_unknown_options
+from normlab.runs import (
+    check_required,
+    exit_on_config_error,
+    fill_from_datamodule,
+    import_user_modules,
+    instantiate_data,
+    instantiate_group,
+    one_line,
+    reported_error,
+)
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.distributed import (
     NormSync,
@@ -44,63 +53,6 @@ from normlab.validation import validate_config
 log = logging.getLogger("normlab.train")
 register_resolvers()
 quiet_dependency_warnings()
-
-
-def instantiate_group(group: DictConfig | None) -> list:
-    """Instantiate every ``_target_`` entry of a config group such as ``callbacks`` or ``logger``."""
-    if not group:
-        return []
-    return [instantiate(node) for node in group.values() if node and "_target_" in node]
-
-
-def instantiate_data(data_cfg: DictConfig) -> pl.LightningDataModule:
-    """The data module of a ``data`` config (``global_batch_size`` is the entry point's, not the
-    module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size)."""
-    plain = OmegaConf.to_container(data_cfg, resolve=True)
-    plain.pop("global_batch_size", None)
-    return instantiate(plain)
-
-
-def import_user_modules(modules: list[str] | None) -> None:
-    """Import ``imports=[pkg.module, ...]`` so their ``@register_norm`` (etc.) calls run first."""
-    for name in modules or []:
-        try:
-            importlib.import_module(name)
-        except ImportError as error:
-            raise ConfigError(f"imports: cannot import {name!r} ({error})") from error
-
-
-# Model fields that the data module fills in (see fill_from_datamodule).
-_FROM_DATA = {"model.num_classes", "model.in_channels"}
-
-
-def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Keys holding a literal ``???``, found without resolving interpolations."""
-    missing = []
-    for key in node:
-        if OmegaConf.is_missing(node, key):
-            missing.append(f"{prefix}{key}")
-        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
-            missing += _missing_keys(node[key], f"{prefix}{key}.")
-    return missing
-
-
-def check_required(cfg: DictConfig) -> None:
-    """Every ``???`` value must be given before anything runs (the data module's excepted)."""
-    missing = sorted(set(_missing_keys(cfg)) - _FROM_DATA)
-    if missing:
-        raise ConfigError(
-            f"{', '.join(missing)} must be set, on the command line ({missing[0]}=...) "
-            "or in an experiment file"
-        )
-
-
-def fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
-    """Model fields marked ``???`` (class count, input channels) come from the data."""
-    for name in _FROM_DATA:
-        key = name.removeprefix("model.")
-        if OmegaConf.is_missing(cfg.model, key):
-            cfg.model[key] = getattr(datamodule, key)
 
 
 def _fit_and_test(
@@ -235,44 +187,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _reported_error(error: BaseException | None) -> ConfigError | TrainingError | None:
-    """The error behind an exception that the user should see as one line (Hydra's instantiate
-    wraps what targets raise)."""
-    while error is not None:
-        if isinstance(error, ConfigError | TrainingError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _one_line(reported: ConfigError | TrainingError) -> str:
-    kind = "training stopped" if isinstance(reported, TrainingError) else "configuration error"
-    return f"{kind}: {reported}"
-
-
-def exit_on_config_error(error: Exception) -> None:
-    """Report a configuration mistake as one line and exit 2 (a run that had to stop, e.g. on a
-    non-finite loss: exit 3); re-raise anything else."""
-    reported = _reported_error(error)
-    if reported is None:
-        raise error
-    # One line naming the key and what is allowed (or where the run stopped); a traceback
-    # would bury it.
-    print(f"normlab: {_one_line(reported)}", file=sys.stderr)
-    sys.exit(3 if isinstance(reported, TrainingError) else 2)
-
-
 def fail_sweep_job(error: Exception) -> NoReturn:
     """End a multirun job that failed without ending the sweep: write why into the job's log (the
     one line, or the traceback of an unexpected error) and raise :class:`JobFailed`, which Hydra
     records as the job's result (``SweepReport`` lists it when the sweep ends)."""
-    reported = _reported_error(error)
+    reported = reported_error(error)
     if reported is None:
         log.exception("job failed")
         first_line = next(iter(str(error).splitlines()), "")
         line = f"{type(error).__name__}: {first_line}"
     else:
-        line = _one_line(reported)
+        line = one_line(reported)
         log.error("normlab: %s", line)
     raise JobFailed(line) from error
 

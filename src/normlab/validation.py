@@ -1,7 +1,7 @@
 """Start-up checks that stop a misconfigured run before any data is read.
 
 Each mistake raises :class:`~normlab.errors.ConfigError` with one message naming the config key and
-what is allowed; the entry point prints it as one line (``normlab.train.exit_on_config_error``).
+what is allowed; the entry point prints it as one line (``normlab.runs.exit_on_config_error``).
 
 - :func:`validate_config` checks what the composed config alone decides (Trainer values, the
   seed, the ranges of norm, model and optimizer arguments, the metrics that checkpoints and

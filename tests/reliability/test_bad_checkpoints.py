@@ -17,7 +17,8 @@ from omegaconf import open_dict
 
 from normlab.eval import evaluate
 from normlab.export import export
-from normlab.train import exit_on_config_error, train
+from normlab.runs import exit_on_config_error
+from normlab.train import train
 from normlab.utils.hydra_run import CONFIG_DIR
 
 # The tests' own fixture writers (tests/ is on sys.path: it holds the root conftest.py).

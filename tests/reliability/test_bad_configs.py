@@ -23,8 +23,9 @@ from torch import nn
 
 from normlab.errors import ConfigError
 from normlab.norm import build_norm
+from normlab.runs import exit_on_config_error
 from normlab.tasks.checks import check_norm_inputs
-from normlab.train import exit_on_config_error, train
+from normlab.train import train
 
 ENV = {
     **os.environ,

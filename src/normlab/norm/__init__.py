@@ -1,5 +1,6 @@
 """The norm registry used by every model: ``build_norm``, ``register_norm``, ``convert_norms``,
-and the norm + activation fusion hook (``norm_and_activation``, ``fuse_norm_activations``).
+the norm + activation fusion hook (``norm_and_activation``, ``fuse_norm_activations``), and what
+a module is as a norm (``is_norm``, ``norm_channels``, ``has_running_statistics``).
 
 Models never import a norm class; they take a spec (a name, a mapping or a callable) and call
 ``get_norm_layer(spec)`` to get a factory ``num_features -> nn.Module``.

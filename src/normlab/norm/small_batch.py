@@ -10,7 +10,7 @@ momentum and no fixed group count for EvoNorm-S0 other than 32; so these are our
 state dict, BN's eval-mode forward (so they fold into convolutions), only training differs.
 
 A norm here may declare ``why_not_folded``: None if its eval-mode forward is BN's affine map of
-its running statistics, else the reason ``normlab.export.fold_norms`` reports for leaving it.
+its running statistics, else the reason ``normlab.norm.fold.fold_norms`` reports for leaving it.
 """
 
 from __future__ import annotations

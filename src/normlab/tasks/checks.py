@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from normlab.errors import ConfigError
-from normlab.norm.convert import norm_channels
+from normlab.norm.inspect import norm_channels
 from normlab.norm.layers import NoNorm
 from normlab.norm.sync import SyncBatchNorm
 

@@ -1,0 +1,191 @@
+"""What the entry points (train, eval, export) share: building a run's parts from its config,
+reading a normlab checkpoint back, and reporting a failed run in one line."""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from normlab.errors import ConfigError, TrainingError
+
+# -- a run's parts from its config -----------------------------------------------------------------
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a config group such as ``callbacks`` or ``logger``."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def instantiate_data(data_cfg: DictConfig) -> pl.LightningDataModule:
+    """The data module of a ``data`` config (``global_batch_size`` is the entry point's, not the
+    module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size)."""
+    plain = OmegaConf.to_container(data_cfg, resolve=True)
+    plain.pop("global_batch_size", None)
+    return instantiate(plain)
+
+
+def import_user_modules(modules: list[str] | None) -> None:
+    """Import ``imports=[pkg.module, ...]`` so their ``@register_norm`` (etc.) calls run first."""
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"imports: cannot import {name!r} ({error})") from error
+
+
+# Model fields that the data module fills in (see fill_from_datamodule).
+_FROM_DATA = {"model.num_classes", "model.in_channels"}
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys holding a literal ``???``, found without resolving interpolations."""
+    missing = []
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            missing.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
+            missing += _missing_keys(node[key], f"{prefix}{key}.")
+    return missing
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Every ``???`` value must be given before anything runs (the data module's excepted)."""
+    missing = sorted(set(_missing_keys(cfg)) - _FROM_DATA)
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} must be set, on the command line ({missing[0]}=...) "
+            "or in an experiment file"
+        )
+
+
+def fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Model fields marked ``???`` (class count, input channels) come from the data."""
+    for name in _FROM_DATA:
+        key = name.removeprefix("model.")
+        if OmegaConf.is_missing(cfg.model, key):
+            cfg.model[key] = getattr(datamodule, key)
+
+
+# -- reading a checkpoint back ---------------------------------------------------------------------
+
+
+# torch.save has written zip archives since torch 1.6; a file that starts like one but does not
+# load was cut short or damaged.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+        return (
+            "it holds objects other than tensors and plain containers, which "
+            "torch.load(weights_only=True) refuses to unpickle"
+        )
+    with path.open("rb") as handle:
+        if handle.read(4) != _ZIP_MAGIC:
+            return "not a checkpoint written by torch.save"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"truncated or corrupt ({first_line})"
+
+
+def load_run_info(ckpt_path: str) -> dict[str, Any]:
+    """The resolved training config and git SHA stored in a normlab checkpoint; a ConfigError
+    naming the file when it is missing, unreadable or not one of ours."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+    try:
+        # Tensors and plain containers only: a checkpoint from elsewhere cannot run code on load.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch reports a bad file as whatever its unpickler hit
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} cannot be read: {_why_unreadable(path, error)}"
+        ) from None
+    if not isinstance(checkpoint, dict) or "normlab" not in checkpoint:
+        raise ConfigError(f"ckpt_path={ckpt_path} was not written by normlab.train (no run config)")
+    return checkpoint["normlab"]
+
+
+# What a model takes from its data, and where the trained config holds it (model.* where the
+# model was given it, data.* otherwise).
+_DATA_PROPERTIES = {
+    "num_classes": "classes",
+    "in_channels": "input channels",
+    "out_channels": "output channels",
+    "image_size": "image size",
+}
+
+
+def _trained_value(trained: DictConfig, name: str) -> Any:
+    for key in (f"model.{name}", f"data.{name}"):
+        value = OmegaConf.select(trained, key, default=None, throw_on_missing=False)
+        if value is not None:
+            return value
+    return None
+
+
+def check_data_fits(ckpt_path: str, trained: DictConfig, datamodule: object) -> None:
+    """Refuse data the checkpoint's model was not trained for (another channel count, class
+    count or image size): a model evaluated on it fails with a shape error deep inside the
+    network, or worse, runs and reports the accuracy of labels it never learned."""
+    for name, what in _DATA_PROPERTIES.items():
+        want, got = _trained_value(trained, name), getattr(datamodule, name, None)
+        if want is None or got is None or want == got:
+            continue
+        data = type(datamodule).__name__
+        if name == "num_classes" and getattr(datamodule, "class_names", None):
+            names = list(datamodule.class_names)
+            got = f"{got} ({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''})"
+        hint = f"; set data.image_size={want}" if name == "image_size" else ""
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not fit the data: its model was trained with {what} "
+            f"{want}, the data ({data}) has {what} {got}{hint}"
+        )
+
+
+def load_trained_module(ckpt_path: str, trained: DictConfig) -> pl.LightningModule:
+    """The task module of a checkpoint, of the class its training config names, on the CPU."""
+    module_class = get_class(trained.task._target_)
+    return module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+
+
+# -- reporting a failed run ------------------------------------------------------------------------
+
+
+def reported_error(error: BaseException | None) -> ConfigError | TrainingError | None:
+    """The error behind an exception that the user should see as one line (Hydra's instantiate
+    wraps what targets raise)."""
+    while error is not None:
+        if isinstance(error, ConfigError | TrainingError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def one_line(reported: ConfigError | TrainingError) -> str:
+    """What the user reads for ``reported``: the kind of failure, then the error's message."""
+    kind = "training stopped" if isinstance(reported, TrainingError) else "configuration error"
+    return f"{kind}: {reported}"
+
+
+def exit_on_config_error(error: Exception) -> None:
+    """Report a configuration mistake as one line and exit 2 (a run that had to stop, e.g. on a
+    non-finite loss: exit 3); re-raise anything else."""
+    reported = reported_error(error)
+    if reported is None:
+        raise error
+    # One line naming the key and what is allowed (or where the run stopped); a traceback
+    # would bury it.
+    print(f"normlab: {one_line(reported)}", file=sys.stderr)
+    sys.exit(3 if isinstance(reported, TrainingError) else 2)
