@@ -113,7 +113,7 @@ bench-cuda-bn-cpu: install ## CPU: a DenseNet step with norm=cuda_bn vs norm=bn 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
 	$(BIN)/python experiments/retinanet_digits/run.py $(ARGS)
 
-exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~12 min on 2 CPU cores
+exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~4 min on 2 CPU cores
 	$(BIN)/python experiments/pix2pix_digits/run.py $(ARGS)
 
 # Each study trains what is missing under logs/studies/<study>/ (rerun to resume), then writes
