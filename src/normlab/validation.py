@@ -26,7 +26,15 @@ from omegaconf.errors import OmegaConfBaseException
 from normlab.errors import ConfigError
 from normlab.norm import standardize
 from normlab.norm.registry import NORMS, argument_ranges
-from normlab.ranges import DROP_RATE, FRACTION, NON_NEGATIVE, ValueRange, declared_ranges
+from normlab.ranges import (
+    DROP_RATE,
+    FRACTION,
+    NON_NEGATIVE,
+    ValueRange,
+    declared_ranges,
+    is_int,
+    is_number,
+)
 from normlab.utils.distributed import world_size
 
 log = logging.getLogger(__name__)
@@ -40,7 +48,7 @@ def validate_config(cfg: DictConfig) -> None:
     where the run can go on (BN synchronisation asked for in a single process)."""
     _check_trainer_values(cfg.trainer)
     seed = cfg.get("seed")
-    if seed is not None and not _is_int(seed):
+    if seed is not None and not is_int(seed):
         raise ConfigError(f"seed must be an integer (or null for a random seed), got {seed!r}")
     _check_argument_ranges(cfg)
     _check_monitored_metrics(cfg)
@@ -51,23 +59,13 @@ def validate_config(cfg: DictConfig) -> None:
 # -- Trainer values -------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _int_from(minimum: int, *, nullable: bool = False) -> Callable[[Any], bool]:
-    return lambda v: (nullable and v is None) or (_is_int(v) and v >= minimum)
+    return lambda v: (nullable and v is None) or (is_int(v) and v >= minimum)
 
 
 def _batches(value: Any) -> bool:
     """Lightning's limit_*_batches / val_check_interval: a count, or a fraction of the epoch."""
-    return (
-        value is None or (_is_int(value) and value >= 0) or (_is_number(value) and 0 <= value <= 1)
-    )
+    return value is None or (is_int(value) and value >= 0) or (is_number(value) and 0 <= value <= 1)
 
 
 _BATCHES = "null, an integer >= 0 (batches) or a fraction in [0, 1] of the epoch"
@@ -80,7 +78,7 @@ _TRAINER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_steps": (_int_from(-1), "an integer >= -1 (-1: no limit)"),
     "accumulate_grad_batches": (_int_from(1), "an integer >= 1"),
     "gradient_clip_val": (
-        lambda v: v is None or (_is_number(v) and v >= 0),
+        lambda v: v is None or (is_number(v) and v >= 0),
         "null (no clipping) or a number >= 0",
     ),
     "log_every_n_steps": (_int_from(1), "an integer >= 1"),

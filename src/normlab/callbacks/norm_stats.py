@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from normlab.callbacks.precise_bn import positive_int
 from normlab.callbacks.statistics import input_moments, running_statistics_layers
+from normlab.ranges import check_int
 from normlab.utils.figures import log_histograms
 
 
@@ -58,7 +58,9 @@ class NormStatistics(pl.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1, histograms: bool = True) -> None:
-        self.every_n_epochs = positive_int("callbacks.norm_stats.every_n_epochs", every_n_epochs)
+        self.every_n_epochs = check_int(
+            "callbacks.norm_stats.every_n_epochs", every_n_epochs, minimum=1
+        )
         self.histograms = histograms
         self._handles: list[RemovableHandle] = []
         self._calls: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor, float]]] = {}

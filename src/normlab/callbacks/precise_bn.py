@@ -56,6 +56,7 @@ from normlab.callbacks.statistics import (
     running_statistics_layers,
 )
 from normlab.errors import ConfigError
+from normlab.ranges import check_int
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +253,6 @@ def independent_loader(loader: DataLoader) -> DataLoader:
     )
 
 
-def positive_int(key: str, value: Any) -> int:
-    """``value`` if it is an integer >= 1; else a ConfigError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
-    return value
-
-
 class PreciseBN(pl.Callback):
     """Recompute every norm's running statistics as exact averages (see the module docstring)
     over ``num_batches`` training batches before each validation during ``fit``, in epochs
@@ -275,8 +269,10 @@ class PreciseBN(pl.Callback):
     """
 
     def __init__(self, num_batches: int = 200, every_n_epochs: int = 1) -> None:
-        self.num_batches = positive_int("callbacks.precise_bn.num_batches", num_batches)
-        self.every_n_epochs = positive_int("callbacks.precise_bn.every_n_epochs", every_n_epochs)
+        self.num_batches = check_int("callbacks.precise_bn.num_batches", num_batches, minimum=1)
+        self.every_n_epochs = check_int(
+            "callbacks.precise_bn.every_n_epochs", every_n_epochs, minimum=1
+        )
         self._done_at: tuple[int, int] | None = None
 
     def _due(self, trainer: pl.Trainer) -> bool:
