@@ -28,6 +28,7 @@ from normlab.callbacks.precise_bn import preserved_rng_state
 from normlab.errors import ConfigError
 from normlab.norm import SyncBatchNorm
 from normlab.ops.batchnorm import CudaBatchNorm
+from normlab.tasks.base import Task
 from normlab.train import train
 
 MOMENTUM = 0.9  # torch's convention: the running estimate is mostly the last batch
@@ -62,13 +63,20 @@ def _net(kind: str) -> nn.Sequential:
     )
 
 
-class TinyTask(pl.LightningModule):
+class TinyTask(Task):
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.net = _net(kind)
 
+    @classmethod
+    def logged_metrics(cls) -> list[str]:
+        return ["val/loss"]
+
     def forward_for_norm_statistics(self, batch: tuple[Tensor, Tensor]) -> None:
         self.net(batch[0])
+
+    def inference_network(self, batch: tuple[Tensor, Tensor]) -> tuple[nn.Module, tuple[Tensor]]:
+        return self.net, (batch[0],)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch

@@ -30,6 +30,7 @@ from normlab.runs import (
     load_run_info,
     load_trained_module,
 )
+from normlab.tasks.base import Task
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 
@@ -104,9 +105,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     info = load_run_info(cfg.ckpt_path)
     trained = OmegaConf.create(info["config"])
     module = load_trained_module(cfg.ckpt_path, trained).eval()
-    if not hasattr(module, "inference_network"):
+    if not isinstance(module, Task):
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: {type(module).__name__} has no inference_network(batch)"
+            f"ckpt_path={cfg.ckpt_path}: {type(module).__name__} is not a normlab.tasks.Task, so "
+            "it has no inference_network(batch)"
         )
     datamodule = instantiate_data(cfg.data if cfg.get("data") else trained.data)
     check_data_fits(cfg.ckpt_path, trained, datamodule)

@@ -33,6 +33,7 @@ from normlab.runs import (
     one_line,
     reported_error,
 )
+from normlab.tasks.base import Task
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.distributed import (
     NormSync,
@@ -135,7 +136,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     fill_from_datamodule(cfg, datamodule)
     # The model is built here, before any data is read, so a bad norm or model fails at once.
     task = OmegaConf.to_container(cfg.task, resolve=True)
-    module: pl.LightningModule = instantiate(task, _recursive_=False)
+    module = instantiate(task, _recursive_=False)
+    if not isinstance(module, Task):
+        raise ConfigError(f"task._target_={task['_target_']} is not a normlab.tasks.Task")
     if resume is not None and resume.mode == "weights":
         load_weights(module, resume.path)
 
@@ -157,10 +160,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Logger options (run names carry the overrides) with secrets masked, as in the saved config.
     loggers = instantiate_group(masked_config(cfg.get("logger")))
     trainer = _build_trainer(cfg, callbacks, loggers)
-    if hasattr(module, "check_run"):
-        # Tasks refuse Trainer options or data they cannot work with (manual optimization, image
-        # sizes) here, naming the config key, rather than deep inside fit().
-        module.check_run(trainer, datamodule)
+    # Tasks refuse Trainer options or data they cannot work with (manual optimization, image
+    # sizes) here, naming the config key, rather than deep inside fit().
+    module.check_run(trainer, datamodule)
     # The loggers as configured, not trainer.loggers: fast_dev_run swaps those for a dummy, and a
     # debug run or sweep should still leave a wandb run saying what it was.
     for logger in loggers:

@@ -35,6 +35,7 @@ from normlab.ranges import (
     is_int,
     is_number,
 )
+from normlab.tasks.base import Task
 from normlab.utils.distributed import world_size
 
 log = logging.getLogger(__name__)
@@ -226,10 +227,11 @@ def _option(cfg: DictConfig, name: str) -> Any:
 
 def _declared_metrics(cfg: DictConfig) -> list[str] | None:
     """The metric names the configured task logs (its class's ``logged_metrics``, given the
-    options it takes from the config), or None if the class does not declare them."""
-    declare = getattr(_class_of(cfg.task), "logged_metrics", None)
-    if declare is None:
+    options it takes from the config), or None if ``task._target_`` names no task class."""
+    task_class = _class_of(cfg.task)
+    if not (isinstance(task_class, type) and issubclass(task_class, Task)):
         return None
+    declare = task_class.logged_metrics
     options = {
         name: value
         for name in inspect.signature(declare).parameters

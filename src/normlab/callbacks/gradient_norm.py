@@ -7,6 +7,8 @@ import lightning.pytorch as pl
 import torch
 from torch.optim import Optimizer
 
+from normlab.tasks.base import Task
+
 
 class GradientNorm(pl.Callback):
     """Before every optimizer step, log the global 2-norm of the gradients of that optimizer's
@@ -36,5 +38,5 @@ class GradientNorm(pl.Callback):
         if len(optimizers) <= 1:
             return "train/grad_norm"
         index = next(i for i, candidate in enumerate(optimizers) if candidate is optimizer)
-        names = getattr(pl_module, "optimizer_names", None)
+        names = pl_module.optimizer_names if isinstance(pl_module, Task) else ()
         return f"train/grad_norm/{names[index] if names else index}"

@@ -56,6 +56,7 @@ from normlab.callbacks.statistics import (
     running_statistics_layers,
 )
 from normlab.errors import ConfigError
+from normlab.tasks.base import Task
 from normlab.ranges import check_int
 
 log = logging.getLogger(__name__)
@@ -259,9 +260,9 @@ class PreciseBN(pl.Callback):
     ``every_n_epochs``, ``2·every_n_epochs``, … (counted from 1), and at the end of such an
     epoch when it had no validation, so that the checkpoints saved then hold them too.
 
-    The task runs its networks on a batch through ``forward_for_norm_statistics(batch)`` (each
-    normlab task has one: classification and detection run their model, pix2pix its generator and
-    its discriminator on real and on generated pairs). The batches come from the training loader
+    The task runs its networks on a batch through :meth:`Task.forward_for_norm_statistics`
+    (classification and detection run their model, pix2pix its generator and its discriminator
+    on real and on generated pairs). The batches come from the training loader
     (with its augmentation; at most its length, or ``trainer.limit_train_batches``), under the
     training precision; the random generators are restored afterwards, so a run with the
     callback trains exactly as one without. The number of batches used is logged as
@@ -293,11 +294,10 @@ class PreciseBN(pl.Callback):
 
     def recompute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PreciseStatistics:
         """Recompute now, from the trainer's training loader."""
-        forward_for_norm_statistics = getattr(pl_module, "forward_for_norm_statistics", None)
-        if forward_for_norm_statistics is None:
+        if not isinstance(pl_module, Task):
             raise ConfigError(
-                f"callbacks.precise_bn: {type(pl_module).__name__} has no "
-                "forward_for_norm_statistics(batch) method to run its networks on a batch"
+                f"callbacks.precise_bn: {type(pl_module).__name__} is not a normlab.tasks.Task, "
+                "so it has no forward_for_norm_statistics(batch) to run its networks on a batch"
             )
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
@@ -313,7 +313,7 @@ class PreciseBN(pl.Callback):
             batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
             batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
             with trainer.precision_plugin.train_step_context():
-                forward_for_norm_statistics(batch)
+                pl_module.forward_for_norm_statistics(batch)
 
         with preserved_rng_state():
             result = recompute_norm_statistics(

@@ -13,9 +13,9 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs, check_num_classes
-from normlab.tasks.guard import LossGuard
-from normlab.tasks.optim import configure_optimization, plain_config
+from normlab.tasks.optim import configure_optimization
 from normlab.utils.figures import confusion_matrix_figure, figure_to_array, image_grid, log_image
 
 
@@ -24,7 +24,7 @@ def _top_k(num_classes: int) -> int:
     return min(5, num_classes)
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(Task):
     """Cross-entropy classification with top-1/top-5 accuracy and visual diagnostics.
 
     ``model``, ``optimizer`` and ``scheduler`` are Hydra configs (``_target_``; the latter two
@@ -45,11 +45,8 @@ class ClassificationModule(pl.LightningModule):
         channels_last: bool = False,
         on_nonfinite_loss: str = "stop",
     ) -> None:
-        super().__init__()
-        model, optimizer, scheduler = map(plain_config, (model, optimizer, scheduler))
-        self.save_hyperparameters(logger=False)
-        self.loss_guard = LossGuard(on_nonfinite_loss)
-        self.model: nn.Module = instantiate(model)
+        super().__init__(on_nonfinite_loss)
+        self.model: nn.Module = instantiate(self.hparams.model)
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -19,9 +19,9 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from normlab.errors import ConfigError
 from normlab.models.retinanet import DenseRetinaNet
+from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs, check_num_classes
-from normlab.tasks.guard import LossGuard
-from normlab.tasks.optim import configure_optimization, plain_config
+from normlab.tasks.optim import configure_optimization
 from normlab.utils.figures import log_detections
 
 Batch = tuple[Sequence[Tensor], Sequence[dict[str, Tensor]]]
@@ -91,7 +91,7 @@ def _eval_targets(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor
     return [{k: t[k] for k in keys if k in t} for t in targets]
 
 
-class DetectionModule(pl.LightningModule):
+class DetectionModule(Task):
     """Train a detector on its own loss dict; evaluate COCO mAP; show boxes in wandb.
 
     ``model``, ``optimizer`` and ``scheduler`` are Hydra configs stored in the checkpoint's
@@ -113,11 +113,8 @@ class DetectionModule(pl.LightningModule):
         display_score_thresh: float = 0.3,
         on_nonfinite_loss: str = "stop",
     ) -> None:
-        super().__init__()
-        model, optimizer, scheduler = map(plain_config, (model, optimizer, scheduler))
-        self.save_hyperparameters(logger=False)
-        self.loss_guard = LossGuard(on_nonfinite_loss)
-        self.model: nn.Module = instantiate(model)
+        super().__init__(on_nonfinite_loss)
+        self.model: nn.Module = instantiate(self.hparams.model)
         self.val_map = build_map_metric(map_backend)
         self.test_map = build_map_metric(map_backend)
         self.val_map_best = MaxMetric()

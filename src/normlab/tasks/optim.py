@@ -1,4 +1,4 @@
-"""Config, optimizer and scheduler helpers shared by the task modules."""
+"""Optimizer and scheduler helpers shared by the task modules."""
 
 from __future__ import annotations
 
@@ -10,15 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
-
-
-def plain_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A resolved plain-dict copy of a (possibly OmegaConf) config, for ``save_hyperparameters``."""
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return None if config is None else dict(config)
 
 
 def parameter_groups(

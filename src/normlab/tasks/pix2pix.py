@@ -26,9 +26,9 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from normlab.errors import ConfigError
 from normlab.models.pix2pix import check_image_size
+from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs
-from normlab.tasks.guard import LossGuard
-from normlab.tasks.optim import build_optimizer, plain_config
+from normlab.tasks.optim import build_optimizer
 from normlab.utils.figures import log_image, translation_grid
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def linear_decay(n_epochs: int, n_epochs_decay: int):
     return factor
 
 
-class Pix2PixModule(pl.LightningModule):
+class Pix2PixModule(Task):
     """pix2pix: U-Net generator, PatchGAN discriminator, cGAN + λ·L1.
 
     ``model`` holds ``generator`` and ``discriminator`` configs (the discriminator's input channels
@@ -97,7 +97,7 @@ class Pix2PixModule(pl.LightningModule):
         num_logged_images: int = 8,
         on_nonfinite_loss: str = "stop",
     ) -> None:
-        super().__init__()
+        super().__init__(on_nonfinite_loss)
         if gan_mode not in GAN_MODES:
             raise ConfigError(f"task.gan_mode={gan_mode!r} is not one of {', '.join(GAN_MODES)}")
         if test_mode not in TEST_MODES:
@@ -106,14 +106,12 @@ class Pix2PixModule(pl.LightningModule):
             raise ConfigError(
                 f"task.n_epochs and task.n_epochs_decay must be >= 0, got {n_epochs}, {n_epochs_decay}"
             )
-        model, optimizer = plain_config(model), plain_config(optimizer)
-        self.save_hyperparameters(logger=False)
-        self.loss_guard = LossGuard(on_nonfinite_loss)
         self.automatic_optimization = False
-        self.generator: nn.Module = instantiate(model["generator"])
-        pair_channels = model["generator"]["in_channels"] + model["generator"]["out_channels"]
+        networks = self.hparams.model
+        self.generator: nn.Module = instantiate(networks["generator"])
+        pair_channels = networks["generator"]["in_channels"] + networks["generator"]["out_channels"]
         self.discriminator: nn.Module = instantiate(
-            model["discriminator"], in_channels=pair_channels
+            networks["discriminator"], in_channels=pair_channels
         )
 
         metrics = MetricCollection(

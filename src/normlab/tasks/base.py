@@ -1,0 +1,71 @@
+"""What every task module offers the callbacks and entry points that drive it.
+
+A task is a LightningModule built from Hydra configs. Besides Lightning's hooks, the code above
+the tasks layer relies on four things, declared here so that it can call them instead of
+probing for them:
+
+- :meth:`Task.logged_metrics`: the metric names the task logs, checked against
+  ``monitor.metric`` and ``optimized_metric`` before a run starts (``normlab.validation``);
+- :meth:`Task.check_run`: refuse Trainer options or data the task cannot work with
+  (``normlab.train``);
+- :meth:`Task.forward_for_norm_statistics`: run the networks on a training batch
+  (``normlab.callbacks.precise_bn``);
+- :meth:`Task.inference_network`: the network to export and its input (``normlab.export``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from normlab.tasks.guard import LossGuard
+
+
+class Task(pl.LightningModule, ABC):
+    """The base of the task modules: saves the subclass's ``__init__`` arguments as
+    hyperparameters and sets up the non-finite loss policy (``loss_guard``).
+
+    The hyperparameters hold the Hydra configs resolved to plain dicts (``${norm}`` replaced by
+    its value), so ``load_from_checkpoint(path)`` rebuilds the module from the checkpoint alone.
+    """
+
+    # Names of the optimizers in the order configure_optimizers returns them, for callbacks that
+    # log one curve per optimizer; empty: number them.
+    optimizer_names: tuple[str, ...] = ()
+
+    def __init__(self, on_nonfinite_loss: str = "stop") -> None:
+        super().__init__()
+        # Lightning reads the arguments from the frame it is given: the subclass's __init__,
+        # which called this one.
+        self.save_hyperparameters(logger=False, frame=inspect.currentframe().f_back)
+        for name, value in self.hparams.items():
+            if isinstance(value, DictConfig):
+                self.hparams[name] = OmegaConf.to_container(value, resolve=True)
+        self.loss_guard = LossGuard(on_nonfinite_loss)
+
+    @classmethod
+    @abstractmethod
+    def logged_metrics(cls) -> list[str]:
+        """Every metric name the task logs (what ``monitor.metric`` and ``optimized_metric`` may
+        name). A task whose names depend on its options takes them as keyword arguments with
+        defaults, named as in its config (``normlab.validation`` passes those it can read)."""
+
+    def check_run(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule | None) -> None:
+        """Raise :class:`~normlab.errors.ConfigError`, naming the config key, for Trainer options
+        or data the task cannot work with; called once both are built, before fitting. By
+        default there is nothing to check."""
+
+    @abstractmethod
+    def forward_for_norm_statistics(self, batch: Any) -> None:
+        """Run the task's networks on a training batch as it comes from the loader, for
+        callbacks that measure or recompute norm statistics; they set the modes and disable
+        gradients."""
+
+    @abstractmethod
+    def inference_network(self, batch: Any) -> tuple[nn.Module, tuple[Tensor, ...]]:
+        """The network to export and its positional inputs for ``batch``."""
