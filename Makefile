@@ -96,45 +96,45 @@ test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf1
 
 # No GPU needed: Triton compiles for sm_80/sm_90 with its bundled ptxas.
 test-aot: install ## compile every cuda_bn kernel configuration for sm_80/sm_90; writes experiments/bench/cuda_bn_aot.md
-	TRITON_INTERPRET=0 $(BIN)/python experiments/bench/cuda_bn_aot.py $(ARGS)
+	TRITON_INTERPRET=0 $(BIN)/python -m experiments.bench.cuda_bn_aot $(ARGS)
 
 bench: install ## CPU benchmarks (~9 min on 2 cores): tables in experiments/bench/*.md
-	$(BIN)/python experiments/bench/run.py $(ARGS)
+	$(BIN)/python -m experiments.bench.run $(ARGS)
 
 bench-gpu: install ## GPU benchmarks (bf16): tables in experiments/bench/*_gpu.md and bn_gpu.md
-	TRITON_INTERPRET=0 $(BIN)/python experiments/bench/run.py --gpu $(ARGS)
+	TRITON_INTERPRET=0 $(BIN)/python -m experiments.bench.run --gpu $(ARGS)
 
 bench-bn: install ## GPU: cuda_bn vs native BN (and BN+ReLU), writes experiments/bench/bn_gpu.md
-	TRITON_INTERPRET=0 $(BIN)/python experiments/bench/bn_gpu.py $(ARGS)
+	TRITON_INTERPRET=0 $(BIN)/python -m experiments.bench.bn_gpu $(ARGS)
 
 bench-cuda-bn-cpu: install ## CPU: a DenseNet step with norm=cuda_bn vs norm=bn (goal ≤ 1.05×)
-	$(BIN)/python experiments/bench/cuda_bn_cpu.py $(ARGS)
+	$(BIN)/python -m experiments.bench.cuda_bn_cpu $(ARGS)
 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
-	$(BIN)/python experiments/retinanet_digits/run.py $(ARGS)
+	$(BIN)/python -m experiments.retinanet_digits.run $(ARGS)
 
 exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~4 min on 2 CPU cores
-	$(BIN)/python experiments/pix2pix_digits/run.py $(ARGS)
+	$(BIN)/python -m experiments.pix2pix_digits.run $(ARGS)
 
 # Each study trains what is missing under logs/studies/<study>/ (rerun to resume), then writes
 # experiments/<study>/results.md and its plots. ARGS="--collect" only re-tabulates.
 study-norm-vs-batch-size: install ## study: bn/gn/ln/in/cuda_bn × batch 2-32, 3 seeds (50 min on 2 cores)
-	$(BIN)/python experiments/norm_vs_batch_size/run.py $(ARGS)
+	$(BIN)/python -m experiments.norm_vs_batch_size.run $(ARGS)
 
 study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~38 min)
-	$(BIN)/python experiments/syncbn_small_batch/run.py $(ARGS)
+	$(BIN)/python -m experiments.syncbn_small_batch.run $(ARGS)
 
 study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds (~9 min)
-	$(BIN)/python experiments/convnext_bn_vs_ln/run.py $(ARGS)
+	$(BIN)/python -m experiments.convnext_bn_vs_ln.run $(ARGS)
 
 study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none (~38 min)
-	$(BIN)/python experiments/retinanet_norms/run.py $(ARGS)
+	$(BIN)/python -m experiments.retinanet_norms.run $(ARGS)
 
 study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16 (11 min)
-	$(BIN)/python experiments/pix2pix_bn_vs_in/run.py $(ARGS)
+	$(BIN)/python -m experiments.pix2pix_bn_vs_in.run $(ARGS)
 
 study-accumulation-vs-batch: install ## study: BN with accumulation vs a true batch, syncbn, GN (~35 min, 2 CPU cores)
-	$(BIN)/python experiments/accumulation_vs_batch/run.py $(ARGS)
+	$(BIN)/python -m experiments.accumulation_vs_batch.run $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check src tests experiments

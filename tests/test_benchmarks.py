@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from normlab.utils.benchmark import Timing, compare, markdown_table
+from experiments.lib.benchmark import Timing, compare, markdown_table
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compare_alternates_and_reports_ratios_to_the_baseline():
@@ -35,8 +35,8 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
     """`run.py --smoke`: each benchmark once, in one process (Triton's interpreter for bn_gpu)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, str(BENCH / "run.py"), "--smoke", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
+        [sys.executable, "-m", "experiments.bench.run", "--smoke", "--out-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     reports = {path.stem: path.read_text() for path in tmp_path.glob("*.md")}
@@ -54,7 +54,8 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
     for name, marker in expected.items():
         assert marker in reports[name], (name, reports[name])
         assert (
-            "Machine: " in reports[name] and "Command: `python experiments/bench/" in reports[name]
+            "Machine: " in reports[name]
+            and "Command: `python -m experiments.bench." in reports[name]
         )
     # 1 shape × 2 layouts × 2 dtypes × 3 passes × (plain, with ReLU)
     assert reports["bn_gpu"].count("| 2×3×5×7 |") == 24

@@ -10,7 +10,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from normlab.utils.study import (
+from experiments.lib.study import (
     Configuration,
     StudyJob,
     collect,
@@ -118,7 +118,7 @@ def test_only_a_study_trained_in_one_call_reports_its_whole_wall_time(tmp_path, 
         (run_dir / "study_job.json").write_text('{"seconds": 1.0}')
         return 1.0
 
-    monkeypatch.setattr("normlab.utils.study._run_job", pretend_to_train)
+    monkeypatch.setattr("experiments.lib.study._run_job", pretend_to_train)
     jobs = [StudyJob(name, "densenet_digits", ()) for name in ("a", "b")]
     run_study(jobs, tmp_path / "fresh", cores=2)
     assert "the whole study took 0 min of wall time in one go" in study_time_line(
@@ -148,7 +148,7 @@ def test_jobs_start_in_order_and_never_oversubscribe_the_cores(tmp_path, monkeyp
         (run_dir / "study_job.json").write_text('{"seconds": 1.0}')
         return 1.0
 
-    monkeypatch.setattr("normlab.utils.study._run_job", pretend_to_train)
+    monkeypatch.setattr("experiments.lib.study._run_job", pretend_to_train)
     # The 2-process jobs come after 1-process ones, which used to let later 1-process jobs take
     # every freed core first while a 2-process job waited.
     sizes = {"a": 1, "b": 2, "c": 1, "d": 1, "e": 2, "f": 1}

@@ -1,7 +1,7 @@
 """Gradient accumulation is not a bigger batch for BatchNorm: the study behind README.md here.
 
-    make study-accumulation-vs-batch               # or: python experiments/accumulation_vs_batch/run.py
-    python experiments/accumulation_vs_batch/run.py --seeds 42 1 --from-runs DIR   # re-tabulate
+    make study-accumulation-vs-batch               # or: python -m experiments.accumulation_vs_batch.run
+    python -m experiments.accumulation_vs_batch.run --seeds 42 1 --from-runs DIR   # re-tabulate
 
 DenseNet-BC-100 on digits (experiment=densenet_digits: 3 epochs, AdamW + one-cycle, lr 3e-3), every
 configuration seeing the same samples with the same optimizer batch of 32, so only what the norm
@@ -23,7 +23,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from normlab.utils.study import REPO_ROOT, column, machine_line, read_metrics, run_training
+from experiments.lib.study import (
+    column,
+    machine_line,
+    read_metrics,
+    run_training,
+    study_root,
+    write_results,
+)
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
@@ -75,7 +82,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1])
     parser.add_argument("--from-runs", type=Path, help="tabulate earlier runs instead of training")
     args = parser.parse_args()
-    root = args.from_runs or REPO_ROOT / "logs" / "studies" / "accumulation_vs_batch"
+    root = args.from_runs or study_root("accumulation_vs_batch")
 
     if not args.from_runs:
         for name, overrides in CONFIGS.items():
@@ -129,7 +136,7 @@ def main() -> None:
     lines = [
         "# accumulation_vs_batch: results",
         "",
-        "Command: `python experiments/accumulation_vs_batch/run.py --seeds "
+        "Command: `python -m experiments.accumulation_vs_batch.run --seeds "
         + " ".join(map(str, args.seeds))
         + "` (`make study-accumulation-vs-batch`); each run is `python -m normlab.train "
         "experiment=densenet_digits logger=csv seed=S` plus the overrides in run.py.",
@@ -169,8 +176,7 @@ def main() -> None:
         "directory's timestamps (config written → last metrics row), mean over seeds.",
         "",
     ]
-    (HERE / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(HERE / "results.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

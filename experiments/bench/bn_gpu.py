@@ -1,12 +1,12 @@
 """cuda_bn's Triton kernels vs PyTorch's BatchNorm on a GPU: time, GB/s, % of peak bandwidth.
 
-    make bench-bn                    # or: python experiments/bench/bn_gpu.py
-    python experiments/bench/bn_gpu.py --tiny --device cpu   # smoke run (TRITON_INTERPRET=1)
+    make bench-bn                    # or: python -m experiments.bench.bn_gpu
+    python -m experiments.bench.bn_gpu --tiny --device cpu   # smoke run (TRITON_INTERPRET=1)
 
 For ResNet-50 / DenseNet-121 shapes, NCHW and channels_last, fp32 and bf16, in training mode:
 forward, backward and forward+backward of native BN (recording whether torch picked cuDNN or its
 native kernels) vs cuda_bn, and BN followed by ReLU vs cuda_bn with the ReLU fused. Candidates are
-timed in alternation (normlab.utils.benchmark.compare). Bandwidth counts the traffic a BN cannot
+timed in alternation (experiments.lib.benchmark.compare). Bandwidth counts the traffic a BN cannot
 avoid: forward reads x and writes y (2 × bytes), backward reads x and dy and writes dx (3 ×).
 Writes bn_gpu.md next to this file (or --out).
 """
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.lib.benchmark import compare, write_report
 from normlab.ops.batchnorm import CudaBatchNorm
-from normlab.utils.benchmark import compare, write_report
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> str:
     return write_report(
         args.out,
         "cuda_bn vs native BatchNorm (training mode)",
-        f"python experiments/bench/bn_gpu.py --device {args.device} --repeats {args.repeats} "
+        f"python -m experiments.bench.bn_gpu --device {args.device} --repeats {args.repeats} "
         f"--inner {args.inner} --warmup {args.warmup}{' --tiny' if args.tiny else ''}",
         "Median ms per call over alternating rounds; speed-up = median of per-round "
         "baseline/candidate ratios; GB/s and % of peak for the candidate, counting 2× the "

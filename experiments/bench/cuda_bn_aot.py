@@ -1,7 +1,7 @@
 """cuda_bn's kernels compiled ahead of time for sm_80 and sm_90, over the whole matrix: registers,
 spills and shared memory per kernel specialisation. No GPU needed.
 
-    make test-aot          # or: TRITON_INTERPRET=0 python experiments/bench/cuda_bn_aot.py
+    make test-aot          # or: TRITON_INTERPRET=0 python -m experiments.bench.cuda_bn_aot
 
 Matrix (normlab.ops.batchnorm.aot.full_configs): the issue's shapes, NCHW and channels_last, fp32
 and fp16/bf16 input (fp32 or half parameters), every activation, affine or not; training forward,
@@ -17,8 +17,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from experiments.lib.benchmark import write_report
 from normlab.ops.batchnorm.aot import TARGETS, compile_all, full_configs
-from normlab.utils.benchmark import write_report
 
 HERE = Path(__file__).resolve().parent
 COMMAND = "make test-aot"

@@ -1,6 +1,6 @@
 """cuda_bn's CPU fallback vs nn.BatchNorm2d: one DenseNet-BC-100 training step, side by side.
 
-    make bench-cuda-bn-cpu          # or: python experiments/bench/cuda_bn_cpu.py [--repeats N]
+    make bench-cuda-bn-cpu          # or: python -m experiments.bench.cuda_bn_cpu [--repeats N]
 
 On CPU tensors ``norm=cuda_bn`` (backend auto) runs PyTorch's native BN and applies the ReLU it
 absorbed from the model in place, so its step should cost what ``norm=bn``'s does (goal ≤ 1.05×).
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from experiments.lib.benchmark import compare, markdown_table, write_report
 from normlab.data import DigitsDataModule
 from normlab.models import densenet_bc_100
-from normlab.utils.benchmark import compare, markdown_table, write_report
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> str:
     return write_report(
         args.out,
         "cuda_bn on CPU vs nn.BatchNorm2d: DenseNet-BC-100 training step",
-        f"python experiments/bench/cuda_bn_cpu.py --repeats {args.repeats} --inner {args.inner} "
+        f"python -m experiments.bench.cuda_bn_cpu --repeats {args.repeats} --inner {args.inner} "
         f"--batch-size {args.batch_size}",
         f"One step = forward, cross-entropy, backward, AdamW on a batch of {args.batch_size} "
         f"digits (28 px, channels_last); each measurement averages {args.inner} steps, "

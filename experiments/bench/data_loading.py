@@ -1,6 +1,6 @@
 """Data loading: images/s of each DataModule's train loader vs the training step's appetite.
 
-    python experiments/bench/data_loading.py                      # part of `make bench`
+    python -m experiments.bench.data_loading                      # part of `make bench`
 
 For each data module — digits, CIFAR-10 (python pickles), ImageFolder (PNG files), digit_scenes
 (COCO json + PNGs) and digit_pairs (aligned AB PNGs); the CIFAR and ImageFolder files are written
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from normlab.utils.benchmark import timed_epoch, write_report
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
+from experiments.lib.benchmark import timed_epoch, write_report
 from normlab.runs import fill_from_datamodule, instantiate_data
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> str:
     return write_report(
         args.out,
         "Data loading vs training-step consumption",
-        f"python experiments/bench/data_loading.py --batches {args.batches} --steps {args.steps}",
+        f"python -m experiments.bench.data_loading --batches {args.batches} --steps {args.steps}",
         f"Train loaders with their experiment's transforms and batch size; images/s over "
         f"{args.batches} batches after the first (worker start-up excluded). Step rate: "
         f"{args.steps} training steps (after one) on batches held in memory.",

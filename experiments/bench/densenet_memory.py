@@ -1,7 +1,7 @@
 """DenseNet-121's memory-efficient mode: peak memory and step time, on vs off.
 
-    python experiments/bench/densenet_memory.py                    # part of `make bench`
-    python experiments/bench/densenet_memory.py --device cuda --precision bf16-mixed
+    python -m experiments.bench.densenet_memory                    # part of `make bench`
+    python -m experiments.bench.densenet_memory --device cuda --precision bf16-mixed
 
 ``memory_efficient=True`` recomputes each dense layer's concat → norm → ReLU → 1×1 conv in
 backward instead of keeping its output (torchvision documents the saving). One step is forward,
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from experiments.lib.benchmark import compare, markdown_table, write_report
 from normlab.models import densenet121
-from normlab.utils.benchmark import compare, markdown_table, write_report
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> str:
     return write_report(
         args.out,
         "DenseNet-121 memory-efficient mode: peak step memory and time",
-        f"python experiments/bench/densenet_memory.py --batch-size {args.batch_size} "
+        f"python -m experiments.bench.densenet_memory --batch-size {args.batch_size} "
         f"--image-size {args.image_size} --repeats {args.repeats} --device {args.device} "
         f"--precision {args.precision}",
         f"One step = forward, cross-entropy, backward of densenet121 (norm=bn) on "

@@ -1,7 +1,7 @@
 """Framework overhead: a training step in our Lightning module vs a bare PyTorch loop.
 
-    python experiments/bench/framework_overhead.py                 # part of `make bench`
-    python experiments/bench/framework_overhead.py --device cuda --precision bf16-mixed
+    python -m experiments.bench.framework_overhead                 # part of `make bench`
+    python -m experiments.bench.framework_overhead --device cuda --precision bf16-mixed
 
 The `make train` experiment (densenet_digits: DenseNet-BC-100, digits at 28 px, batch 32,
 channels_last, AdamW + one-cycle) built from the Hydra config; both candidates run the same
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from normlab.utils.benchmark import compare, markdown_table, timed_epoch, write_report
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.lib.benchmark import compare, markdown_table, timed_epoch, write_report
 from normlab.runs import instantiate_data
 from normlab.tasks.optim import build_optimizer, build_scheduler
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> str:
     return write_report(
         args.out,
         "Framework overhead: our Lightning module vs a bare PyTorch loop",
-        f"python experiments/bench/framework_overhead.py --steps {args.steps} --repeats "
+        f"python -m experiments.bench.framework_overhead --steps {args.steps} --repeats "
         f"{args.repeats} --batch-size {args.batch_size} --image-size {args.image_size} "
         f"--device {args.device} --precision {args.precision}",
         f"densenet_digits' model, data and optimizer; seconds per training step, each "

@@ -1,6 +1,6 @@
 """Norm cost table: forward+backward of every registry norm on one tensor, relative to bn.
 
-    python experiments/bench/norm_cost.py                         # part of `make bench`
+    python -m experiments.bench.norm_cost                         # part of `make bench`
 
 Each norm is built from the registry with its default arguments (``conf/norm/*.yaml`` defaults;
 ghost_bn with a virtual batch of a quarter of the batch, so that it splits the batch) and runs in training mode on a 32×256×28×28 float32 tensor (the size of a ResNet stage-2 feature
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.lib.benchmark import Timing, compare, markdown_table, write_report
 from normlab.norm import NORMS, build_norm
-from normlab.utils.benchmark import Timing, compare, markdown_table, write_report
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
     return write_report(
         args.out,
         f"Norm cost: forward+backward on {shape}, relative to bn",
-        f"python experiments/bench/norm_cost.py --shape {' '.join(map(str, args.shape))} "
+        f"python -m experiments.bench.norm_cost --shape {' '.join(map(str, args.shape))} "
         f"--repeats {args.repeats} --inner {args.inner}",
         f"Training mode, float32, CPU; each measurement averages {args.inner} calls, "
         f"{args.repeats} rounds in which every norm runs once. `syncbn` outside a process group "

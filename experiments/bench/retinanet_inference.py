@@ -1,7 +1,7 @@
 """RetinaNet R50-FPN inference: ours vs torchvision's, same weights, same post-processing.
 
-    python experiments/bench/retinanet_inference.py               # part of `make bench`
-    python experiments/bench/retinanet_inference.py --device cuda --precision bf16-mixed
+    python -m experiments.bench.retinanet_inference               # part of `make bench`
+    python -m experiments.bench.retinanet_inference --device cuda --precision bf16-mixed
 
 Both models hold the same state dict (torchvision's randomly initialised `retinanet_resnet50_fpn`,
 FrozenBatchNorm backbone as torchvision builds it; ours with ``norm=frozen_bn`` loads it strictly)
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torchvision
 
+from experiments.lib.benchmark import compare, markdown_table, write_report
 from normlab.models import retinanet_resnet50_fpn
-from normlab.utils.benchmark import compare, markdown_table, write_report
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> str:
     return write_report(
         args.out,
         "RetinaNet R50-FPN inference: normlab vs torchvision",
-        f"python experiments/bench/retinanet_inference.py --images {args.images} --height "
+        f"python -m experiments.bench.retinanet_inference --images {args.images} --height "
         f"{args.height} --width {args.width} --min-size {args.min_size} --max-size "
         f"{args.max_size} --repeats {args.repeats} --device {args.device} "
         f"--precision {args.precision}",

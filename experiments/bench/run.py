@@ -1,8 +1,8 @@
 """Run the benchmarks: `make bench` (CPU), `make bench-gpu` (GPU), or a tiny smoke run of all.
 
-    python experiments/bench/run.py                 # CPU benchmarks → experiments/bench/*.md
-    python experiments/bench/run.py --gpu           # GPU benchmarks → experiments/bench/*_gpu.md
-    python experiments/bench/run.py --smoke --out-dir DIR   # every benchmark once, tiny sizes
+    python -m experiments.bench.run                 # CPU benchmarks → experiments/bench/*.md
+    python -m experiments.bench.run --gpu           # GPU benchmarks → experiments/bench/*_gpu.md
+    python -m experiments.bench.run --smoke --out-dir DIR   # every benchmark once, tiny sizes
 
 Each benchmark runs in its own process (no state carries from one to the next) and writes its
 own table; see README.md here for what each measures and its goal.
@@ -11,12 +11,13 @@ own table; see README.md here for what each measures and its goal.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
+
+from experiments.lib.study import REPO_ROOT
 
 HERE = Path(__file__).resolve().parent
 CPU = [
@@ -38,13 +39,6 @@ GPU = {
 SMOKE = [*CPU, "bn_gpu", "training_throughput"]
 
 
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -56,7 +50,7 @@ def main() -> None:
 
     if args.smoke:
         for name in args.only or SMOKE:
-            module = load(name)
+            module = importlib.import_module(f"{__package__}.{name}")
             module.main([*module.SMOKE, "--out", str(args.out_dir / f"{name}.md")])
         return
     plan = GPU if args.gpu else {name: [] for name in CPU}
@@ -65,9 +59,8 @@ def main() -> None:
             continue
         out = args.out_dir / f"{name}{'_gpu' if args.gpu and name != 'bn_gpu' else ''}.md"
         start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, str(HERE / f"{name}.py"), *extra, "--out", str(out)], check=True
-        )
+        command = [sys.executable, "-m", f"{__package__}.{name}", *extra, "--out", str(out)]
+        subprocess.run(command, cwd=REPO_ROOT, check=True)
         print(f"{name}: {time.perf_counter() - start:.0f} s → {out}", flush=True)
 
 

@@ -1,7 +1,7 @@
 """End-to-end training throughput of each experiment with norm=bn vs norm=cuda_bn.
 
-    python experiments/bench/training_throughput.py --device cuda --precision bf16-mixed   # GPU
-    python experiments/bench/training_throughput.py --steps 2 --repeats 1 --tiny           # smoke
+    python -m experiments.bench.training_throughput --device cuda --precision bf16-mixed   # GPU
+    python -m experiments.bench.training_throughput --steps 2 --repeats 1 --tiny           # smoke
 
 Each experiment's own model, data module (its loader included), optimizer and Trainer loop, on
 one device; images/s over ``--steps`` training steps per measurement, the two norms alternating.
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from normlab.utils.benchmark import compare, timed_epoch, write_report
 from omegaconf import OmegaConf
 
+from experiments.lib.benchmark import compare, timed_epoch, write_report
 from normlab.runs import fill_from_datamodule, instantiate_data
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> str:
     return write_report(
         args.out,
         "Training throughput: norm=bn vs norm=cuda_bn",
-        f"python experiments/bench/training_throughput.py --steps {args.steps} --repeats "
+        f"python -m experiments.bench.training_throughput --steps {args.steps} --repeats "
         f"{args.repeats} --device {args.device} --precision {args.precision}"
         f"{' --tiny' if args.tiny else ''}",
         f"Images/s over {args.steps} training steps (data loading included), median of "

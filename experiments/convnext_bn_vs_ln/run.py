@@ -1,7 +1,7 @@
 """Does ConvNeXt need its LayerNorm, or does BatchNorm do as well? The study behind README.md here.
 
-    make study-convnext-bn-vs-ln               # or: python experiments/convnext_bn_vs_ln/run.py
-    python experiments/convnext_bn_vs_ln/run.py --collect    # re-tabulate finished runs only
+    make study-convnext-bn-vs-ln          # or: python -m experiments.convnext_bn_vs_ln.run
+    python -m experiments.convnext_bn_vs_ln.run --collect    # re-tabulate finished runs only
 
 ConvNeXt-atto on digits (experiment=convnext_digits: 32 px, stride-2 stem, batch 64, AdamW +
 one-cycle at lr 2e-3, drop path 0.05), EPOCHS epochs, with its channels-first LayerNorm (`ln`)
@@ -16,25 +16,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.utils.study import (
-    REPO_ROOT,
+from experiments.lib.study import (
     Configuration,
-    collect,
     collect_curves,
+    collect_test_errors,
     configuration_jobs,
+    configuration_study_main,
     machine_line,
     mean_and_spread,
     plot_configurations,
     plot_curves,
     results_table,
     study_code_line,
-    study_main,
+    study_root,
     study_time_line,
     verdict,
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = REPO_ROOT / "logs" / "studies" / "convnext_bn_vs_ln"
+ROOT = study_root("convnext_bn_vs_ln")
 EPOCHS = 5
 CONFIGURATIONS = {
     "ln": Configuration((f"trainer.max_epochs={EPOCHS}", "norm=ln")),
@@ -45,10 +45,7 @@ CONFIGURATIONS = {
 def report(seeds: list[int]) -> str:
     names = list(CONFIGURATIONS)
     jobs = configuration_jobs("convnext_digits", CONFIGURATIONS, seeds)
-    errors = {
-        name: [100 * (1 - a) for a in values]
-        for name, values in collect(ROOT, names, seeds, "test/acc").items()
-    }
+    errors = collect_test_errors(ROOT, names, seeds)
     plot_configurations(errors, "test error (%)", HERE / "test_error.png")
     plot_curves(collect_curves(ROOT, names, seeds, "val/acc"), "val accuracy", HERE / "val_acc.png")
     (ln_mean, ln_std), (bn_mean, bn_std) = (mean_and_spread(errors[name]) for name in names)
@@ -56,7 +53,7 @@ def report(seeds: list[int]) -> str:
     lines = [
         "# convnext_bn_vs_ln: results",
         "",
-        "Command: `python experiments/convnext_bn_vs_ln/run.py` (`make study-convnext-bn-vs-ln`);"
+        "Command: `python -m experiments.convnext_bn_vs_ln.run` (`make study-convnext-bn-vs-ln`);"
         " each run is `python -m normlab.train experiment=convnext_digits logger=csv "
         f"trainer.max_epochs={EPOCHS} norm=ln|bn seed=S`.",
         f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}. {study_code_line(ROOT, jobs)}.",
@@ -79,12 +76,12 @@ def report(seeds: list[int]) -> str:
 
 
 def main() -> None:
-    study_main(
+    configuration_study_main(
         __doc__.splitlines()[0],
-        ROOT,
-        lambda seeds: configuration_jobs("convnext_digits", CONFIGURATIONS, seeds),
+        "convnext_bn_vs_ln",
+        "convnext_digits",
+        CONFIGURATIONS,
         report,
-        HERE / "results.md",
         default_seeds=[42, 1, 2],
     )
 

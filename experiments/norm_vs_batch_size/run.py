@@ -1,7 +1,7 @@
 """How each norm's accuracy depends on the per-device batch: the study behind README.md here.
 
-    make study-norm-vs-batch-size              # or: python experiments/norm_vs_batch_size/run.py
-    python experiments/norm_vs_batch_size/run.py --collect   # re-tabulate finished runs only
+    make study-norm-vs-batch-size              # or: python -m experiments.norm_vs_batch_size.run
+    python -m experiments.norm_vs_batch_size.run --collect   # re-tabulate finished runs only
 
 DenseNet-BC (L=40, k=12) on digits at 16 px, 5 epochs of AdamW + one-cycle, for every norm in
 NORMS × per-device batch in BATCHES × seed. The learning rate scales linearly with the batch
@@ -16,20 +16,20 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from normlab.utils.study import (
-    REPO_ROOT,
+from experiments.lib.study import (
     StudyJob,
     final_value,
     machine_line,
     mean_and_spread,
     study_code_line,
     study_main,
+    study_root,
     study_time_line,
     verdict,
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = REPO_ROOT / "logs" / "studies" / "norm_vs_batch_size"
+ROOT = study_root("norm_vs_batch_size")
 NORMS = ["bn", "gn", "ln", "in", "cuda_bn"]
 BATCHES = [2, 4, 8, 32]
 BASE_LR, BASE_BATCH = 0.01, 32
@@ -140,7 +140,7 @@ def report(seeds: list[int]) -> str:
     lines = [
         "# norm_vs_batch_size: results",
         "",
-        "Command: `python experiments/norm_vs_batch_size/run.py` (`make study-norm-vs-batch-size`);"
+        "Command: `python -m experiments.norm_vs_batch_size.run` (`make study-norm-vs-batch-size`);"
         " each run is `python -m normlab.train experiment=densenet_digits logger=csv "
         + " ".join(RECIPE)
         + " norm=N data.batch_size=B task.optimizer.lr=0.01·B/32 seed=S`.",

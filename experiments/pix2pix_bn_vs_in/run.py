@@ -1,7 +1,7 @@
 """BatchNorm or InstanceNorm in pix2pix, at batch 1 and 16? The study behind README.md here.
 
-    make study-pix2pix-bn-vs-in                # or: python experiments/pix2pix_bn_vs_in/run.py
-    python experiments/pix2pix_bn_vs_in/run.py --collect     # re-tabulate finished runs only
+    make study-pix2pix-bn-vs-in                # or: python -m experiments.pix2pix_bn_vs_in.run
+    python -m experiments.pix2pix_bn_vs_in.run --collect     # re-tabulate finished runs only
 
 pix2pix on digit pairs (experiment=pix2pix_digits: edge map → digit, 64 px, 6-level U-Net and a
 PatchGAN at ngf = ndf = 32, Adam 2e-4, λ_L1 = 100) on 300 training pairs for 2 + 2 epochs
@@ -18,25 +18,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.utils.study import (
-    REPO_ROOT,
+from experiments.lib.study import (
     Configuration,
     collect,
     collect_curves,
     configuration_jobs,
+    configuration_study_main,
     machine_line,
     mean_and_spread,
     plot_configurations,
     plot_curves,
     results_table,
     study_code_line,
-    study_main,
+    study_root,
     study_time_line,
     verdict,
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = REPO_ROOT / "logs" / "studies" / "pix2pix_bn_vs_in"
+ROOT = study_root("pix2pix_bn_vs_in")
 RECIPE = (
     "data.num_train=300",
     "task.n_epochs=2",
@@ -70,7 +70,7 @@ def report(seeds: list[int]) -> str:
     lines = [
         "# pix2pix_bn_vs_in: results",
         "",
-        "Command: `python experiments/pix2pix_bn_vs_in/run.py` (`make study-pix2pix-bn-vs-in`); "
+        "Command: `python -m experiments.pix2pix_bn_vs_in.run` (`make study-pix2pix-bn-vs-in`); "
         "each run is `python -m normlab.train experiment=pix2pix_digits logger=csv "
         + " ".join(RECIPE)
         + " norm=N data.batch_size=B seed=S`.",
@@ -103,12 +103,12 @@ def report(seeds: list[int]) -> str:
 
 
 def main() -> None:
-    study_main(
+    configuration_study_main(
         __doc__.splitlines()[0],
-        ROOT,
-        lambda seeds: configuration_jobs("pix2pix_digits", CONFIGURATIONS, seeds),
+        "pix2pix_bn_vs_in",
+        "pix2pix_digits",
+        CONFIGURATIONS,
         report,
-        HERE / "results.md",
         default_seeds=[42, 1],
     )
 

@@ -1,8 +1,8 @@
 """Train `experiment=pix2pix_digits` once, timed, and write results next to this file.
 
-    make exp-pix2pix-digits                      # or: python experiments/pix2pix_digits/run.py
+    make exp-pix2pix-digits                      # or: python -m experiments.pix2pix_digits.run
     make exp-pix2pix-digits ARGS="norm=in"       # extra Hydra overrides go to the training run
-    python experiments/pix2pix_digits/run.py --from-run RUN_DIR --minutes M
+    python -m experiments.pix2pix_digits.run --from-run RUN_DIR --minutes M
 
 Writes results.md (command, machine, wall time, test L1/PSNR/SSIM, the validation curves),
 curves.png and samples.png (input | output | target for test pairs, from the best checkpoint).
@@ -15,17 +15,10 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from normlab.utils.study import (
-    column,
-    machine_line,
-    read_metrics,
-    run_training,
-    saved_overrides,
-    study_run_dir,
-)
 from omegaconf import OmegaConf
 from PIL import Image
 
+from experiments.lib.study import column, machine_line, read_metrics, single_run, write_results
 from normlab.runs import instantiate_data, load_run_info
 from normlab.tasks import Pix2PixModule
 from normlab.utils.figures import translation_grid
@@ -62,13 +55,7 @@ def save_samples(run_dir: Path, path: Path, count: int = 8) -> None:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    if args[:1] == ["--from-run"]:
-        run_dir, seconds = Path(args[1]), 60 * float(args[3])
-    else:
-        run_dir = study_run_dir("pix2pix", "pix2pix_digits")
-        seconds = run_training("pix2pix_digits", args, run_dir)
-    overrides = [o for o in saved_overrides(run_dir) if not o.startswith(("experiment=", "hydra."))]
+    run_dir, seconds, overrides = single_run("pix2pix", "pix2pix_digits", sys.argv[1:])
     rows = read_metrics(run_dir)
     plot(rows, HERE / "curves.png")
     save_samples(run_dir, HERE / "samples.png")
@@ -104,8 +91,7 @@ def main() -> None:
         ),
         "",
     ]
-    (HERE / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(HERE / "results.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

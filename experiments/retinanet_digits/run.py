@@ -1,8 +1,8 @@
 """Train `experiment=retinanet_digits` once, timed, and write results next to this file.
 
-    make exp-retinanet-digits                    # or: python experiments/retinanet_digits/run.py
+    make exp-retinanet-digits                    # or: python -m experiments.retinanet_digits.run
     make exp-retinanet-digits ARGS="norm=gn"     # extra Hydra overrides go to the training run
-    python experiments/retinanet_digits/run.py --from-run RUN_DIR --minutes M
+    python -m experiments.retinanet_digits.run --from-run RUN_DIR --minutes M
 
 Writes results.md (command, machine, wall time, the test mAP table, the validation curve) and
 val_map.png. ``--from-run`` re-tabulates an earlier run of the same experiment.
@@ -15,14 +15,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from normlab.utils.study import (
-    column,
-    machine_line,
-    read_metrics,
-    run_training,
-    saved_overrides,
-    study_run_dir,
-)
+from experiments.lib.study import column, machine_line, read_metrics, single_run, write_results
 
 HERE = Path(__file__).resolve().parent
 METRICS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"]
@@ -43,13 +36,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    if args[:1] == ["--from-run"]:
-        run_dir, seconds = Path(args[1]), 60 * float(args[3])
-    else:
-        run_dir = study_run_dir("detection", "retinanet_digits")
-        seconds = run_training("retinanet_digits", args, run_dir)
-    overrides = [o for o in saved_overrides(run_dir) if not o.startswith(("experiment=", "hydra."))]
+    run_dir, seconds, overrides = single_run("detection", "retinanet_digits", sys.argv[1:])
     rows = read_metrics(run_dir)
     test = {m: column(rows, f"test/{m}")[-1][1] for m in METRICS}
     map50, map_all = column(rows, "val/map_50"), column(rows, "val/map")
@@ -79,8 +66,7 @@ def main() -> None:
         ),
         "",
     ]
-    (HERE / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(HERE / "results.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Which norms should a RetinaNet trained from scratch use, in its backbone and in its heads?
 
-    make study-retinanet-norms                 # or: python experiments/retinanet_norms/run.py
-    python experiments/retinanet_norms/run.py --collect      # re-tabulate finished runs only
+    make study-retinanet-norms                 # or: python -m experiments.retinanet_norms.run
+    python -m experiments.retinanet_norms.run --collect      # re-tabulate finished runs only
 
 RetinaNet R18-FPN on digit scenes (experiment=retinanet_digits: 128-px COCO-format scenes, batch 8,
 AdamW + one-cycle) for EPOCHS epochs, from scratch:
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.utils.study import (
-    REPO_ROOT,
+from experiments.lib.study import (
     Configuration,
     StudyJob,
     collect,
@@ -35,22 +34,29 @@ from normlab.utils.study import (
     results_table,
     study_code_line,
     study_main,
+    study_root,
     study_time_line,
     verdict,
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = REPO_ROOT / "logs" / "studies" / "retinanet_norms"
+ROOT = study_root("retinanet_norms")
 EPOCHS = 4
 RECIPE = (f"trainer.max_epochs={EPOCHS}",)
 CONFIGURATIONS = {
-    "frozen_bn + gn heads": Configuration((*RECIPE, "norm=frozen_bn", "head_norm=gn")),
-    "bn + gn heads": Configuration((*RECIPE, "norm=bn", "head_norm=gn")),
+    "frozen_bn + gn heads": Configuration((*RECIPE, "norm=frozen_bn", "model.head_norm=gn")),
+    "bn + gn heads": Configuration((*RECIPE, "norm=bn", "model.head_norm=gn")),
     "syncbn 2×4 + gn heads": Configuration(
-        (*RECIPE, "norm=syncbn", "head_norm=gn", "trainer=ddp_cpu", "data.global_batch_size=8"),
+        (
+            *RECIPE,
+            "norm=syncbn",
+            "model.head_norm=gn",
+            "trainer=ddp_cpu",
+            "data.global_batch_size=8",
+        ),
         processes=2,
     ),
-    "bn + no head norm": Configuration((*RECIPE, "norm=bn", "head_norm=null")),
+    "bn + no head norm": Configuration((*RECIPE, "norm=bn", "model.head_norm=null")),
 }
 # The configuration whose seed-to-seed spread is measured, and the extra seeds it runs with.
 NOISE_CONFIGURATION = "bn + gn heads"
@@ -83,7 +89,7 @@ def report(seeds: list[int]) -> str:
     lines = [
         "# retinanet_norms: results",
         "",
-        "Command: `python experiments/retinanet_norms/run.py` (`make study-retinanet-norms`); each "
+        "Command: `python -m experiments.retinanet_norms.run` (`make study-retinanet-norms`); each "
         f"run is `python -m normlab.train experiment=retinanet_digits logger=csv "
         f"trainer.max_epochs={EPOCHS} seed=S` plus the configuration's overrides in run.py.",
         f"Machine: {machine_line()}. {study_time_line(ROOT, jobs(seeds))}. "

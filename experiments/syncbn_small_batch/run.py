@@ -1,7 +1,7 @@
 """Does SyncBN rescue BatchNorm when each process holds 2 images? The study behind README.md here.
 
-    make study-syncbn-small-batch              # or: python experiments/syncbn_small_batch/run.py
-    python experiments/syncbn_small_batch/run.py --collect   # re-tabulate finished runs only
+    make study-syncbn-small-batch          # or: python -m experiments.syncbn_small_batch.run
+    python -m experiments.syncbn_small_batch.run --collect   # re-tabulate finished runs only
 
 DenseNet-BC (L=40, k=12) on digits at 16 px, 5 epochs of AdamW + one-cycle at lr 0.00125 (the
 norm_vs_batch_size recipe at batch 4), three ways of training on 4 images per step:
@@ -18,23 +18,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.utils.study import (
-    REPO_ROOT,
+from experiments.lib.study import (
     Configuration,
-    collect,
+    collect_test_errors,
     configuration_jobs,
+    configuration_study_main,
     machine_line,
     mean_and_spread,
     plot_configurations,
     results_table,
     study_code_line,
-    study_main,
+    study_root,
     study_time_line,
     verdict,
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = REPO_ROOT / "logs" / "studies" / "syncbn_small_batch"
+ROOT = study_root("syncbn_small_batch")
 RECIPE = (
     "model=densenet_bc_40",
     "data.image_size=16",
@@ -51,8 +51,7 @@ CONFIGURATIONS = {
 
 def report(seeds: list[int]) -> str:
     jobs = configuration_jobs("densenet_digits", CONFIGURATIONS, seeds)
-    accuracy = collect(ROOT, list(CONFIGURATIONS), seeds, "test/acc")
-    errors = {name: [100 * (1 - a) for a in values] for name, values in accuracy.items()}
+    errors = collect_test_errors(ROOT, list(CONFIGURATIONS), seeds)
     plot_configurations(errors, "test error (%)", HERE / "test_error.png")
     mean = {name: mean_and_spread(values)[0] for name, values in errors.items()}
     std = {name: mean_and_spread(values)[1] for name, values in errors.items()}
@@ -66,7 +65,7 @@ def report(seeds: list[int]) -> str:
     lines = [
         "# syncbn_small_batch: results",
         "",
-        "Command: `python experiments/syncbn_small_batch/run.py` (`make study-syncbn-small-batch`);"
+        "Command: `python -m experiments.syncbn_small_batch.run` (`make study-syncbn-small-batch`);"
         " each run is `python -m normlab.train experiment=densenet_digits logger=csv "
         + " ".join(RECIPE)
         + " seed=S` plus the configuration's overrides in run.py.",
@@ -93,12 +92,12 @@ def report(seeds: list[int]) -> str:
 
 
 def main() -> None:
-    study_main(
+    configuration_study_main(
         __doc__.splitlines()[0],
-        ROOT,
-        lambda seeds: configuration_jobs("densenet_digits", CONFIGURATIONS, seeds),
+        "syncbn_small_batch",
+        "densenet_digits",
+        CONFIGURATIONS,
         report,
-        HERE / "results.md",
         default_seeds=[42, 1, 2],
     )
 

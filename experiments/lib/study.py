@@ -1,4 +1,5 @@
-"""Helpers for the scripts under experiments/: run a training job timed, read its metrics back."""
+"""The studies' side of experiments/: run training jobs timed (resuming what an interrupted study
+had finished), read their metrics back, and tabulate and plot them."""
 
 from __future__ import annotations
 
@@ -361,6 +362,57 @@ def study_main(
     args = parser.parse_args()
     if not args.collect:
         run_study(jobs(args.seeds), root)
-    text = report(args.seeds)
-    results.write_text(text)
+    write_results(results, report(args.seeds))
+
+
+def configuration_study_main(
+    description: str,
+    study: str,
+    experiment: str,
+    configurations: dict[str, Configuration],
+    report: Callable[[list[int]], str],
+    default_seeds: list[int],
+) -> None:
+    """:func:`study_main` for a study that trains every configuration once per seed, with runs
+    under ``logs/studies/<study>`` and the report in ``experiments/<study>/results.md``."""
+    study_main(
+        description,
+        study_root(study),
+        lambda seeds: configuration_jobs(experiment, configurations, seeds),
+        report,
+        REPO_ROOT / "experiments" / study / "results.md",
+        default_seeds,
+    )
+
+
+def study_root(study: str) -> Path:
+    """Where a study's runs land: ``logs/studies/<study>``."""
+    return REPO_ROOT / "logs" / "studies" / study
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write a study's report to ``path`` and print it."""
+    path.write_text(text)
     print(text)
+
+
+def single_run(task: str, experiment: str, argv: list[str]) -> tuple[Path, float, list[str]]:
+    """The command line of a one-run study: train ``experiment`` once with the Hydra overrides in
+    ``argv``, or with ``--from-run RUN_DIR --minutes M`` re-tabulate an earlier run. Returns the
+    run dir, its wall time in seconds and the overrides it was started with (less the experiment
+    and hydra.* ones, which only place the run)."""
+    if argv[:1] == ["--from-run"]:
+        run_dir, seconds = Path(argv[1]), 60 * float(argv[3])
+    else:
+        run_dir = study_run_dir(task, experiment)
+        seconds = run_training(experiment, argv, run_dir)
+    overrides = [o for o in saved_overrides(run_dir) if not o.startswith(("experiment=", "hydra."))]
+    return run_dir, seconds, overrides
+
+
+def collect_test_errors(root: Path, names: list[str], seeds: list[int]) -> dict[str, list[float]]:
+    """Test error in % (100 × (1 − test/acc)) of every configuration, one entry per seed."""
+    return {
+        name: [100 * (1 - accuracy) for accuracy in values]
+        for name, values in collect(root, names, seeds, "test/acc").items()
+    }

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from normlab.utils.study import machine_line
+from experiments.lib.study import machine_line
 
 
 @dataclass
