@@ -181,8 +181,8 @@ def tiny_scenes(scenes_root: Path) -> list[str]:
         ["norm=in"],
         ["norm=none"],
         ["norm=cuda_bn"],
-        ["norm=bn", "head_norm=null"],  # v1 heads (the experiment's default is head_norm=gn)
-        ["norm=gn", "head_norm={name:gn,num_groups:16}"],
+        ["norm=bn", "model.head_norm=null"],  # v1 heads (the experiment's default: gn)
+        ["norm=gn", "model.head_norm={name:gn,num_groups:16}"],
     ],
     ids=lambda o: ",".join(o),
 )

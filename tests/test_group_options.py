@@ -39,7 +39,7 @@ def test_an_unknown_option_is_named_with_the_group_options(arguments, group, opt
     [
         ["norm=gn", "model=densenet_bc_40", "experiment=densenet_digits", "seed=3"],
         ["-m", "norm=bn,gn,ln", "data.batch_size=2,8"],
-        ["experiment=null", "~debug", "head_norm={name:gn,num_groups:16}"],
+        ["experiment=null", "~debug", "model.head_norm={name:gn,num_groups:16}"],
         ["hydra/launcher=local", "norm.eps=1e-3"],  # Hydra's groups are Hydra's to check
         ["--config-dir", "/my/conf", "norm=mine"],  # options may come from elsewhere
         ["norm=bn,"],  # not an override Hydra can parse: Hydra reports it

@@ -519,8 +519,7 @@ def test_sync_batchnorm_with_a_new_norm_says_what_it_syncs(caplog):
         {
             "trainer": {"sync_batchnorm": True},
             "norm": {"name": "brn"},
-            "head_norm": "frn",
-            "model": {"norm": "${norm}", "head_norm": "${head_norm}", "fpn_norm": "bn"},
+            "model": {"norm": "${norm}", "head_norm": "frn", "fpn_norm": "bn"},
         }
     )
     with caplog.at_level(logging.INFO, logger="normlab"):
@@ -528,8 +527,8 @@ def test_sync_batchnorm_with_a_new_norm_says_what_it_syncs(caplog):
     (line,) = [r.getMessage() for r in caplog.records]
     assert line == (
         "trainer.sync_batchnorm=true syncs only BatchNorm-family layers (bn, syncbn, cuda_bn); "
-        "it leaves norm=brn (per-process batch statistics), head_norm=frn (no batch statistics) "
-        "as they are"
+        "it leaves norm=brn (per-process batch statistics), model.head_norm=frn (no batch "
+        "statistics) as they are"
     )
     cfg.trainer.sync_batchnorm = False
     caplog.clear()

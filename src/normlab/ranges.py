@@ -5,7 +5,7 @@ Norms declare theirs when they register (``register_norm(name, ranges=...)``), m
 :func:`checked_arguments`. Library calls check them and raise :class:`ArgumentError`, which names
 the argument; the config layer (:mod:`normlab.validation`) checks the same declarations against
 the composed config before anything is built, naming the config key instead
-(``head_norm.eps``, ``model.drop_path_rate``). Arguments whose lower bound depends on another
+(``model.head_norm.eps``, ``model.drop_path_rate``). Arguments whose lower bound depends on another
 argument are checked where they are taken, with :func:`check_int`.
 """
 

@@ -188,10 +188,9 @@ def _check_argument_ranges(cfg: DictConfig) -> None:
     the first step, ``Invalid learning rate``) or not at all (a NaN loss, a run that trains
     nothing). The ranges are declared where the arguments are taken (the norm registry, the
     model constructors, ``_OPTIMIZER_RANGES``); here they are checked against the config, naming
-    its key. The top-level norm specs go first: ``model.norm`` is usually ``${norm}``."""
-    for key in ("norm", "head_norm"):
-        if key in cfg:
-            _check_norm_spec(_resolved(cfg, key), key)
+    its key. The top-level norm spec goes first: ``model.norm`` is usually ``${norm}``."""
+    if "norm" in cfg:
+        _check_norm_spec(_resolved(cfg, "norm"), "norm")
     model = cfg.get("model")
     if isinstance(model, DictConfig):
         _check_node_ranges(model, "model", dict(declared_ranges(_target(model))))
@@ -273,7 +272,7 @@ def _check_monitored_metrics(cfg: DictConfig) -> None:
 
 # Where a norm spec can ask for synchronised statistics (model.norm and the pix2pix networks'
 # norms are ${norm}).
-_NORM_KEYS = ("norm", "head_norm", "model.head_norm", "model.fpn_norm")
+_NORM_KEYS = ("norm", "model.head_norm", "model.fpn_norm")
 
 
 def _sync_requests(cfg: DictConfig) -> list[str]:

@@ -73,7 +73,7 @@ CASES = {
         cli=True,
     ),
     "instance_norm_in_retinanet_p7": BadConfig(
-        ("experiment=retinanet_digits", "head_norm=in", "debug=fdr", "logger=csv"),
+        ("experiment=retinanet_digits", "model.head_norm=in", "debug=fdr", "logger=csv"),
         "128-px images (model.min_size, data sizes), data.batch_size=8: norm layer "
         "head.classification_head.conv.0.1 (InstanceNorm2d) gets input of shape (8, 128, 1, 1)",
     ),
@@ -172,8 +172,13 @@ CASES = {
         (*SMALL, "norm.momentum=2"), "norm.momentum must be null or a number in [0, 1], got 2"
     ),
     "head_norm_eps": BadConfig(
-        ("experiment=retinanet_digits", "head_norm={{name:gn,eps:-1}}", "debug=fdr", "logger=csv"),
-        "head_norm.eps must be a number > 0, got -1",
+        (
+            "experiment=retinanet_digits",
+            "model.head_norm={{name:gn,eps:-1}}",
+            "debug=fdr",
+            "logger=csv",
+        ),
+        "model.head_norm.eps must be a number > 0, got -1",
     ),
     "convnext_drop_path": BadConfig(
         ("model=convnext_atto", "model.drop_path_rate=1.5", "debug=fdr", "logger=csv"),

@@ -56,8 +56,8 @@ from normlab.callbacks.statistics import (
     running_statistics_layers,
 )
 from normlab.errors import ConfigError
-from normlab.tasks.base import Task
 from normlab.ranges import check_int
+from normlab.tasks.base import Task
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: 
         raise ConfigError(
             f"{where}: norm layer {layer} ({kind}) gets input of shape {tuple(shape)}, which it "
             f"cannot normalise in training: {reason}. Use larger images or another norm for that "
-            "layer (norm=..., or head_norm=... for a head)"
+            "layer (norm=..., or model.head_norm=... for a head)"
         ) from None
     except Exception as error:  # best effort: a model may need real values to run
         log.debug("norm input check skipped (%s: %s)", type(error).__name__, error)
