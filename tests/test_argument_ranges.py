@@ -7,11 +7,14 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from omegaconf import OmegaConf
 
+from normlab.errors import ConfigError
 from normlab.models import ConvNeXt, DenseNet, UnetGenerator, convnext_atto, retinanet_resnet18_fpn
 from normlab.norm import NORMS, build_norm, register_norm
 from normlab.norm.registry import argument_ranges
 from normlab.ranges import POSITIVE, ArgumentError, ValueRange, declared_ranges
+from normlab.validation import name_config_keys
 
 
 @pytest.mark.parametrize(
@@ -98,3 +101,37 @@ def test_value_range_allows_and_describes(allowed, text, good, bad):
     assert all(allowed.allows(v) for v in good)
     assert not any(allowed.allows(v) for v in bad)
     assert not allowed.allows(float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # model.norm is ${norm}: the key the value was set under is norm.
+        ({"norm": {"name": "gn", "num_groups": 7}}, "not divisible by norm.num_groups=7"),
+        (
+            {"model": {"head_norm": {"name": "gn", "num_groups": 7}}},
+            "not divisible by model.head_norm.num_groups=7",
+        ),
+    ],
+)
+def test_the_config_layer_names_the_key_a_library_error_came_from(overrides, message):
+    cfg = OmegaConf.merge(
+        {"norm": {"name": "bn"}, "model": {"norm": "${norm}", "head_norm": None}}, overrides
+    )
+
+    @name_config_keys
+    def build(cfg):
+        build_norm({"name": "gn", "num_groups": 7}, 24)
+
+    with pytest.raises(ConfigError) as error:
+        build(cfg)
+    assert str(error.value) == f"gn: 24 channels are {message}"
+
+
+def test_a_library_error_keeps_the_argument_name_when_no_key_set_it():
+    @name_config_keys
+    def build(cfg):
+        build_norm({"name": "gn", "num_groups": 7}, 24)
+
+    with pytest.raises(ArgumentError, match=r"divisible by num_groups=7$"):
+        build(OmegaConf.create({"norm": {"name": "bn"}}))

@@ -250,9 +250,9 @@ def test_state_dicts_move_between_bn_syncbn_and_cuda_bn():
 
 
 def test_config_errors_name_the_key_and_the_choices():
-    with pytest.raises(ConfigError, match=r"norm.backend='cuda' is not one of: auto, triton"):
+    with pytest.raises(ConfigError, match=r"backend='cuda' is not one of: auto, triton"):
         get_norm_layer({"name": "cuda_bn", "backend": "cuda"})(4)
-    with pytest.raises(ConfigError, match=r"norm.activation='gelu' .*relu, leaky_relu, silu"):
+    with pytest.raises(ConfigError, match=r"activation='gelu' .*relu, leaky_relu, silu"):
         get_norm_layer({"name": "cuda_bn", "activation": "gelu"})(4)
 
 

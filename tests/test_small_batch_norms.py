@@ -412,7 +412,7 @@ def test_registered_with_nchw_and_five_dimensional_input(name):
         ({"name": "ghost_bn", "virtual_batch_size": 0}, "virtual_batch_size must be an integer"),
         ({"name": "evonorm_b0", "momentum": 2.0}, "momentum must be null or a number in [0, 1]"),
         ({"name": "evonorm_s0", "num_groups": 4}, "evonorm_s0: 6 channels are not divisible"),
-        ({"name": "frn", "eps": 0.0}, "frn: norm.eps=0 divides by zero"),
+        ({"name": "frn", "eps": 0.0}, "frn: eps=0 divides by zero"),
         ({"name": "rms", "eps": 0.0}, "eps must be a number > 0"),
     ],
 )

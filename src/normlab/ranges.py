@@ -91,20 +91,29 @@ MOMENTUM = ValueRange(low=0, high=1, nullable=True)
 
 
 class ArgumentError(ConfigError):
-    """A numeric argument outside its valid range. ``str()`` names the argument and, when given,
-    its owner (``eps must be a number > 0, got -1 (norm 'bn')``); :meth:`at` names a config key
-    instead."""
+    """A bad argument value, raised by library code that knows the argument but not the config
+    key it was set under (``norm`` and ``model.head_norm`` build the same GroupNorm). ``str()``
+    names the argument and, when given, its owner (``eps must be a number > 0, got -1 (norm
+    'bn')``); :meth:`at` names a config key instead, which the config layer does
+    (``normlab.validation.name_config_keys``).
 
-    def __init__(
-        self, argument: str, value: Any, allowed: ValueRange, owner: str | None = None
-    ) -> None:
-        self.argument, self.value, self.allowed, self.owner = argument, value, allowed, owner
-        message = f"{argument} must be {allowed}, got {value!r}"
-        super().__init__(message if owner is None else f"{message} ({owner})")
+    ``message`` says what is wrong, with ``{key}`` where the argument is to be named.
+    """
+
+    def __init__(self, argument: str, value: Any, message: str, owner: str | None = None) -> None:
+        self.argument, self.value, self.message, self.owner = argument, value, message, owner
+        named = message.replace("{key}", argument)
+        super().__init__(named if owner is None else f"{named} ({owner})")
+
+    @classmethod
+    def out_of_range(
+        cls, argument: str, value: Any, allowed: ValueRange, owner: str | None = None
+    ) -> ArgumentError:
+        return cls(argument, value, f"{{key}} must be {allowed}, got {value!r}", owner)
 
     def at(self, key: str) -> ConfigError:
         """The same mistake stated for the config key the value came from."""
-        return ConfigError(f"{key} must be {self.allowed}, got {self.value!r}")
+        return ConfigError(self.message.replace("{key}", key))
 
 
 def check_int(argument: str, value: Any, *, minimum: int, owner: str | None = None) -> int:
@@ -112,7 +121,7 @@ def check_int(argument: str, value: Any, *, minimum: int, owner: str | None = No
     ``argument`` (``batch_size must be an integer >= 1, got 0``)."""
     allowed = ValueRange(low=minimum, integer=True)
     if not allowed.allows(value):
-        raise ArgumentError(argument, value, allowed, owner)
+        raise ArgumentError.out_of_range(argument, value, allowed, owner)
     return value
 
 
@@ -121,7 +130,7 @@ def check_values(ranges: Mapping[str, ValueRange], values: Mapping[str, Any], ow
     for argument, value in values.items():
         allowed = ranges.get(argument)
         if allowed is not None and not allowed.allows(value):
-            raise ArgumentError(argument, value, allowed, owner)
+            raise ArgumentError.out_of_range(argument, value, allowed, owner)
 
 
 def _given_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:

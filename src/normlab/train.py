@@ -49,7 +49,7 @@ from normlab.utils.run_info import git_sha, save_run_info
 from normlab.utils.secrets import masked_config
 from normlab.utils.wandb_logger import attach_wandb_run
 from normlab.utils.writable_dirs import check_writable
-from normlab.validation import validate_config
+from normlab.validation import name_config_keys, validate_config
 
 log = logging.getLogger("normlab.train")
 register_resolvers()
@@ -115,6 +115,7 @@ def _build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Traine
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins, **options)
 
 
+@name_config_keys
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics."""
     # In a process Lightning launched for another rank: run exactly rank 0's resolved config.

@@ -14,10 +14,11 @@ what is allowed; the entry point prints it as one line (``normlab.runs.exit_on_c
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from hydra.utils import get_class, get_object
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +31,7 @@ from normlab.ranges import (
     DROP_RATE,
     FRACTION,
     NON_NEGATIVE,
+    ArgumentError,
     ValueRange,
     declared_ranges,
     is_int,
@@ -330,3 +332,53 @@ def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
             ", ".join(_SYNCED_NORMS),
             ", ".join(left.values()),
         )
+
+
+# -- library errors named by their config key -----------------------------------------------------
+
+_Result = TypeVar("_Result")
+
+
+def _keys_setting(node: Any, argument: str, value: Any, prefix: str = "") -> Iterator[str]:
+    """The keys under ``node`` that set ``argument`` to ``value``. Interpolations are passed
+    over: ``model.norm: ${norm}`` was set as ``norm``."""
+    if not isinstance(node, DictConfig):
+        return
+    for key in node:
+        if key == "hydra" or OmegaConf.is_interpolation(node, key):
+            continue
+        path = f"{prefix}.{key}" if prefix else str(key)
+        child = _resolved(node, key)
+        if key == argument and child == value:
+            yield path
+        elif isinstance(child, DictConfig):
+            yield from _keys_setting(child, argument, value, path)
+
+
+def _argument_error(error: BaseException | None) -> ArgumentError | None:
+    """The ArgumentError behind ``error``, if the first ConfigError of its chain is one (Hydra's
+    instantiate wraps what a model's constructor raises)."""
+    while error is not None and not isinstance(error, ConfigError):
+        error = error.__cause__ or error.__context__
+    return error if isinstance(error, ArgumentError) else None
+
+
+def name_config_keys(run: Callable[[DictConfig], _Result]) -> Callable[[DictConfig], _Result]:
+    """Wrap an entry point so that an :class:`~normlab.ranges.ArgumentError` raised under it
+    (``gn: 24 channels are not divisible by num_groups=7``) names the config key that set the
+    argument (``model.head_norm.num_groups=7``), which the code that raised it cannot know."""
+
+    @functools.wraps(run)
+    def named(cfg: DictConfig) -> _Result:
+        try:
+            return run(cfg)
+        except Exception as error:
+            cause = _argument_error(error)
+            if cause is None:
+                raise
+            key = next(_keys_setting(cfg, cause.argument, cause.value), None)
+            if key is None:
+                raise
+            raise cause.at(key) from error
+
+    return named

@@ -5,11 +5,10 @@ from __future__ import annotations
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from normlab.errors import ConfigError
 from normlab.norm.layers import LayerNorm2d, NoNorm
 from normlab.norm.registry import register_norm
 from normlab.norm.sync import SyncBatchNorm
-from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ValueRange
+from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ArgumentError, ValueRange
 
 
 @register_norm("bn")
@@ -48,21 +47,27 @@ def resolve_num_groups(
 ) -> int:
     """Pick the GroupNorm group count: exact when asked for, else the largest divisor ≤ max_groups."""
     if num_groups is not None and group_size is not None:
-        raise ConfigError("gn: set either norm.num_groups or norm.group_size, not both")
+        raise ArgumentError(
+            "num_groups", num_groups, "gn: set either {key} or group_size, not both"
+        )
     if num_groups is not None:
         if num_groups < 1 or num_channels % num_groups:
-            raise ConfigError(
-                f"gn: {num_channels} channels are not divisible by norm.num_groups={num_groups}"
+            raise ArgumentError(
+                "num_groups",
+                num_groups,
+                f"gn: {num_channels} channels are not divisible by {{key}}={num_groups}",
             )
         return num_groups
     if group_size is not None:
         if group_size < 1 or num_channels % group_size:
-            raise ConfigError(
-                f"gn: {num_channels} channels are not divisible by norm.group_size={group_size}"
+            raise ArgumentError(
+                "group_size",
+                group_size,
+                f"gn: {num_channels} channels are not divisible by {{key}}={group_size}",
             )
         return num_channels // group_size
     if max_groups < 1:
-        raise ConfigError(f"gn: norm.max_groups must be ≥ 1, got {max_groups}")
+        raise ArgumentError("max_groups", max_groups, f"gn: {{key}} must be ≥ 1, got {max_groups}")
     return max(g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0)
 
 

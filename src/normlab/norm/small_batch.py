@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from normlab.errors import ConfigError
 from normlab.norm.builtin import resolve_num_groups
 from normlab.norm.registry import register_norm
-from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ValueRange
+from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ArgumentError, ValueRange
 
 # Activations an EvoNorm or FRN + TLU takes the place of. These layers are norm *and*
 # activation in one (their papers replace BN + ReLU with them), so a model's ReLU after them
@@ -400,8 +400,8 @@ def filter_response_norm(
     num_features: int, eps: float = 1e-6, learnable_eps: bool = False, tlu: bool = True
 ) -> nn.Module:
     if eps == 0 and not learnable_eps:
-        raise ConfigError("frn: norm.eps=0 divides by zero on an all-zero map; use eps > 0 or "
-                          "norm.learnable_eps=true")  # fmt: skip
+        raise ArgumentError("eps", eps, "frn: {key}=0 divides by zero on an all-zero map; use "
+                            "eps > 0 or learnable_eps=true")  # fmt: skip
     return FilterResponseNorm2d(num_features, eps, learnable_eps, tlu)
 
 
@@ -423,8 +423,9 @@ def evonorm_s0(
 ) -> nn.Module:
     try:
         groups = resolve_num_groups(num_features, num_groups, group_size, max_groups)
-    except ConfigError as error:  # its messages name gn, whose group options these are
-        raise ConfigError(str(error).replace("gn:", "evonorm_s0:", 1)) from None
+    except ArgumentError as error:  # its messages name gn, whose group options these are
+        message = error.message.replace("gn:", "evonorm_s0:", 1)
+        raise ArgumentError(error.argument, error.value, message) from None
     return EvoNormS0(num_features, groups, eps)
 
 

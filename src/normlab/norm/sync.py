@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from normlab.errors import ConfigError
+from normlab.ranges import ArgumentError
 
 # (world size, group size) → this rank's process group; every rank creates every group once, in
 # the same order, as torch.distributed requires.
@@ -42,8 +42,10 @@ def process_group_for(group_size: int | None) -> Any:
     if group_size is None or group_size >= world:
         return dist.group.WORLD
     if world % group_size:
-        raise ConfigError(
-            f"norm.group_size={group_size} does not divide the {world} processes of this run"
+        raise ArgumentError(
+            "group_size",
+            group_size,
+            f"{{key}}={group_size} does not divide the {world} processes of this run",
         )
     key = (world, group_size)
     if key not in _GROUPS:
@@ -203,7 +205,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         if group_size is not None and group_size < 1:
-            raise ConfigError(f"norm.group_size must be a positive integer, got {group_size}")
+            raise ArgumentError(
+                "group_size", group_size, f"{{key}} must be a positive integer, got {group_size}"
+            )
         self.group_size = group_size
         self.process_group = process_group
 

@@ -9,12 +9,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.errors import ConfigError
 from normlab.norm.sync import process_group_for, step_momentum
 from normlab.norm.sync import sync_batch_norm as torch_sync_batch_norm
 from normlab.ops.batchnorm import ops
 from normlab.ops.batchnorm.kernels import ACTIVATIONS, INTERPRETED
 from normlab.ops.batchnorm.reference import activate, batch_norm_reference
+from normlab.ranges import ArgumentError
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -75,11 +75,17 @@ class CudaBatchNorm(nn.modules.batchnorm._BatchNorm):
         )
         if activation not in ACTIVATIONS:
             allowed = ", ".join(name for name in ACTIVATIONS if name)
-            raise ConfigError(f"norm.activation={activation!r} is not one of: {allowed}, null")
+            raise ArgumentError(
+                "activation", activation, f"{{key}}={activation!r} is not one of: {allowed}, null"
+            )
         if backend not in BACKENDS:
-            raise ConfigError(f"norm.backend={backend!r} is not one of: {', '.join(BACKENDS)}")
+            raise ArgumentError(
+                "backend", backend, f"{{key}}={backend!r} is not one of: {', '.join(BACKENDS)}"
+            )
         if group_size is not None and group_size < 1:
-            raise ConfigError(f"norm.group_size must be a positive integer, got {group_size}")
+            raise ArgumentError(
+                "group_size", group_size, f"{{key}} must be a positive integer, got {group_size}"
+            )
         self.activation = activation
         self.negative_slope = negative_slope
         self.fuse_activation = fuse_activation
