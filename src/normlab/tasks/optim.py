@@ -20,6 +20,11 @@ def parameter_groups(
 
     Decaying norm scales pulls them towards zero, which in a norm study would confound the norm
     being compared with the regulariser; most reference recipes (timm, ConvNeXt) exclude them.
+
+    The same split as timm's ``param_groups_weight_decay``, but not its groups: timm orders them
+    no-decay first, drops empty ones and merges both when ``weight_decay`` is 0. Optimizer states
+    load into groups by position, so a checkpoint's state would land in the wrong groups; the
+    groups here stay [decay, no-decay], as every checkpoint so far has them.
     """
     if decay_norm_and_bias:
         return [
