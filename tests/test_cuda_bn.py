@@ -329,7 +329,7 @@ def test_autocast_bf16_conv_output_goes_through_the_kernels():
 
 
 def test_lightning_sync_plugin_keeps_cuda_bn_and_turns_its_sync_on():
-    from normlab.utils.distributed import NormSync
+    from normlab.norm.layer_sync import NormSync
 
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), CudaBatchNorm(4, activation="relu"), nn.BatchNorm2d(4)

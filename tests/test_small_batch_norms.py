@@ -28,7 +28,7 @@ from normlab.norm import (
     norm_and_activation,
     norm_channels,
 )
-from normlab.utils.distributed import NormSync
+from normlab.norm.layer_sync import NormSync
 
 NEW_NORMS = {
     "brn": BatchRenorm2d,

@@ -23,6 +23,7 @@ from normlab.callbacks import ResumeRecord
 from normlab.callbacks.checkpointing import AtomicCheckpointIO, RunInfo, SaveOnSigterm
 from normlab.errors import ConfigError, JobFailed, TrainingError
 from normlab.group_options import refuse_unknown_options
+from normlab.norm.layer_sync import NormSync
 from normlab.runs import (
     check_required,
     exit_on_config_error,
@@ -36,7 +37,6 @@ from normlab.runs import (
 from normlab.tasks.base import Task
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.distributed import (
-    NormSync,
     inherited_run_config,
     is_rank_zero,
     publish_run_config,

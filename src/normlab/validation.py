@@ -306,7 +306,7 @@ def _warn_sync_in_one_process(cfg: DictConfig) -> None:
     )
 
 
-# What trainer.sync_batchnorm=true (normlab.utils.distributed.NormSync) turns into synchronised
+# What trainer.sync_batchnorm=true (normlab.norm.layer_sync.NormSync) turns into synchronised
 # layers; every other norm is left as it is.
 _SYNCED_NORMS = ("bn", "syncbn", "cuda_bn")
 # Norms with batch statistics that NormSync leaves per process.

@@ -47,7 +47,7 @@ def _running_average_factor(norm: nn.modules.batchnorm._NormBase) -> float:
 
 class _PerProcessStatistics:
     """For ``nn.BatchNorm2d`` subclasses whose training is not BN's: ``trainer.sync_batchnorm``
-    (``normlab.utils.distributed.NormSync``) would turn them into a synchronised plain BN. These
+    (``normlab.norm.layer_sync.NormSync``) would turn them into a synchronised plain BN. These
     hooks keep them as they are, with each process's own batch statistics."""
 
     def to_synchronised(self, group_size: int | None = None) -> nn.Module:

@@ -1,1 +1,3 @@
-"""Our own GPU operators (Triton), each with a plain-PyTorch reference the tests hold it to."""
+"""Our own operators: cuda_bn's Triton kernels (``batchnorm``, each held by the tests to a
+plain-PyTorch reference), and the plain-PyTorch BatchNorm pieces that every BatchNorm here shares
+(``bn_stats``, ``sync_bn``)."""

@@ -1,19 +1,19 @@
-"""Multi-process training glue: which rank we are, one config for all ranks, BN synchronisation
-through our own Lightning layer-sync plugin, and a global batch size split over processes."""
+"""Multi-process training glue: which rank we are, one config for all ranks, the process groups
+synchronised norms share statistics in, and a global batch size split over processes."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.plugins.layer_sync import LayerSync
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from normlab.errors import ConfigError
-from normlab.norm.sync import SyncBatchNorm
+from normlab.ranges import ArgumentError
 
 # Set by rank 0 before Lightning launches the other processes (they inherit the environment), so
 # every rank runs with rank 0's resolved config: interpolations such as timestamps resolve once.
@@ -36,54 +36,36 @@ def inherited_run_config() -> DictConfig | None:
     return OmegaConf.load(path)
 
 
-class NormSync(LayerSync):
-    """``trainer.sync_batchnorm=true``: every BatchNorm-like layer becomes our
-    :class:`~normlab.norm.SyncBatchNorm` (CPU and CUDA), never torch's CPU-refusing class.
+# (world size, group size) → this rank's process group; every rank creates every group once, in
+# the same order, as torch.distributed requires.
+_GROUPS: dict[tuple[int, int], Any] = {}
 
-    A norm class can provide its own synchronised form with a ``to_synchronised(group_size)``
-    method and undo it with ``to_unsynchronised()`` (cuda_bn turns its sync mode on, so it is
-    never replaced by another class); FrozenBatchNorm2d has no batch statistics
-    and is left alone. :meth:`revert` restores the original classes.
-    """
 
-    def __init__(self, group_size: int | None = None) -> None:
-        self.group_size = group_size
+def process_group_for(group_size: int | None) -> Any:
+    """The process group synchronising this rank: all ranks (``None``), or consecutive blocks
+    of ``group_size`` ranks (apex's ``bn_group``); ``None`` when not running distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    if group_size is None or group_size >= world:
+        return dist.group.WORLD
+    if world % group_size:
+        raise ArgumentError(
+            "group_size",
+            group_size,
+            f"{{key}}={group_size} does not divide the {world} processes of this run",
+        )
+    key = (world, group_size)
+    if key not in _GROUPS:
+        _GROUPS[key], _ = dist.new_subgroups(group_size)
+    return _GROUPS[key]
 
-    def _convert(self, module: nn.Module) -> nn.Module:
-        if hasattr(module, "to_synchronised"):
-            return module.to_synchronised(self.group_size)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
-            module, SyncBatchNorm
-        ):
-            sync = SyncBatchNorm.from_batchnorm(module, group_size=self.group_size)
-            sync.original_class = type(module)
-            return sync
-        for name, child in module.named_children():
-            module.add_module(name, self._convert(child))
-        return module
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        return self._convert(model)
-
-    def revert(self, model: nn.Module) -> nn.Module:
-        if hasattr(model, "to_unsynchronised"):
-            return model.to_unsynchronised()
-        original = getattr(model, "original_class", None)
-        if isinstance(model, SyncBatchNorm) and original is not None:
-            plain = original(
-                model.num_features,
-                model.eps,
-                model.momentum,
-                model.affine,
-                model.track_running_stats,
-            )
-            plain.load_state_dict(model.state_dict())
-            plain.to(device=model.running_mean.device if model.running_mean is not None else "cpu")
-            plain.train(model.training)
-            return plain
-        for name, child in model.named_children():
-            model.add_module(name, self.revert(child))
-        return model
+def sync_group(process_group: Any, group_size: int | None) -> Any:
+    """The group a synchronised norm shares batch statistics with: ``process_group`` if given,
+    else that of :func:`process_group_for`; ``None`` when this process has no one to share with."""
+    group = process_group or process_group_for(group_size)
+    return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
 def world_size(trainer_cfg: DictConfig) -> int:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.norm.sync import process_group_for, step_momentum
-from normlab.norm.sync import sync_batch_norm as torch_sync_batch_norm
 from normlab.ops.batchnorm import ops
 from normlab.ops.batchnorm.kernels import ACTIVATIONS, INTERPRETED
 from normlab.ops.batchnorm.reference import activate, batch_norm_reference
+from normlab.ops.bn_stats import step_momentum
+from normlab.ops.sync_bn import sync_batch_norm as torch_sync_batch_norm
 from normlab.ranges import ArgumentError
+from normlab.utils.distributed import sync_group
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -129,10 +129,7 @@ class CudaBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def _sync_group(self) -> Any:
-        if not self.sync:
-            return None
-        group = self.process_group or process_group_for(self.group_size)
-        return group if group is not None and dist.get_world_size(group) > 1 else None
+        return sync_group(self.process_group, self.group_size) if self.sync else None
 
     def _resolved_backend(self, x: Tensor) -> str:
         if self.backend == "auto":

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from normlab.ops.batchnorm import kernels
 from normlab.ops.batchnorm.kernels import layout_of, same_layout, stats_dtype
+from normlab.ops.bn_stats import require_two_values
 
 
 def _channel_count(x: Tensor) -> int:
@@ -238,12 +239,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         shares = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(shares, local, group=group)
         gathered = torch.stack(shares, dim=1)  # [3 (count, mean, M2), processes, C]
-        if _channel_count(x) < 2 and float(gathered[0, :, 0].sum()) < 2:
-            # Every process sees the same total, so all of them raise: nobody is left waiting.
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got "
-                f"{int(gathered[0, :, 0].sum())} across the synchronised processes"
-            )
+        if _channel_count(x) < 2:  # else the total is ≥ 2 without reading it off the device
+            require_two_values(int(gathered[0, :, 0].sum()))
         stats = kernels.merge_stats(gathered, eps, running_mean, running_var, momentum)
         count, mean, invstd = stats.unbind(0)
         y = kernels.normalize(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.norm.sync import update_running_stats
+from normlab.ops.bn_stats import update_running_stats
 
 
 def activate(z: Tensor, activation: str | None, negative_slope: float) -> Tensor:
