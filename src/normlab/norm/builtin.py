@@ -1,4 +1,5 @@
-"""The built-in norms. Defaults here equal those in ``conf/norm/<name>.yaml``."""
+"""The built-in norms. Their defaults (here, or in the class registered) equal those in
+``conf/norm/<name>.yaml``."""
 
 from __future__ import annotations
 
@@ -6,35 +7,13 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.norm.layers import LayerNorm2d, NoNorm
-from normlab.norm.registry import register_norm
+from normlab.norm.registry import DeferredClass, register_norm
 from normlab.norm.sync import SyncBatchNorm
 from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ArgumentError, ValueRange
 
-
-@register_norm("bn")
-def batch_norm(
-    num_features: int,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-    track_running_stats: bool = True,
-) -> nn.Module:
-    return nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)
-
-
-@register_norm("syncbn", ranges={"group_size": OPTIONAL_COUNT})
-def sync_batch_norm(
-    num_features: int,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-    track_running_stats: bool = True,
-    group_size: int | None = None,
-) -> nn.Module:
-    # Ours, not torch's: torch's refuses CPU tensors once a process group exists.
-    return SyncBatchNorm(
-        num_features, eps, momentum, affine, track_running_stats, group_size=group_size
-    )
+register_norm("bn")(nn.BatchNorm2d)
+# Ours, not torch's: torch's refuses CPU tensors once a process group exists.
+register_norm("syncbn", ranges={"group_size": OPTIONAL_COUNT})(SyncBatchNorm)
 
 
 @register_norm("ln")
@@ -98,34 +77,8 @@ def instance_norm(
 
 
 # eps=0 is valid here: the statistics are fixed (torchvision's detection weights use it).
-@register_norm("frozen_bn", ranges={"eps": NON_NEGATIVE})
-def frozen_batch_norm(num_features: int, eps: float = 1e-5) -> nn.Module:
-    return FrozenBatchNorm2d(num_features, eps=eps)
-
-
-@register_norm("none")
-def no_norm(num_features: int) -> nn.Module:
-    return NoNorm(num_features)
-
-
-@register_norm("cuda_bn", ranges={"group_size": OPTIONAL_COUNT, "negative_slope": ValueRange()})
-def cuda_batch_norm(
-    num_features: int,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-    track_running_stats: bool = True,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    fuse_activation: bool = True,
-    sync: bool = False,
-    group_size: int | None = None,
-    backend: str = "auto",
-) -> nn.Module:
-    # Imported here so that importing the registry does not import Triton.
-    from normlab.ops.batchnorm import CudaBatchNorm
-
-    return CudaBatchNorm(
-        num_features, eps, momentum, affine, track_running_stats, activation, negative_slope,
-        fuse_activation, sync, group_size, backend,
-    )  # fmt: skip
+register_norm("frozen_bn", ranges={"eps": NON_NEGATIVE})(FrozenBatchNorm2d)
+register_norm("none")(NoNorm)
+register_norm("cuda_bn", ranges={"group_size": OPTIONAL_COUNT, "negative_slope": ValueRange()})(
+    DeferredClass("normlab.ops.batchnorm.CudaBatchNorm")
+)

@@ -1,4 +1,5 @@
-"""The norm registry: names → factories `(num_features, **kwargs) -> nn.Module`.
+"""The norm registry: names → factories `(num_features, **kwargs) -> nn.Module` (a function, or
+the norm class itself when its constructor is what a spec should see).
 
 A *spec* is what users write in configs and what models accept as `norm=`:
 
@@ -15,6 +16,7 @@ ranges that apply unless the norm declares its own.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,12 +37,39 @@ _DECLARED_RANGES: dict[str, dict[str, ValueRange]] = {}
 # What these arguments mean in every norm here (torch's): a norm whose eps or momentum means
 # something else declares its own range.
 CONVENTIONAL_RANGES: dict[str, ValueRange] = {"eps": POSITIVE, "momentum": MOMENTUM}
+# Constructor arguments of torch-style norm classes that no config can give: where the layer's
+# tensors live (the model moves them later) and a live process group.
+_NOT_FROM_SPECS = frozenset({"device", "dtype", "process_group"})
+
+
+class DeferredClass:
+    """A norm class registered by its dotted path and imported only when a layer is built from it
+    or its arguments are read, so registering it imports nothing (cuda_bn's class imports Triton,
+    which not every install has)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> type[nn.Module]:
+        module, _, name = self.path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.load())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return self.load()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"DeferredClass({self.path!r})"
 
 
 def register_norm(
     name: str, *, override: bool = False, ranges: Mapping[str, ValueRange] | None = None
 ) -> Callable[[NormFactory], NormFactory]:
-    """Decorator: register ``factory(num_features, **kwargs) -> nn.Module`` under ``name``.
+    """Decorator: register ``factory(num_features, **kwargs) -> nn.Module`` under ``name``; a norm
+    class is a factory too (its ``device``, ``dtype`` and ``process_group`` are not spec arguments).
 
     ``ranges`` declares the valid values of its numeric arguments (``normlab.ranges``); a spec
     with a value outside them is refused before any layer is built.
@@ -103,7 +132,7 @@ def get_norm_layer(spec: NormSpec) -> NormLayer:
     factory = NORMS[name]
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    allowed = [p for p in params if p != "num_features"]
+    allowed = [p for p in params if p != "num_features" and p not in _NOT_FROM_SPECS]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown and not takes_any:
         raise ConfigError(
