@@ -15,6 +15,9 @@ selectable box loss (L1, smooth-L1, GIoU), each normalised per image by the numb
 anchors (at least one, so an image without boxes contributes only its background term) and then
 averaged over the batch, as torchvision does. With the defaults the losses equal torchvision's.
 
+One file per architecture, as torchvision keeps its own: backbone, FPN, heads and losses are
+read together when checking parity with the reference, so the file stays whole despite its length.
+
 Image sizes: in eval mode the model resizes each image (shorter side ``min_size``, longer side at
 most ``max_size``) and maps detections back to the input's coordinates. In training it does the
 same unless ``resize_in_training=False``, which leaves sizing to the data pipeline (scale

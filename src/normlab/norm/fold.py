@@ -33,6 +33,9 @@ wiring depends on its input needs an example that takes every path.
 
 A cuda_bn that applies a fused activation is folded into the preceding convolution and replaced
 by that activation's module; other folded norms become ``nn.Identity()``.
+
+One file, though long: the tracer, the pair finder and the folding arithmetic answer one question
+("may this norm be merged, and into what?"), and each step's reasons end up in the same report.
 """
 
 from __future__ import annotations

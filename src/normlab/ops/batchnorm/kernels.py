@@ -23,6 +23,9 @@ input gradient needs — three launches each way, no memsets (every split writes
 The elementwise kernels run on a 1-D grid: CUDA allows 2³¹−1 programs on axis 0, 65,535 on the
 others.
 
+One file, though long: the kernels share their tile and chunk conventions with the launch plan
+below them, and splitting them would put the two halves of each convention in different files.
+
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU
 tensors; that is how CI tests them.
 """
