@@ -6,12 +6,14 @@ Models never import a norm class; they take a spec (a name, a mapping or a calla
 ``get_norm_layer(spec)`` to get a factory ``num_features -> nn.Module``.
 """
 
+from timm.layers import LayerNorm2d
+
 from normlab.norm import builtin as _builtin  # noqa: F401  (registers the built-in norms)
 from normlab.norm import small_batch as _small_batch  # noqa: F401  (registers brn, ghost_bn, ...)
 from normlab.norm.convert import convert_norms
 from normlab.norm.fusion import activation_after, fuse_norm_activations, norm_and_activation
 from normlab.norm.inspect import has_running_statistics, is_norm, norm_channels
-from normlab.norm.layers import LayerNorm2d, NoNorm
+from normlab.norm.layers import NoNorm
 from normlab.norm.registry import (
     NORMS,
     NormLayer,

@@ -15,18 +15,17 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torchvision.ops import FrozenBatchNorm2d
 
-from normlab.norm.layers import LayerNorm2d, NoNorm
+from normlab.norm.layers import NoNorm
 from normlab.norm.small_batch import EvoNormB0, EvoNormS0, FilterResponseNorm2d, RMSNorm2d
 from normlab.norm.sync import SyncBatchNorm
 
 # _NormBase covers BatchNorm, SyncBatchNorm, InstanceNorm and cuda_bn; nn.LayerNorm covers every
-# LayerNorm2d (ours, timm's, torchvision's) and nn.RMSNorm our RMSNorm2d.
+# LayerNorm2d (timm's, which `ln` builds, and torchvision's) and nn.RMSNorm our RMSNorm2d.
 _TORCH_NORMS = (_NormBase, FrozenBatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 # LayerNorms that normalise the channel axis of N×C×H×W input. A plain nn.LayerNorm normalises
 # the last axis (channels-last blocks, transformers), so it has no channel count here.
 _CHANNELS_FIRST_LAYER_NORMS = (
-    LayerNorm2d,
     timm.layers.LayerNorm2d,
     torchvision.models.convnext.LayerNorm2d,
 )
