@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli import offline_env, run_train
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "normlab.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_train(*args, cwd=cwd, env=offline_env(HYDRA_FULL_ERROR="0"))
 
 
 def test_unknown_norm_fails_at_once_listing_the_choices(tmp_path):

@@ -7,16 +7,15 @@ torch and Lightning, which takes tens of seconds on a 2-core machine.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli import offline_env, python_path_with, run_train
+
 pytestmark = pytest.mark.ddp
 
 # Few, small, deterministic steps: no augmentation, no validation, SGD, no schedule, in float64.
@@ -75,16 +74,10 @@ class CrashAt(pl.Callback):
 '''
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(cwd)}
-    return subprocess.run(
-        [sys.executable, "-m", "normlab.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """A run in ``cwd``, which also holds the callbacks of HELPERS (see ``helpers``)."""
+    env = offline_env(PYTHONPATH=python_path_with(cwd))
+    return run_train(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture

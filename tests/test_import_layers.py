@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from cli import REPO_ROOT
+
+SRC = REPO_ROOT / "src"
 
 # Module prefix → layer. The longest matching prefix wins.
 LAYERS: dict[str, int] = {

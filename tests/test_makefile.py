@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli import REPO_ROOT
+
 STUDIES = [
     "norm_vs_batch_size",
     "syncbn_small_batch",
@@ -39,7 +39,9 @@ TARGETS = [
 
 
 def test_help_lists_every_target_with_a_description():
-    result = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["make", "help"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
     described = {}
     for line in result.stdout.splitlines():
         target, _, description = line.partition(" ")
@@ -50,4 +52,4 @@ def test_help_lists_every_target_with_a_description():
 
 def test_every_study_target_has_its_script():
     for study in STUDIES:
-        assert (ROOT / "experiments" / study / "run.py").is_file(), study
+        assert (REPO_ROOT / "experiments" / study / "run.py").is_file(), study

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli import run_train
+
 NOISE = (
     "💡 Tip",  # Lightning's litlogger and litmodels advertisements
     "The `srun` command is available",  # Lightning, whenever srun is on the PATH
@@ -29,26 +27,17 @@ def test_a_short_run_with_wandb_prints_none_of_the_dependency_notices(tmp_path):
     (tools / "srun").chmod(0o755)
     env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
     env.pop("WANDB_SILENT", None)  # wandb's warnings are what is checked
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "normlab.train",
-            "model=densenet_bc_40",
-            "data.image_size=16",
-            "data.batch_size=8",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=1",
-            "trainer.limit_val_batches=1",
-            "test=false",
-            "logger=wandb",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=ROOT,
+    result = run_train(
+        "model=densenet_bc_40",
+        "data.image_size=16",
+        "data.batch_size=8",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        "logger=wandb",
+        f"hydra.run.dir={tmp_path / 'run'}",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, result.stderr[-3000:]

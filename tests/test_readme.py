@@ -21,11 +21,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, open_dict
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from cli import REPO_ROOT
 from normlab.norm import NORMS
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
-CONFIG_DIR = ROOT / "conf"
+README = REPO_ROOT / "README.md"
+CONFIG_DIR = REPO_ROOT / "conf"
 SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip:\s*(?P<why>\S.*?)\s*-->")
 FENCE = re.compile(r"^```(?P<lang>\w*)\s*$")
 # The config each entry point composes (its @hydra.main config_name).
@@ -107,7 +107,7 @@ def _make_targets_named() -> set[str]:
 
 
 def _makefile_targets() -> set[str]:
-    text = (ROOT / "Makefile").read_text()
+    text = (REPO_ROOT / "Makefile").read_text()
     return set(re.findall(r"^([a-z][a-z0-9-]*):", text, flags=re.MULTILINE))
 
 

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli import offline_env, run_train
 
 
 def _train(run_dir: Path, *overrides: str) -> float:
     """Run the CLI as a user would; return the wall time in seconds."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "normlab.train", *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_train(*overrides, f"hydra.run.dir={run_dir}", env=offline_env(), timeout=900)
     elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-3000:]
     return elapsed

@@ -5,33 +5,23 @@ fails is recorded as failed, the other jobs run and the sweep exits 1 with a lis
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 from omegaconf import OmegaConf
 
+from cli import offline_env, run_train
 from normlab.sweep import stored_trials
 from wandb_offline import read_offline_run
 
-ROOT = Path(__file__).resolve().parents[1]
 # One batch of everything, on the small DenseNet: what is tested here is the sweep machinery.
 QUICK = ("experiment=densenet_digits", "model=densenet_bc_40", "data.image_size=16", "debug=fdr")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "normlab.train", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_train(*args, env=offline_env(HYDRA_FULL_ERROR="1"))
 
 
 def job_dirs(sweep_dir: Path, prefix: str = "") -> list[Path]:

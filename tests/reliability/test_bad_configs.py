@@ -11,9 +11,6 @@ so a table of subprocesses alone would take minutes.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,19 +18,14 @@ import lightning.pytorch as pl
 import pytest
 from torch import nn
 
+from cli import offline_env, run_train
 from normlab.errors import ConfigError
 from normlab.norm import build_norm
 from normlab.runs import exit_on_config_error
 from normlab.tasks.checks import check_norm_inputs
 from normlab.train import train
 
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "offline",
-    "WANDB_SILENT": "true",
-    "HYDRA_FULL_ERROR": "0",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = offline_env(HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
 # The small classifier: what the run is does not matter, only that it is refused at once.
 SMALL = ("model=densenet_bc_40", "data.image_size=16", "debug=fdr", "logger=csv")
 ERROR = "normlab: configuration error: "
@@ -203,14 +195,7 @@ CASES = {
 
 
 def run_cli(*args: str, cwd: Path) -> tuple[int, str, str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "normlab.train", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_train(*args, cwd=cwd, env=ENV, timeout=300)
     return result.returncode, result.stdout, result.stderr
 
 

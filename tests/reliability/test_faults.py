@@ -5,17 +5,16 @@ secrets from the environment reach no file of the run."""
 from __future__ import annotations
 
 import csv
-import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-ROOT = Path(__file__).resolve().parents[2]
+from cli import offline_env, python_path_with, run_train
+
 QUICK = (
     "experiment=densenet_digits",
     "model=densenet_bc_40",
@@ -47,25 +46,12 @@ class NanAt(pl.Callback):
 """
 
 
-def run_cli(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None):
+def run_cli(
+    tmp_path: Path, *overrides: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     (tmp_path / "fault_injection.py").write_text(NAN_AT)
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        **(env or {}),
-    }
-    command = [sys.executable, "-m", "normlab.train", f"hydra.run.dir={tmp_path / 'run'}"]
-    return subprocess.run(
-        [*command, *QUICK, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    env = offline_env(OMP_NUM_THREADS="1", PYTHONPATH=python_path_with(tmp_path), **(env or {}))
+    return run_train(f"hydra.run.dir={tmp_path / 'run'}", *QUICK, *overrides, env=env)
 
 
 INJECT_AT_5 = ("+callbacks.nan._target_=fault_injection.NanAt", "+callbacks.nan.step=5")

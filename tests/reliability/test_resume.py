@@ -4,24 +4,22 @@ the weights of a run that was never interrupted, bit for bit; SIGTERM saves befo
 from __future__ import annotations
 
 import csv
-import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli import offline_env, python_path_with, run_train, start_train
 from normlab.errors import ConfigError
 from normlab.train import train
 from wandb_offline import read_offline_run
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+ENV = offline_env(OMP_NUM_THREADS="1")
 # 6 batches × 2 epochs of the small DenseNet with dropout (the model's RNG) and augmentation (the
 # data's), a checkpoint after every optimizer step.
 DIGITS = (
@@ -61,19 +59,8 @@ PIX2PIX = (
 )
 
 
-def start_command(run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "normlab.train", f"hydra.run.dir={run_dir}", *overrides]
-
-
-def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        start_command(run_dir, *overrides),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
+    return start_train(f"hydra.run.dir={run_dir}", *overrides, env=ENV)
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -220,9 +207,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path):
         "+callbacks.preempt._target_=preempt_for_test.SigtermAt",
         "+callbacks.preempt.step=4",
     ]
-    command = start_command(tmp_path / "run", *recipe)
-    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {**ENV, "PYTHONPATH": python_path_with(tmp_path)}
+    result = run_train(f"hydra.run.dir={tmp_path / 'run'}", *recipe, env=env, timeout=300)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert "stopped by SIGTERM" in result.stdout + result.stderr
     # The periodic checkpoint never fired (every 1000 steps): this one was written on SIGTERM.

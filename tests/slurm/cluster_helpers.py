@@ -1,15 +1,16 @@
-"""Helpers of the Slurm tests: the local cluster script, its client commands, the entry point."""
+"""Helpers of the Slurm tests: the local cluster script and its client commands (the entry
+point runs through tests/cli.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "local_slurm.py"
+from cli import REPO_ROOT, offline_env
+
+SCRIPT = REPO_ROOT / "scripts" / "local_slurm.py"
 
 
 def local_slurm(action: str, directory: Path, env: dict[str, str] | None = None):
@@ -31,13 +32,7 @@ class Cluster:
         return self.directory / "slurm.conf"
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {
-            **os.environ,
-            "SLURM_CONF": str(self.conf),
-            "WANDB_MODE": "offline",
-            "WANDB_SILENT": "true",
-            **extra,
-        }
+        return offline_env(SLURM_CONF=str(self.conf), **extra)
 
     def command(self, *args: str) -> str:
         """A Slurm client command against this cluster; its stdout."""
@@ -58,26 +53,3 @@ class Cluster:
         text = self.command("scontrol", "show", "job", "--oneliner", job)
         fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
         return fields[name]
-
-
-def run_train(*args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 900):
-    return subprocess.run(
-        [sys.executable, "-m", "normlab.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def start_train(*args: str, env: dict[str, str]) -> subprocess.Popen:
-    """``python -m normlab.train`` in the background, its output (stdout and stderr) piped."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "normlab.train", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )

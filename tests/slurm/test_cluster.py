@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from cluster_helpers import Cluster, local_slurm, run_train
+from cluster_helpers import Cluster, local_slurm
+
+from cli import run_train
 
 pytestmark = pytest.mark.slurm
 
@@ -66,7 +68,12 @@ def test_local_slurm_comes_up_from_nothing_and_goes_down_leaving_no_daemon(stopp
 def test_submitting_without_sbatch_is_one_line(tmp_path: Path):
     env = {**os.environ, "PATH": str(tmp_path), "WANDB_MODE": "offline"}
     result = run_train(
-        "-m", *QUICK, "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env
+        "-m",
+        *QUICK,
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        env=env,
+        timeout=900,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -84,6 +91,7 @@ def test_submitting_with_the_controller_down_is_one_line(stopped_cluster, tmp_pa
         "hydra/launcher=slurm",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         env=cluster.env(),
+        timeout=900,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_helpers import Cluster, run_train, start_train
+from cluster_helpers import Cluster
 from omegaconf import OmegaConf
 
+from cli import run_train, start_train
 from test_ddp import HELPERS, SHORT, _assert_same_float64_weights
 from wandb_offline import read_offline_run
 
@@ -58,6 +59,7 @@ def test_grid_runs_as_one_job_array_with_a_run_and_wandb_run_per_job(cluster: Cl
         "logger=wandb",
         f"hydra.sweep.dir={sweep}",
         env=cluster.env(),
+        timeout=900,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -103,6 +105,7 @@ def test_ddp_over_two_slurm_tasks_equals_one_process_bn_on_the_doubled_batch(
         "data.global_batch_size=16",
         f"hydra.sweep.dir={sweep}",
         env=cluster.env(),
+        timeout=900,
     )
     one_output, _ = one.communicate(timeout=600)
     assert one.returncode == 0, one_output[-3000:]
@@ -204,6 +207,7 @@ def test_a_crash_on_one_rank_ends_the_job_failed_without_waiting_for_the_time_li
         "+callbacks.crash={_target_:ddp_test_helpers.CrashAt,step:2,rank:1}",
         f"hydra.sweep.dir={sweep}",
         env=cluster.env(PYTHONPATH=str(tmp_path)),
+        timeout=900,
     )
     output = result.stdout + result.stderr
     [job] = submitted(output)
