@@ -68,7 +68,7 @@ test-slow: install ## run the slow tests too (and the multi-process ones)
 	$(BIN)/python -m pytest -m "(slow or ddp or not slow) and not gpu and not slurm" $(ARGS)
 
 test-ddp: install ## multi-process checks: SyncBN exactness and 2-process training on CPU (gloo)
-	$(BIN)/python -m pytest -m "ddp or not ddp" tests/test_syncbn.py tests/test_ddp.py $(ARGS)
+	$(BIN)/python -m pytest -m "ddp or not ddp" tests/norm/test_syncbn.py tests/test_ddp.py $(ARGS)
 
 # A one-node Slurm on this machine (as root), state and logs in SLURM_DIR; Slurm's commands and
 # hydra/launcher=slurm reach it with `export SLURM_CONF=$(SLURM_DIR)/slurm.conf`.
@@ -92,7 +92,7 @@ test-slurm: install slurm-packages ## tests against a live local Slurm (root): j
 
 # The GPU half of cuda_bn: kernels compiled, not interpreted.
 test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf16, torch.compile)
-	TRITON_INTERPRET=0 $(BIN)/python -m pytest -m gpu tests/test_cuda_bn_gpu.py $(ARGS)
+	TRITON_INTERPRET=0 $(BIN)/python -m pytest -m gpu tests/ops/test_cuda_bn_gpu.py $(ARGS)
 
 # No GPU needed: Triton compiles for sm_80/sm_90 with its bundled ptxas.
 test-aot: install ## compile every cuda_bn kernel configuration for sm_80/sm_90; writes experiments/bench/cuda_bn_aot.md

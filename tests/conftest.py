@@ -1,4 +1,9 @@
-"""Shared fixtures: compose the real Hydra config in-process and run it in a temporary dir."""
+"""Shared fixtures: compose the real Hydra config in-process and run it in a temporary dir.
+
+tests/ mirrors src/normlab/ (tests/norm/, tests/models/, ...); the entry points' tests and the
+project-wide ones sit at the top. No folder is a package: pytest puts this file's folder on
+sys.path, so every test imports the shared helpers here by bare name (cli, data_files,
+wandb_offline), and test file names stay unique across folders."""
 
 from __future__ import annotations
 

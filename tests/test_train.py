@@ -16,7 +16,7 @@ from normlab.utils.hydra_run import CONFIG_DIR
 from wandb_offline import read_offline_run
 
 NORM_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "norm").glob("*.yaml"))
-# Added with issue 20; their fast_dev_runs here are slow tests (tests/test_small_batch_norms.py
+# Added with issue 20; their fast_dev_runs here are slow tests (tests/norm/test_small_batch_norms.py
 # runs them with the detection and pix2pix models too).
 SMALL_BATCH_NORMS = {"brn", "ghost_bn", "frn", "evonorm_b0", "evonorm_s0", "rms"}
 

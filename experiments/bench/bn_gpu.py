@@ -25,7 +25,7 @@ from experiments.lib.benchmark import compare, write_report
 from normlab.ops.batchnorm import CudaBatchNorm
 
 HERE = Path(__file__).resolve().parent
-# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+# Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
 SMOKE = ["--device", "cpu", "--tiny", "--repeats", "1", "--inner", "1", "--warmup", "0"]
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 1024, 14, 14), (256, 2048, 7, 7)]
 TINY_SHAPES = [(2, 3, 5, 7)]

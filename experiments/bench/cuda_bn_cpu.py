@@ -21,7 +21,7 @@ from normlab.data import DigitsDataModule
 from normlab.models import densenet_bc_100
 
 HERE = Path(__file__).resolve().parent
-# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+# Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
 SMOKE = ["--repeats", "1", "--inner", "1", "--batch-size", "4"]
 GOAL = 1.05
 

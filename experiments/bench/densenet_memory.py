@@ -35,7 +35,7 @@ from experiments.lib.benchmark import compare, markdown_table, write_report
 from normlab.models import densenet121
 
 HERE = Path(__file__).resolve().parent
-# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+# Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
 SMOKE = ["--batch-size", "4", "--image-size", "32", "--repeats", "1"]
 MEMORY_GOAL, TIME_GOAL = 0.40, 1.25
 

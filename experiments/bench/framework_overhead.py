@@ -33,7 +33,7 @@ from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 
 HERE = Path(__file__).resolve().parent
-# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+# Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
 SMOKE = ["--steps", "2", "--repeats", "1", "--batch-size", "4", "--image-size", "8"]
 GOAL = 1.05
 

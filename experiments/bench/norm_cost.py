@@ -22,7 +22,7 @@ from experiments.lib.benchmark import Timing, compare, markdown_table, write_rep
 from normlab.norm import NORMS, build_norm
 
 HERE = Path(__file__).resolve().parent
-# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+# Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
 SMOKE = ["--shape", "2", "8", "4", "4", "--repeats", "1", "--inner", "1"]
 
 

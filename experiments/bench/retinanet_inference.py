@@ -23,7 +23,7 @@ from experiments.lib.benchmark import compare, markdown_table, write_report
 from normlab.models import retinanet_resnet50_fpn
 
 HERE = Path(__file__).resolve().parent
-# Arguments of the tiny run in `make test` (tests/test_benchmarks.py).
+# Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
 SMOKE = [
     "--images",
     "1",

@@ -5,8 +5,6 @@ data the checkpoint's model was not trained for, with one line naming the file o
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,15 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from cli import run_module
+
+# The tests' own fixture writers (tests/ is on sys.path: it holds the root conftest.py).
+from data_files import make_cifar, write_png
 from normlab.eval import evaluate
 from normlab.export import export
 from normlab.runs import exit_on_config_error
 from normlab.train import train
 from normlab.utils.hydra_run import CONFIG_DIR
-
-# The tests' own fixture writers (tests/ is on sys.path: it holds the root conftest.py).
-from test_data import _png, make_cifar
 
 ERROR = "normlab: configuration error: "
 ENTRY_POINTS = {"eval": evaluate, "export": export}
@@ -109,7 +108,7 @@ def test_an_unreadable_checkpoint_is_named(entry, kind, digits_checkpoint, tmp_p
 def _two_class_folder(root: Path) -> Path:
     for split in ("train", "val", "test"):
         for k, name in enumerate(("cat", "dog")):
-            _png(root / split / name / "a.png", "RGB", (20, 20), seed=k)
+            write_png(root / split / name / "a.png", "RGB", (20, 20), seed=k)
     return root
 
 
@@ -150,11 +149,11 @@ def test_data_the_model_was_not_trained_for_is_named(
 def test_the_command_line_prints_one_line_for_a_truncated_checkpoint(digits_checkpoint, tmp_path):
     path, _ = _bad_file("truncated", tmp_path, digits_checkpoint)
     shutil.rmtree(tmp_path / "logs", ignore_errors=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "normlab.eval", f"ckpt_path={path}", f"hydra.run.dir={tmp_path}/e"],
+    result = run_module(
+        "normlab.eval",
+        f"ckpt_path={path}",
+        f"hydra.run.dir={tmp_path}/e",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

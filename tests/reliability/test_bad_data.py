@@ -20,6 +20,8 @@ import torch
 import yaml
 from PIL import Image
 
+# The fixture builders of the data tests (tests/ is on sys.path: it holds the root conftest.py).
+from data_files import HALF, ann, dump_pickle, make_cifar, write_pair, write_png, write_split
 from normlab.data import (
     AlignedDataModule,
     CIFARDataModule,
@@ -32,11 +34,6 @@ from normlab.data.bad_samples import SkipUndecodable
 from normlab.data.imagefolder import rgb_loader
 from normlab.errors import ConfigError, DataError
 from normlab.utils.hydra_run import CONFIG_DIR
-
-# The fixture builders of the data tests (tests/ is on sys.path: it holds the root conftest.py).
-from test_aligned_data import HALF, write_pair
-from test_data import _dump, _png, make_cifar
-from test_detection_data import ann, write_split
 
 CLASSES = ("c0", "c1", "c2", "c3")
 COCO_IMAGES = (1, 2, 3, 4)  # train image ids; files 0001.png..0004.png, annotation ids 100..103
@@ -51,7 +48,7 @@ def build_imagefolder(root: Path) -> None:
     """One image per class, so the label the loader serves tells which file it read."""
     for split in ("train", "val"):
         for k, name in enumerate(CLASSES):
-            _png(root / split / name / "img.png", "RGB", (12, 10), seed=k)
+            write_png(root / split / name / "img.png", "RGB", (12, 10), seed=k)
 
 
 def build_cifar(root: Path) -> None:
@@ -135,7 +132,7 @@ def with_cifar_label(root: Path, batch: str, row: int, label: int) -> None:
     with open(path, "rb") as f:
         entry = pickle.load(f, encoding="latin1")
     entry["labels"][row] = label
-    _dump(path, entry)
+    dump_pickle(path, entry)
 
 
 def odd_width(path: Path) -> None:
@@ -364,7 +361,7 @@ def test_file_reading_data_configs_declare_on_bad_sample() -> None:
         config = yaml.safe_load(path.read_text())
         target = config.get("_target_", "")
         # digits: in memory, no files; fashion_mnist: one IDX archive per split, read whole, so a
-        # bad file stops the run (tests/test_fashion_mnist.py) and there is no sample to skip.
+        # bad file stops the run (tests/data/test_fashion_mnist.py) and there is no sample to skip.
         if target and not target.endswith(("DigitsDataModule", "FashionMNISTDataModule")):
             declared[path.stem] = config.get("on_bad_sample")
     assert set(declared) == {

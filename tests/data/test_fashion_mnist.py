@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 
 import normlab.data.fashion_mnist as fashion_mnist
 import normlab.data.fetch_fashion_mnist as fetch
+from cli import REPO_ROOT
 from normlab.data import FashionMNISTDataModule
 from normlab.data.fashion_mnist import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 from normlab.data.samplers import SeededSamples
@@ -449,7 +450,7 @@ def test_fashion_cpu_recipe(compose_config) -> None:
 # The real files
 # --------------------------------------------------------------------------------------------------
 
-REAL_ROOT = Path(os.environ.get("FASHION_MNIST_ROOT", Path(__file__).parents[1] / "data"))
+REAL_ROOT = Path(os.environ.get("FASHION_MNIST_ROOT", REPO_ROOT / "data"))
 
 
 @pytest.mark.slow

@@ -15,8 +15,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from normlab.errors import ConfigError
 from normlab.models import retinanet_resnet18_fpn, retinanet_resnet50_fpn
 from normlab.models.retinanet import _octave_anchor_sizes
-from normlab.norm import convert_norms
-from normlab.norm.layers import LayerNorm2d
+from normlab.norm import LayerNorm2d, convert_norms
 from normlab.norm.sync import SyncBatchNorm
 
 SIZE = {"min_size": 96, "max_size": 128}

@@ -10,9 +10,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
+from data_files import make_cifar, write_png
 from normlab.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
 from normlab.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
 from normlab.errors import ConfigError
@@ -150,49 +150,6 @@ def test_digits_fast_dev_run_with_trainer() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _dump(path: Path, obj: dict) -> None:
-    # The official files are Python 2 pickles; torchvision reads them with encoding="latin1", which
-    # turns their keys into `str` ("data", "labels", ...) -- so str keys here, as torchvision sees.
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def _batch(rng: np.random.Generator, n: int, num_classes: int, label_key: str, name: str) -> dict:
-    batch = {
-        "batch_label": name,
-        "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-        label_key: [int(v) for v in rng.integers(0, num_classes, size=n)],
-        "filenames": [f"img_{i}.png" for i in range(n)],
-    }
-    if label_key == "fine_labels":
-        batch["coarse_labels"] = [0] * n
-    return batch
-
-
-def make_cifar(root: Path, variant: str = "cifar10", per_batch: int = 4, n_test: int = 6) -> dict:
-    """A tiny CIFAR-10/100 tree under ``root``; returns the batches written, by file name."""
-    rng = np.random.default_rng(0)
-    written: dict[str, dict] = {}
-    if variant == "cifar10":
-        folder = root / "cifar-10-batches-py"
-        folder.mkdir(parents=True)
-        for i in range(1, 6):
-            written[f"data_batch_{i}"] = _batch(rng, per_batch, 10, "labels", f"batch {i}")
-        written["test_batch"] = _batch(rng, n_test, 10, "labels", "testing batch")
-        meta = {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
-        _dump(folder / "batches.meta", meta)
-    else:
-        folder = root / "cifar-100-python"
-        folder.mkdir(parents=True)
-        written["train"] = _batch(rng, 5 * per_batch, 100, "fine_labels", "training")
-        written["test"] = _batch(rng, n_test, 100, "fine_labels", "testing")
-        meta = {"fine_label_names": CIFAR100_CLASSES, "coarse_label_names": ["x"] * 20}
-        _dump(folder / "meta", meta)
-    for name, batch in written.items():
-        _dump(folder / name, batch)
-    return written
-
-
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
 
@@ -295,20 +252,15 @@ def test_cifar_bad_kwargs(tmp_path: Path, kwargs: dict, key: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _png(path: Path, mode: str, size: tuple[int, int], seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], channels), np.uint8)
-    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode=mode).save(path)
-
-
 def make_folder_tree(root: Path, splits: tuple[str, ...] = ("train", "val")) -> None:
     modes = ["RGB", "L", "RGBA"]
     for s, split in enumerate(splits):
         for c, cls in enumerate(("cat", "dog")):
             for i, mode in enumerate(modes):
                 size = (40 + 7 * i, 30 + 5 * c)  # varied, non-square sizes
-                _png(root / split / cls / f"{mode}_{i}.png", mode, size, seed=100 * s + 10 * c + i)
+                write_png(
+                    root / split / cls / f"{mode}_{i}.png", mode, size, seed=100 * s + 10 * c + i
+                )
 
 
 def test_image_folder_loads_mixed_modes(tmp_path: Path) -> None:
@@ -351,7 +303,7 @@ def test_image_folder_missing_root(tmp_path: Path) -> None:
 
 def test_image_folder_class_mismatch(tmp_path: Path) -> None:
     make_folder_tree(tmp_path)
-    _png(tmp_path / "val" / "bird" / "x.png", "RGB", (8, 8), seed=0)
+    write_png(tmp_path / "val" / "bird" / "x.png", "RGB", (8, 8), seed=0)
     with pytest.raises(ConfigError) as info:
         ImageFolderDataModule(root=tmp_path)
     message = str(info.value)

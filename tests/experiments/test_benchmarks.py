@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from cli import run_module
 from experiments.lib.benchmark import Timing, compare, markdown_table
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compare_alternates_and_reports_ratios_to_the_baseline():
@@ -34,10 +32,7 @@ def test_compare_alternates_and_reports_ratios_to_the_baseline():
 def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
     """`run.py --smoke`: each benchmark once, in one process (Triton's interpreter for bn_gpu)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.bench.run", "--smoke", "--out-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+    result = run_module("experiments.bench.run", "--smoke", "--out-dir", str(tmp_path), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = {path.stem: path.read_text() for path in tmp_path.glob("*.md")}
     expected = {

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
+from cli import run_module
 from normlab.ops.batchnorm.launches import KERNEL_NAMES
 
 LINE = re.compile(
@@ -20,13 +19,7 @@ LINE = re.compile(
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spilling():
     # A process of its own: here the kernels are interpreted (conftest sets TRITON_INTERPRET=1).
-    result = subprocess.run(
-        [sys.executable, "-m", "normlab.ops.batchnorm.aot"],
-        env={**os.environ, "TRITON_INTERPRET": "0"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_module("normlab.ops.batchnorm.aot", env={**os.environ, "TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     compiled = [match.groupdict() for match in LINE.finditer(result.stdout)]
     assert compiled, result.stdout

@@ -1,5 +1,5 @@
-"""Detection data: COCO-format folders (tiny fixtures written here: PNGs + instances json) and the
-generated digit scenes, read back through the same COCO loader."""
+"""Detection data: COCO-format folders (tiny fixtures from tests/data_files.py: PNGs + instances
+json) and the generated digit scenes, read back through the same COCO loader."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_files import ann, pixels, write_split
 from normlab.data import CocoDetectionDataModule, DigitScenesDataModule
 from normlab.data import digit_scenes as scenes_module
 from normlab.data.coco import detection_collate
@@ -23,51 +24,6 @@ from normlab.runs import instantiate_data
 # --------------------------------------------------------------------------------------------------
 # COCO fixtures
 # --------------------------------------------------------------------------------------------------
-
-# Gapped, unsorted category ids: labels must follow id order (3 → 0, 7 → 1).
-CATEGORIES = [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]
-
-
-def _pixels(height: int, width: int, seed: int, channels: int = 3) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    shape = (height, width, channels) if channels > 1 else (height, width)
-    return rng.integers(0, 256, size=shape, dtype=np.uint8)
-
-
-def write_split(
-    root: Path,
-    split: str,
-    images: list[dict[str, Any]],
-    annotations: list[dict[str, Any]],
-    categories: list[dict[str, Any]] = CATEGORIES,
-) -> None:
-    """Write ``images`` (entries with ``id``, ``height``, ``width`` and optionally ``gray``) as
-    PNGs under ``root/split`` and their COCO json under ``root/annotations``."""
-    (root / split).mkdir(parents=True, exist_ok=True)
-    (root / "annotations").mkdir(exist_ok=True)
-    entries = []
-    for image in images:
-        name = f"{image['id']:04d}.png"
-        channels = 1 if image.get("gray") else 3
-        array = _pixels(image["height"], image["width"], image["id"], channels)
-        Image.fromarray(array).save(root / split / name)
-        entries.append(
-            {
-                "id": image["id"],
-                "file_name": name,
-                "height": image["height"],
-                "width": image["width"],
-            }
-        )
-    for i, ann in enumerate(annotations):
-        ann.setdefault("id", 100 + i)
-        ann.setdefault("iscrowd", 0)
-    data = {"images": entries, "annotations": annotations, "categories": categories}
-    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-
-
-def ann(image_id: int, category_id: int, bbox: list[float], **extra: Any) -> dict[str, Any]:
-    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, **extra}
 
 
 @pytest.fixture
@@ -126,7 +82,7 @@ def test_item_format_xyxy_boxes_and_contiguous_labels(coco_root: Path) -> None:
     dm.setup("fit")
     image, target = first_with_id(dm.train_set, 1)
     assert image.dtype == torch.float32 and image.shape == (3, 40, 80)
-    expected = torch.from_numpy(_pixels(40, 80, 1)).permute(2, 0, 1).float() / 255
+    expected = torch.from_numpy(pixels(40, 80, 1)).permute(2, 0, 1).float() / 255
     torch.testing.assert_close(image, expected)
     torch.testing.assert_close(
         target["boxes"], torch.tensor([[10.0, 5.0, 40.0, 25.0], [50.0, 0.0, 80.0, 40.0]])
@@ -144,7 +100,7 @@ def test_image_without_annotations_is_a_sample_and_gray_becomes_rgb(coco_root: P
     assert len(dm.train_set) == 2
     image, target = first_with_id(dm.train_set, 2)
     assert image.shape == (3, 30, 20)
-    gray = torch.from_numpy(_pixels(30, 20, 2, channels=1)).float() / 255
+    gray = torch.from_numpy(pixels(30, 20, 2, channels=1)).float() / 255
     for channel in image:
         torch.testing.assert_close(channel, gray)
     assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32

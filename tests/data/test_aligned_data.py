@@ -1,5 +1,5 @@
-"""Paired (pix2pix "aligned") data: tiny A|B fixtures written here, and the generated digit pairs
-read back through the same loader."""
+"""Paired (pix2pix "aligned") data: tiny A|B fixtures (tests/data_files.py), and the generated
+digit pairs read back through the same loader."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from data_files import HALF, STEP, pattern_half, write_pair
 from normlab.data import AlignedDataModule, DigitPairsDataModule
 from normlab.data import digit_pairs as pairs_module
 from normlab.data.aligned import AlignedDataset
@@ -27,27 +28,6 @@ from normlab.utils.hydra_run import CONFIG_DIR
 # --------------------------------------------------------------------------------------------------
 # aligned fixtures
 # --------------------------------------------------------------------------------------------------
-
-HALF = 40  # side of each square half of the fixture files
-STEP = 6  # pattern value per pixel: 39 * 6 = 234 fits in a byte
-
-
-def pattern_half(marker: int, shift: int = 0) -> np.ndarray:
-    """HALF² RGB half whose R/G channels encode the pixel's x/y (+ ``shift``) and whose B channel
-    is the constant ``marker`` (tells the halves apart)."""
-    ys, xs = np.mgrid[0:HALF, 0:HALF]
-    half = np.empty((HALF, HALF, 3), dtype=np.uint8)
-    half[..., 0] = ((xs + shift) % HALF) * STEP
-    half[..., 1] = ((ys + shift) % HALF) * STEP
-    half[..., 2] = marker
-    return half
-
-
-def write_pair(path: Path, shift: int = 0, a_marker: int = 0, b_marker: int = 255) -> None:
-    """An A|B file: both halves carry the same coordinate pattern, A marked 0 and B 255."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pair = np.concatenate([pattern_half(a_marker, shift), pattern_half(b_marker, shift)], axis=1)
-    Image.fromarray(pair).save(path)
 
 
 def scaled(values: np.ndarray) -> torch.Tensor:

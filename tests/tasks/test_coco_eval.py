@@ -14,11 +14,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+# The tests' own COCO writer (tests/ is on sys.path: it holds the root conftest.py).
+from data_files import CATEGORIES, ann, write_split
 from normlab.data import CocoDetectionDataModule
 from normlab.tasks.detection import MAP_BACKENDS, _eval_targets, build_map_metric, coco_results
-
-# The tests' own COCO writer (tests/ is on sys.path: it holds the root conftest.py).
-from test_detection_data import CATEGORIES, ann, write_split
 
 CATEGORY_IDS = sorted(c["id"] for c in CATEGORIES)  # contiguous label → json category id
 
