@@ -35,6 +35,7 @@ from experiments.lib.benchmark import compare, markdown_table, write_report
 from normlab.models import densenet121
 
 HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]  # where `python -m experiments.bench...` finds the package
 # Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
 SMOKE = ["--batch-size", "4", "--image-size", "32", "--repeats", "1"]
 MEMORY_GOAL, TIME_GOAL = 0.40, 1.25
@@ -101,9 +102,9 @@ def peak_rss_bytes() -> int:
 def step_memory(memory_efficient: bool, batch_size: int, image_size: int) -> int:
     """Bytes the peak RSS grows by during one step, measured in a fresh process."""
     result = subprocess.run(
-        [sys.executable, __file__, "--measure", str(int(memory_efficient)),
+        [sys.executable, "-m", __spec__.name, "--measure", str(int(memory_efficient)),
          "--batch-size", str(batch_size), "--image-size", str(image_size)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
     )  # fmt: skip
     return json.loads(result.stdout.strip().splitlines()[-1])["step_bytes"]
 
