@@ -21,6 +21,7 @@ from normlab.runs import (
 )
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
+from normlab.validation import name_config_keys
 
 log = logging.getLogger("normlab.eval")
 register_resolvers()
@@ -43,6 +44,7 @@ def write_coco_detections(
     return path
 
 
+@name_config_keys
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     info = load_run_info(cfg.ckpt_path)

@@ -33,6 +33,7 @@ from normlab.runs import (
 from normlab.tasks.base import Task
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
+from normlab.validation import name_config_keys
 
 __all__ = ["FORMATS", "FoldReport", "export", "fold_norms", "main"]
 
@@ -91,6 +92,7 @@ def _first_batch(datamodule: pl.LightningDataModule) -> Any:
     return next(iter(datamodule.val_dataloader()))
 
 
+@name_config_keys
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export the inference network of ``cfg.ckpt_path``; return the report written with it."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):

@@ -95,7 +95,8 @@ class ArgumentError(ConfigError):
     key it was set under (``norm`` and ``model.head_norm`` build the same GroupNorm). ``str()``
     names the argument and, when given, its owner (``eps must be a number > 0, got -1 (norm
     'bn')``); :meth:`at` names a config key instead, which the config layer does
-    (``normlab.validation.name_config_keys``).
+    (``normlab.runs.instantiate_data`` for data modules, ``normlab.validation.name_config_keys``
+    for the rest).
 
     ``message`` says what is wrong, with ``{key}`` where the argument is to be named.
     """
@@ -114,6 +115,14 @@ class ArgumentError(ConfigError):
     def at(self, key: str) -> ConfigError:
         """The same mistake stated for the config key the value came from."""
         return ConfigError(self.message.replace("{key}", key))
+
+
+def argument_error_behind(error: BaseException | None) -> ArgumentError | None:
+    """The ArgumentError behind ``error``, if the first ConfigError of its chain is one (Hydra's
+    instantiate wraps what a constructor raises)."""
+    while error is not None and not isinstance(error, ConfigError):
+        error = error.__cause__ or error.__context__
+    return error if isinstance(error, ArgumentError) else None
 
 
 def check_int(argument: str, value: Any, *, minimum: int, owner: str | None = None) -> int:

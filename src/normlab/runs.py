@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError, TrainingError
+from normlab.ranges import argument_error_behind
 
 # -- a run's parts from its config -----------------------------------------------------------------
 
@@ -31,7 +32,14 @@ def instantiate_data(data_cfg: DictConfig) -> pl.LightningDataModule:
     module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size)."""
     plain = OmegaConf.to_container(data_cfg, resolve=True)
     plain.pop("global_batch_size", None)
-    return instantiate(plain)
+    try:
+        return instantiate(plain)
+    except Exception as error:
+        # The module names its argument (batch_size); only here is it known to be data.batch_size.
+        cause = argument_error_behind(error)
+        if cause is None:
+            raise
+        raise cause.at(f"data.{cause.argument}") from error
 
 
 def import_user_modules(modules: list[str] | None) -> None:

@@ -31,8 +31,8 @@ from normlab.ranges import (
     DROP_RATE,
     FRACTION,
     NON_NEGATIVE,
-    ArgumentError,
     ValueRange,
+    argument_error_behind,
     declared_ranges,
     is_int,
     is_number,
@@ -355,14 +355,6 @@ def _keys_setting(node: Any, argument: str, value: Any, prefix: str = "") -> Ite
             yield from _keys_setting(child, argument, value, path)
 
 
-def _argument_error(error: BaseException | None) -> ArgumentError | None:
-    """The ArgumentError behind ``error``, if the first ConfigError of its chain is one (Hydra's
-    instantiate wraps what a model's constructor raises)."""
-    while error is not None and not isinstance(error, ConfigError):
-        error = error.__cause__ or error.__context__
-    return error if isinstance(error, ArgumentError) else None
-
-
 def name_config_keys(run: Callable[[DictConfig], _Result]) -> Callable[[DictConfig], _Result]:
     """Wrap an entry point so that an :class:`~normlab.ranges.ArgumentError` raised under it
     (``gn: 24 channels are not divisible by num_groups=7``) names the config key that set the
@@ -373,7 +365,7 @@ def name_config_keys(run: Callable[[DictConfig], _Result]) -> Callable[[DictConf
         try:
             return run(cfg)
         except Exception as error:
-            cause = _argument_error(error)
+            cause = argument_error_behind(error)
             if cause is None:
                 raise
             key = next(_keys_setting(cfg, cause.argument, cause.value), None)

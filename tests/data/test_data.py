@@ -99,10 +99,10 @@ def test_digits_train_order_depends_only_on_seed() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"batch_size": 0}, "data.batch_size"),
-        ({"num_workers": -1}, "data.num_workers"),
-        ({"image_size": 0}, "data.image_size"),
-        ({"seed": "x"}, "data.seed"),
+        ({"batch_size": 0}, "^batch_size"),
+        ({"num_workers": -1}, "^num_workers"),
+        ({"image_size": 0}, "^image_size"),
+        ({"seed": "x"}, "^seed"),
     ],
 )
 def test_common_kwargs_validated(kwargs: dict, key: str) -> None:
@@ -236,9 +236,9 @@ def test_cifar_missing_file_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"variant": "cifar1000"}, "data.variant"),
-        ({"val_fraction": 0.0}, "data.val_fraction"),
-        ({"val_fraction": 1.5}, "data.val_fraction"),
+        ({"variant": "cifar1000"}, "^variant"),
+        ({"val_fraction": 0.0}, "^val_fraction"),
+        ({"val_fraction": 1.5}, "^val_fraction"),
     ],
 )
 def test_cifar_bad_kwargs(tmp_path: Path, kwargs: dict, key: str) -> None:

@@ -275,16 +275,16 @@ def test_splits_must_share_categories(coco_root: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"on_bad_annotation": "ignore"}, "data.on_bad_annotation"),
-        ({"hflip": 1.5}, "data.hflip"),
-        ({"train_min_sizes": []}, "data.train_min_sizes"),
-        ({"train_min_sizes": [0]}, "data.train_min_sizes"),
-        ({"max_size": 100}, "data.max_size"),
-        ({"batch_size": 0}, "data.batch_size"),
-        ({"seed": "x"}, "data.seed"),
-        ({"splits": {"train": "train"}}, "data.splits"),
-        ({"splits": {"train": "train", "val": "val", "dev": "x"}}, "data.splits"),
-        ({"splits": {"train": "../train", "val": "val"}}, "data.splits.train"),
+        ({"on_bad_annotation": "ignore"}, "^on_bad_annotation"),
+        ({"hflip": 1.5}, "^hflip"),
+        ({"train_min_sizes": []}, "^train_min_sizes"),
+        ({"train_min_sizes": [0]}, "^train_min_sizes"),
+        ({"max_size": 100}, "^max_size"),
+        ({"batch_size": 0}, "^batch_size"),
+        ({"seed": "x"}, "^seed"),
+        ({"splits": {"train": "train"}}, "^splits"),
+        ({"splits": {"train": "train", "val": "val", "dev": "x"}}, "^splits"),
+        ({"splits": {"train": "../train", "val": "val"}}, "^splits.train"),
     ],
 )
 def test_arguments_validated(coco_root: Path, kwargs: dict, key: str) -> None:
@@ -408,13 +408,13 @@ def test_scene_parameters_select_the_folder(scenes: DigitScenesDataModule) -> No
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"digit_size": [30, 20]}, "data.digit_size"),
-        ({"digit_size": [20, 200]}, "data.digit_size"),
-        ({"digit_size": 20}, "data.digit_size"),
-        ({"max_digits": 0}, "data.max_digits"),
-        ({"num_train": 0}, "data.num_train"),
-        ({"generation_seed": -1}, "data.generation_seed"),
-        ({"hflip": -0.1}, "data.hflip"),
+        ({"digit_size": [30, 20]}, "^digit_size"),
+        ({"digit_size": [20, 200]}, "^digit_size"),
+        ({"digit_size": 20}, "^digit_size"),
+        ({"max_digits": 0}, "^max_digits"),
+        ({"num_train": 0}, "^num_train"),
+        ({"generation_seed": -1}, "^generation_seed"),
+        ({"hflip": -0.1}, "^hflip"),
     ],
 )
 def test_scene_arguments_validated(tmp_path: Path, kwargs: dict, key: str) -> None:

@@ -112,9 +112,9 @@ def test_train_subset_is_stratified_fixed_and_drawn_from_train(tmp_path: Path) -
     np.testing.assert_array_equal(subset.split_indices["val"], full.split_indices["val"])
     again = tiny(tmp_path, train_subset=50, seed=7)
     np.testing.assert_array_equal(subset.split_indices["train"], again.split_indices["train"])
-    with pytest.raises(ConfigError, match=r"data.train_subset=100 must be below the 100"):
+    with pytest.raises(ConfigError, match=r"^train_subset=100 must be below the 100"):
         tiny(tmp_path, train_subset=100)
-    with pytest.raises(ConfigError, match=r"data.train_subset must be an integer >= 10"):
+    with pytest.raises(ConfigError, match=r"^train_subset must be an integer >= 10"):
         FashionMNISTDataModule(tmp_path, train_subset=3)
 
 

@@ -149,6 +149,19 @@ CASES = {
     "batch_size_zero": BadConfig(
         (*SMALL, "data.batch_size=0"), "data.batch_size must be an integer >= 1, got 0"
     ),
+    # Library code names the argument (digit_size[1], gan_mode); the entry point adds the key.
+    "digit_size_upper": BadConfig(
+        ("experiment=retinanet_digits", "data.digit_size=[20,10]", "debug=fdr", "logger=csv"),
+        "data.digit_size[1] must be an integer >= 20, got 10",
+    ),
+    "pix2pix_gan_mode": BadConfig(
+        ("experiment=pix2pix_digits", "task.gan_mode=hinge", "logger=csv"),
+        "task.gan_mode='hinge' is not one of vanilla",
+    ),
+    "pix2pix_discriminator_init_type": BadConfig(
+        ("experiment=pix2pix_digits", "model.discriminator.init_type=he", "logger=csv"),
+        "model.discriminator.init_type='he' is not one of normal",
+    ),
     "seed_type": BadConfig(
         (*SMALL, "seed=abc"), "seed must be an integer (or null for a random seed), got 'abc'"
     ),

@@ -36,7 +36,7 @@ from normlab.data.bad_samples import (
 )
 from normlab.data.datamodule import SplitLoaders
 from normlab.errors import ConfigError
-from normlab.ranges import check_int, is_int
+from normlab.ranges import ArgumentError, check_int, is_int
 
 DIRECTIONS = ("AtoB", "BtoA")
 SPLITS = ("train", "val", "test")
@@ -188,33 +188,39 @@ class AlignedDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule
     ) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
-            raise ConfigError(
-                f"data.direction must be one of {list(DIRECTIONS)}, got {direction!r}"
+            raise ArgumentError(
+                "direction",
+                direction,
+                f"{{key}} must be one of {list(DIRECTIONS)}, got {direction!r}",
             )
         self.direction = direction
-        self.crop_size = check_int("data.crop_size", crop_size, minimum=1)
-        self.load_size = check_int("data.load_size", load_size, minimum=1)
+        self.crop_size = check_int("crop_size", crop_size, minimum=1)
+        self.load_size = check_int("load_size", load_size, minimum=1)
         if self.load_size < self.crop_size:
-            raise ConfigError(
-                f"data.load_size ({load_size}) must be >= data.crop_size ({crop_size}): training "
-                "crops crop_size pixels out of images resized to load_size"
+            raise ArgumentError(
+                "load_size",
+                load_size,
+                f"{{key}} ({load_size}) must be >= crop_size ({crop_size}): training crops "
+                "crop_size pixels out of images resized to load_size",
             )
         if not isinstance(flip, bool):
-            raise ConfigError(f"data.flip must be true or false, got {flip!r}")
+            raise ArgumentError("flip", flip, f"{{key}} must be true or false, got {flip!r}")
         self.flip = flip
         for key, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or value not in CHANNEL_CHOICES:
-                raise ConfigError(
-                    f"data.{key} must be one of {list(CHANNEL_CHOICES)} (grayscale or RGB), "
-                    f"got {value!r}"
+                raise ArgumentError(
+                    key,
+                    value,
+                    f"{{key}} must be one of {list(CHANNEL_CHOICES)} (grayscale or RGB), "
+                    f"got {value!r}",
                 )
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.image_size = self.crop_size
-        self.batch_size = check_int("data.batch_size", batch_size, minimum=1)
-        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
         if not is_int(seed):
-            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
+            raise ArgumentError("seed", seed, f"{{key}} must be an integer, got {seed!r}")
         self.seed = seed
         self.pin_memory = bool(pin_memory)
         self.on_bad_sample = check_on_bad_sample(on_bad_sample)

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from normlab.errors import ConfigError, DataError
+from normlab.errors import DataError
+from normlab.ranges import ArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ def listing(names: Sequence[str]) -> str:
 
 
 def check_on_bad_sample(value: Any) -> str:
-    """``value`` if it is one of :data:`BAD_SAMPLE_POLICIES`; ConfigError naming the key otherwise."""
+    """``value`` if it is one of :data:`BAD_SAMPLE_POLICIES`; ArgumentError otherwise."""
     if not isinstance(value, str) or value not in BAD_SAMPLE_POLICIES:
-        raise ConfigError(
-            f"data.on_bad_sample must be one of {list(BAD_SAMPLE_POLICIES)}, got {value!r}"
+        raise ArgumentError(
+            "on_bad_sample",
+            value,
+            f"{{key}} must be one of {list(BAD_SAMPLE_POLICIES)}, got {value!r}",
         )
     return value
 

@@ -21,7 +21,7 @@ from normlab.data.bad_samples import BadSamples, check_on_bad_sample
 from normlab.data.datamodule import ImageClassificationDataModule, LoaderOptions
 from normlab.data.transforms import TransformSubset, to_float_normalized
 from normlab.errors import ConfigError, DataError
-from normlab.ranges import is_number
+from normlab.ranges import ArgumentError, is_number
 
 CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -106,10 +106,14 @@ class CIFARDataModule(ImageClassificationDataModule):
     ) -> None:
         super().__init__(**loader_options)
         if variant not in _DATASETS:
-            raise ConfigError(f"data.variant must be one of {sorted(_DATASETS)}, got {variant!r}")
+            raise ArgumentError(
+                "variant", variant, f"{{key}} must be one of {sorted(_DATASETS)}, got {variant!r}"
+            )
         if not (is_number(val_fraction) and 0.0 < val_fraction < 1.0):
-            raise ConfigError(
-                f"data.val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}"
+            raise ArgumentError(
+                "val_fraction",
+                val_fraction,
+                f"{{key}} must be a number strictly between 0 and 1, got {val_fraction!r}",
             )
         self.root = os.path.expanduser(os.fspath(root))
         self.variant = variant
@@ -296,8 +300,10 @@ class CIFARDataModule(ImageClassificationDataModule):
         n = len(full_train)
         n_val = max(1, round(n * self.val_fraction))
         if n_val >= n:
-            raise ConfigError(
-                f"data.val_fraction={self.val_fraction} leaves no training images out of {n}"
+            raise ArgumentError(
+                "val_fraction",
+                self.val_fraction,
+                f"{{key}}={self.val_fraction} leaves no training images out of {n}",
             )
         generator = torch.Generator().manual_seed(CIFAR_VAL_SPLIT_SEED)
         perm = torch.randperm(n, generator=generator)

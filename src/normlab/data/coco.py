@@ -40,7 +40,7 @@ from normlab.data.coco_format import (
 )
 from normlab.data.datamodule import SplitLoaders
 from normlab.errors import ConfigError
-from normlab.ranges import check_int, is_int, is_number
+from normlab.ranges import ArgumentError, check_int, is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -123,23 +123,29 @@ def _check_splits(splits: Mapping[str, Any] | None) -> dict[str, str]:
     if splits is None:
         return dict(DEFAULT_SPLITS)
     if not isinstance(splits, Mapping):
-        raise ConfigError(
-            f"data.splits must map stages {list(STAGES)} to split folder names, got {splits!r}"
+        raise ArgumentError(
+            "splits",
+            splits,
+            f"{{key}} must map stages {list(STAGES)} to split folder names, got {splits!r}",
         )
     result: dict[str, str] = {}
     for stage, name in splits.items():
         if stage not in STAGES:
-            raise ConfigError(f"data.splits: unknown stage {stage!r}; allowed: {list(STAGES)}")
+            raise ArgumentError(
+                "splits", splits, f"{{key}}: unknown stage {stage!r}; allowed: {list(STAGES)}"
+            )
         if name is None and stage == "test":
             continue
         if not isinstance(name, str) or not name or name != os.path.basename(name):
-            raise ConfigError(
-                f"data.splits.{stage} must be a folder name under data.root, got {name!r}"
+            raise ArgumentError(
+                f"splits.{stage}", name, f"{{key}} must be a folder name under root, got {name!r}"
             )
         result[stage] = name
     for stage in ("train", "val"):
         if stage not in result:
-            raise ConfigError(f"data.splits needs a '{stage}' entry, got {dict(splits)!r}")
+            raise ArgumentError(
+                "splits", splits, f"{{key}} needs a '{stage}' entry, got {dict(splits)!r}"
+            )
     return result
 
 
@@ -185,23 +191,24 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
         on_bad_annotation: str | None = None,
     ) -> None:
         super().__init__()
-        self.batch_size = check_int("data.batch_size", batch_size, minimum=1)
-        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
         if not is_int(seed):
-            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
+            raise ArgumentError("seed", seed, f"{{key}} must be an integer, got {seed!r}")
         self.seed = seed
         self.pin_memory = bool(pin_memory)
         self.train_min_sizes = self._check_min_sizes(train_min_sizes)
-        self.max_size = (
-            None if max_size is None else check_int("data.max_size", max_size, minimum=1)
-        )
+        self.max_size = None if max_size is None else check_int("max_size", max_size, minimum=1)
         if self.max_size is not None and self.train_min_sizes is None:
-            raise ConfigError(
-                "data.max_size only applies together with data.train_min_sizes; set both or "
-                "set data.max_size=null"
+            raise ArgumentError(
+                "max_size",
+                max_size,
+                "{key} only applies together with train_min_sizes; set both or set {key}=null",
             )
         if not (is_number(hflip) and 0.0 <= hflip <= 1.0):
-            raise ConfigError(f"data.hflip must be a probability in [0, 1], got {hflip!r}")
+            raise ArgumentError(
+                "hflip", hflip, f"{{key}} must be a probability in [0, 1], got {hflip!r}"
+            )
         self.hflip = float(hflip)
         self.on_bad_sample = self._check_policy(on_bad_sample, on_bad_annotation)
         self.bad_samples: dict[str, BadSamples] = {}
@@ -226,17 +233,21 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
         if on_bad_annotation is None:
             return policy
         if on_bad_annotation not in LEGACY_POLICIES:
-            raise ConfigError(
-                f"data.on_bad_annotation (deprecated, use data.on_bad_sample) must be one of "
-                f"{list(LEGACY_POLICIES)}, got {on_bad_annotation!r}"
+            raise ArgumentError(
+                "on_bad_annotation",
+                on_bad_annotation,
+                f"{{key}} (deprecated, use on_bad_sample) must be one of "
+                f"{list(LEGACY_POLICIES)}, got {on_bad_annotation!r}",
             )
         legacy = LEGACY_POLICIES[on_bad_annotation]
         if policy not in ("raise", legacy):  # "raise" is also what an unset on_bad_sample reads
-            raise ConfigError(
-                f"data.on_bad_annotation={on_bad_annotation} contradicts "
-                f"data.on_bad_sample={policy}; drop the deprecated data.on_bad_annotation"
+            raise ArgumentError(
+                "on_bad_annotation",
+                on_bad_annotation,
+                f"{{key}}={on_bad_annotation} contradicts on_bad_sample={policy}; drop the "
+                "deprecated {key}",
             )
-        log.warning("data.on_bad_annotation is deprecated; use data.on_bad_sample=%s", legacy)
+        log.warning("on_bad_annotation is deprecated; use on_bad_sample=%s", legacy)
         return legacy
 
     @staticmethod
@@ -246,11 +257,12 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
         if is_int(value):
             value = [value]
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-            raise ConfigError(
-                f"data.train_min_sizes must be null or a non-empty list of integers >= 1, "
-                f"got {value!r}"
+            raise ArgumentError(
+                "train_min_sizes",
+                value,
+                f"{{key}} must be null or a non-empty list of integers >= 1, got {value!r}",
             )
-        return [check_int("data.train_min_sizes", v, minimum=1) for v in value]
+        return [check_int("train_min_sizes", v, minimum=1) for v in value]
 
     # -- layout -----------------------------------------------------------------------------------
 

@@ -16,8 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from normlab.data.samplers import EpochSeededLoader, EpochSeededSampler, SeededSamples
-from normlab.errors import ConfigError
-from normlab.ranges import check_int, is_int
+from normlab.ranges import ArgumentError, check_int, is_int
 
 # The splits each Lightning stage reads.
 STAGE_SPLITS = {
@@ -119,11 +118,11 @@ class ImageClassificationDataModule(SplitLoaders, pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.batch_size = check_int("data.batch_size", batch_size, minimum=1)
-        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
-        self.image_size = check_int("data.image_size", image_size, minimum=1)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.image_size = check_int("image_size", image_size, minimum=1)
         if not is_int(seed):
-            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
+            raise ArgumentError("seed", seed, f"{{key}} must be an integer, got {seed!r}")
         self.seed = seed
         self.pin_memory = bool(pin_memory)
         self.augment = bool(augment)

@@ -23,8 +23,7 @@ from sklearn.datasets import load_digits
 from normlab.data.aligned import SPLITS, AlignedDataModule
 from normlab.data.digits import split_indices
 from normlab.data.generated import GeneratedData, atomic_folder, params_tag
-from normlab.errors import ConfigError
-from normlab.ranges import check_int
+from normlab.ranges import ArgumentError, check_int
 
 # Bump when the drawing code changes: the folder tag changes with it, so old pairs are not reused.
 GENERATOR_VERSION = 2
@@ -165,19 +164,21 @@ class DigitPairsDataModule(GeneratedData, AlignedDataModule):
             if value is None:
                 counts[split] = available[split]
                 continue
-            count = check_int(f"data.num_{split}", value, minimum=1)
+            count = check_int(f"num_{split}", value, minimum=1)
             if count > available[split]:
-                raise ConfigError(
-                    f"data.num_{split} must be <= {available[split]} (the digits in the {split} "
-                    f"pool; null uses them all), got {value!r}"
+                raise ArgumentError(
+                    f"num_{split}",
+                    value,
+                    f"{{key}} must be <= {available[split]} (the digits in the {split} pool; "
+                    f"null uses them all), got {value!r}",
                 )
             counts[split] = count
         # Counts are stored resolved, so `null` and the explicit pool size share one folder.
         self.generation_params: dict[str, Any] = {
             "version": GENERATOR_VERSION,
             **{f"num_{split}": counts[split] for split in SPLITS},
-            "image_size": check_int("data.image_size", image_size, minimum=16),
-            "generation_seed": check_int("data.generation_seed", generation_seed, minimum=0),
+            "image_size": check_int("image_size", image_size, minimum=16),
+            "generation_seed": check_int("generation_seed", generation_seed, minimum=0),
         }
         self.data_root = os.path.expanduser(os.fspath(root))
         self.tag = params_tag(self.generation_params)

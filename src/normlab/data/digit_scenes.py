@@ -21,8 +21,7 @@ from sklearn.datasets import load_digits
 from normlab.data.coco import CocoDetectionDataModule
 from normlab.data.digits import split_indices
 from normlab.data.generated import GeneratedData, atomic_folder, params_tag
-from normlab.errors import ConfigError
-from normlab.ranges import check_int
+from normlab.ranges import ArgumentError, check_int
 
 # Bump when the drawing code changes: the folder tag changes with it, so old scenes are not reused.
 GENERATOR_VERSION = 1
@@ -215,31 +214,33 @@ class DigitScenesDataModule(GeneratedData, CocoDetectionDataModule):
         on_bad_sample: str = "raise",
         on_bad_annotation: str | None = None,
     ) -> None:
-        canvas_size = check_int("data.canvas_size", canvas_size, minimum=16)
-        min_digits = check_int("data.min_digits", min_digits, minimum=1)
-        max_digits = check_int("data.max_digits", max_digits, minimum=min_digits)
+        canvas_size = check_int("canvas_size", canvas_size, minimum=16)
+        min_digits = check_int("min_digits", min_digits, minimum=1)
+        max_digits = check_int("max_digits", max_digits, minimum=min_digits)
         if (
             isinstance(digit_size, (str, bytes))
             or not isinstance(digit_size, Sequence)
             or len(digit_size) != 2
         ):
-            raise ConfigError(f"data.digit_size must be [min, max] pixels, got {digit_size!r}")
-        low = check_int("data.digit_size[0]", digit_size[0], minimum=4)
-        high = check_int("data.digit_size[1]", digit_size[1], minimum=low)
+            raise ArgumentError(
+                "digit_size", digit_size, f"{{key}} must be [min, max] pixels, got {digit_size!r}"
+            )
+        low = check_int("digit_size[0]", digit_size[0], minimum=4)
+        high = check_int("digit_size[1]", digit_size[1], minimum=low)
         if high > canvas_size:
-            raise ConfigError(
-                f"data.digit_size[1]={high} must be <= data.canvas_size={canvas_size}"
+            raise ArgumentError(
+                "digit_size[1]", high, f"{{key}}={high} must be <= canvas_size={canvas_size}"
             )
         self.generation_params: dict[str, Any] = {
             "version": GENERATOR_VERSION,
-            "num_train": check_int("data.num_train", num_train, minimum=1),
-            "num_val": check_int("data.num_val", num_val, minimum=1),
-            "num_test": check_int("data.num_test", num_test, minimum=1),
+            "num_train": check_int("num_train", num_train, minimum=1),
+            "num_val": check_int("num_val", num_val, minimum=1),
+            "num_test": check_int("num_test", num_test, minimum=1),
             "canvas_size": canvas_size,
             "min_digits": min_digits,
             "max_digits": max_digits,
             "digit_size": [low, high],
-            "generation_seed": check_int("data.generation_seed", generation_seed, minimum=0),
+            "generation_seed": check_int("generation_seed", generation_seed, minimum=0),
         }
         self.data_root = os.path.expanduser(os.fspath(root))
         self.tag = params_tag(self.generation_params)

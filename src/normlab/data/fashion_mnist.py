@@ -26,7 +26,7 @@ from typing_extensions import Unpack
 from normlab.data.datamodule import ImageClassificationDataModule, LoaderOptions
 from normlab.data.digits import TensorImageDataset
 from normlab.errors import ConfigError, DataError
-from normlab.ranges import check_int
+from normlab.ranges import ArgumentError, check_int
 
 CLASS_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -199,11 +199,11 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
         super().__init__(**loader_options)
         self.root = os.path.expanduser(os.fspath(root))
         self.download = bool(download)
-        self.val_images = check_int("data.val_images", val_images, minimum=len(CLASS_NAMES))
+        self.val_images = check_int("val_images", val_images, minimum=len(CLASS_NAMES))
         self.train_subset = (
             None
             if train_subset is None
-            else check_int("data.train_subset", train_subset, minimum=len(CLASS_NAMES))
+            else check_int("train_subset", train_subset, minimum=len(CLASS_NAMES))
         )
         self.class_names = list(CLASS_NAMES)
         self.split_indices: dict[str, np.ndarray] = {}
@@ -231,8 +231,10 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
     def _split_train(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sorted (train, val) indices into the official training set, stratified and fixed."""
         if self.val_images >= len(labels):
-            raise ConfigError(
-                f"data.val_images={self.val_images} leaves no training images out of {len(labels)}"
+            raise ArgumentError(
+                "val_images",
+                self.val_images,
+                f"{{key}}={self.val_images} leaves no training images out of {len(labels)}",
             )
         train, val = train_test_split(
             np.arange(len(labels)),
@@ -248,9 +250,11 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
                 random_state=SPLIT_RANDOM_STATE,
             )
         elif self.train_subset is not None:
-            raise ConfigError(
-                f"data.train_subset={self.train_subset} must be below the {len(train)} training "
-                f"images left after data.val_images={self.val_images}"
+            raise ArgumentError(
+                "train_subset",
+                self.train_subset,
+                f"{{key}}={self.train_subset} must be below the {len(train)} training images "
+                f"left after val_images={self.val_images}",
             )
         return np.sort(train), np.sort(val)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from normlab.errors import ConfigError
+from normlab.ranges import ArgumentError
 
 
 class EpochSeededSampler(RandomSampler):
@@ -72,9 +72,11 @@ class EpochSeededLoader(DataLoader):
             isinstance(sampler, EpochSeededSampler)
             and state.get("seed", sampler.seed) != sampler.seed
         ):
-            raise ConfigError(
-                f"data.seed={sampler.seed}, but the checkpoint's run shuffled its data with "
-                f"seed {state['seed']}: resume with seed={state['seed']} (or resume_mode=weights)"
+            raise ArgumentError(
+                "seed",
+                sampler.seed,
+                f"{{key}}={sampler.seed}, but the checkpoint's run shuffled its data with seed "
+                f"{state['seed']}: resume with seed={state['seed']} (or resume_mode=weights)",
             )
 
 

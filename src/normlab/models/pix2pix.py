@@ -41,7 +41,7 @@ from normlab.norm import (
     is_norm,
     standardize_conv_weights,
 )
-from normlab.ranges import COUNT, NON_NEGATIVE, checked_arguments
+from normlab.ranges import COUNT, NON_NEGATIVE, ArgumentError, checked_arguments
 
 __all__ = [
     "INIT_TYPES",
@@ -108,9 +108,11 @@ def _conv_bias(norm_layer: NormLayer, probe_channels: int) -> bool:
 
 def _check_num_downs(num_downs: int) -> None:
     if num_downs < MIN_NUM_DOWNS:
-        raise ConfigError(
-            f"model.generator.num_downs must be at least {MIN_NUM_DOWNS} (the U-Net has four fixed "
-            f"outer levels and an innermost one), got {num_downs}"
+        raise ArgumentError(
+            "num_downs",
+            num_downs,
+            f"{{key}} must be at least {MIN_NUM_DOWNS} (the U-Net has four fixed outer levels "
+            f"and an innermost one), got {num_downs}",
         )
 
 
@@ -132,9 +134,10 @@ def check_image_size(image_size: int | Sequence[int], num_downs: int) -> None:
         )
 
 
-def _check_init_type(init_type: str, key: str) -> None:
+def _check_init_type(init_type: str, owner: str | None = None) -> None:
     if init_type not in INIT_TYPES:
-        raise ConfigError(f"{key}={init_type!r} is not one of {', '.join(INIT_TYPES)}")
+        message = f"{{key}}={init_type!r} is not one of {', '.join(INIT_TYPES)}"
+        raise ArgumentError("init_type", init_type, message, owner)
 
 
 def _init_weight(weight: Tensor, init_type: str, gain: float) -> None:
@@ -153,8 +156,6 @@ def init_weights(
     module: nn.Module,
     init_type: str = "normal",
     gain: float = 0.02,
-    *,
-    key: str = "model.init_type",
 ) -> nn.Module:
     """Initialise ``module`` in place as pix2pix does, and return it.
 
@@ -162,10 +163,9 @@ def init_weights(
     with ``gain``; ``kaiming``: Kaiming-normal, fan-in; ``orthogonal`` with ``gain``), their biases
     0. Norm layers (:func:`is_norm_layer`) with an affine weight parameter get weight N(1, gain) and
     bias 0, whatever ``init_type`` is. Weights held as buffers (FrozenBatchNorm2d) are left alone:
-    they are not trained, so random values would only add a fixed distortion. ``key`` is the config
-    key named in the error for an unknown ``init_type``.
+    they are not trained, so random values would only add a fixed distortion.
     """
-    _check_init_type(init_type, key)
+    _check_init_type(init_type, type(module).__name__)
     for m in module.modules():
         weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
         if is_norm_layer(m):
@@ -289,7 +289,7 @@ class UnetGenerator(nn.Module):
     ) -> None:
         super().__init__()
         _check_num_downs(num_downs)
-        _check_init_type(init_type, "model.generator.init_type")  # before building 54 M weights
+        _check_init_type(init_type, type(self).__name__)  # before building 54 M weights
         self.num_downs = num_downs
         norm_layer = _marked(get_norm_layer(norm))
         use_bias = _conv_bias(norm_layer, ngf * 2)
@@ -306,7 +306,7 @@ class UnetGenerator(nn.Module):
         for mult in (4, 2, 1):
             block = level(ngf * mult, ngf * mult * 2, inner=block)
         self.unet = level(out_channels, ngf, in_channels=in_channels, inner=block, role="outermost")
-        init_weights(self, init_type, init_gain, key="model.generator.init_type")
+        init_weights(self, init_type, init_gain)
         standardize_conv_weights(self)  # norm.weight_standardization=true
 
     def forward(self, x: Tensor) -> Tensor:
@@ -348,9 +348,9 @@ class PatchDiscriminator(nn.Module):
         init_gain: float = 0.02,
     ) -> None:
         super().__init__()
-        _check_init_type(init_type, "model.discriminator.init_type")
+        _check_init_type(init_type, type(self).__name__)
         if n_layers < 0:
-            raise ConfigError(f"model.discriminator.n_layers must be ≥ 0, got {n_layers}")
+            raise ArgumentError("n_layers", n_layers, f"{{key}} must be ≥ 0, got {n_layers}")
         norm_layer = _marked(get_norm_layer(norm))
         # Widths of the normalised layers; n_layers=0 still gets one (ndf → ndf), as in the reference.
         widths = [ndf * min(2**n, 8) for n in range(1, n_layers + 1)] or [ndf]
@@ -372,7 +372,7 @@ class PatchDiscriminator(nn.Module):
         layers.append(nn.Conv2d(channels, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
         fuse_norm_activations(self.net)  # a norm that can apply its LeakyReLU itself does
-        init_weights(self, init_type, init_gain, key="model.discriminator.init_type")
+        init_weights(self, init_type, init_gain)
         standardize_conv_weights(self)  # norm.weight_standardization=true
 
     def forward(self, x: Tensor) -> Tensor:
@@ -404,7 +404,7 @@ class PixelDiscriminator(nn.Module):
         init_gain: float = 0.02,
     ) -> None:
         super().__init__()
-        _check_init_type(init_type, "model.discriminator.init_type")
+        _check_init_type(init_type, type(self).__name__)
         norm_layer = _marked(get_norm_layer(norm))
         use_bias = _conv_bias(norm_layer, ndf * 2)
         self.net = nn.Sequential(
@@ -417,7 +417,7 @@ class PixelDiscriminator(nn.Module):
             nn.Conv2d(ndf * 2, 1, 1, bias=use_bias),
         )
         fuse_norm_activations(self.net)  # a norm that can apply its LeakyReLU itself does
-        init_weights(self, init_type, init_gain, key="model.discriminator.init_type")
+        init_weights(self, init_type, init_gain)
         standardize_conv_weights(self)  # norm.weight_standardization=true
 
     def forward(self, x: Tensor) -> Tensor:

@@ -58,6 +58,7 @@ from normlab.ranges import (
     COUNT,
     FRACTION,
     NON_NEGATIVE,
+    ArgumentError,
     ValueRange,
     checked_arguments,
 )
@@ -167,9 +168,15 @@ class FocalLossHead(RetinaNetHead):
         # The towers are conv-norm-ReLU Sequentials: a norm that can apply the ReLU itself does.
         fuse_norm_activations(self)
         if box_loss not in BOX_LOSSES:
-            raise ConfigError(f"model.box_loss={box_loss!r} is not one of {', '.join(BOX_LOSSES)}")
+            raise ArgumentError(
+                "box_loss", box_loss, f"{{key}}={box_loss!r} is not one of {', '.join(BOX_LOSSES)}"
+            )
         if not 0.0 < prior_probability < 1.0:
-            raise ConfigError(f"model.prior_probability must be in (0, 1), got {prior_probability}")
+            raise ArgumentError(
+                "prior_probability",
+                prior_probability,
+                f"{{key}} must be in (0, 1), got {prior_probability}",
+            )
         # The parent initialises the class bias for its own default prior (0.01).
         nn.init.constant_(
             self.classification_head.cls_logits.bias,
@@ -290,7 +297,11 @@ def _resolve_weights(name: str | None, enum: type, key: str) -> Any:
 def _freeze_resnet(resnet: nn.Module, trainable_layers: int) -> None:
     """Freeze all but the last ``trainable_layers`` stages (5 = everything trains)."""
     if not 0 <= trainable_layers <= 5:
-        raise ConfigError(f"model.trainable_layers must be in 0..5, got {trainable_layers}")
+        raise ArgumentError(
+            "trainable_layers",
+            trainable_layers,
+            f"{{key}} must be in 0..5, got {trainable_layers}",
+        )
     stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         stages.append("bn1")
@@ -362,12 +373,20 @@ def _retinanet_resnet_fpn(
     progress: bool = True,
 ) -> RetinaNet:
     if p6p7_from not in ("p5", "c5"):
-        raise ConfigError(f"model.p6p7_from must be 'p5' or 'c5', got {p6p7_from!r}")
+        raise ArgumentError(
+            "p6p7_from", p6p7_from, f"{{key}} must be 'p5' or 'c5', got {p6p7_from!r}"
+        )
     if len(anchor_sizes) != 5:
-        raise ConfigError(f"model.anchor_sizes needs one size per level P3..P7, got {anchor_sizes}")
+        raise ArgumentError(
+            "anchor_sizes",
+            anchor_sizes,
+            f"{{key}} needs one size per level P3..P7, got {anchor_sizes}",
+        )
     if not bg_iou_thresh <= fg_iou_thresh:
-        raise ConfigError(
-            f"model.bg_iou_thresh ({bg_iou_thresh}) must not exceed fg_iou_thresh ({fg_iou_thresh})"
+        raise ArgumentError(
+            "bg_iou_thresh",
+            bg_iou_thresh,
+            f"{{key}} ({bg_iou_thresh}) must not exceed fg_iou_thresh ({fg_iou_thresh})",
         )
     norm_layer = get_norm_layer(norm)
     # "none" in a head means "no norm", so the convolutions keep their biases (v1 heads).
@@ -385,9 +404,11 @@ def _retinanet_resnet_fpn(
     detector_weights = None
     if weights is not None:
         if depth != 50:
-            raise ConfigError(
-                f"model.weights: torchvision has COCO RetinaNet weights for ResNet-50 only, "
-                f"not ResNet-{depth}; use model.weights_backbone for ImageNet weights"
+            raise ArgumentError(
+                "weights",
+                weights,
+                f"{{key}}: torchvision has COCO RetinaNet weights for ResNet-50 only, not "
+                f"ResNet-{depth}; use weights_backbone for ImageNet weights",
             )
         detector_weights = _resolve_weights(
             weights, torchvision.models.detection.RetinaNet_ResNet50_FPN_Weights, "weights"
@@ -399,8 +420,7 @@ def _retinanet_resnet_fpn(
         raise ConfigError(
             f"norm={norm_name(norm) or norm!r} cannot take the BatchNorm weights of "
             f"{detector_weights or backbone_weights}; use a BatchNorm-like norm (bn, syncbn, "
-            "frozen_bn, cuda_bn) or train from scratch (model.weights=null, "
-            "model.weights_backbone=null)"
+            "frozen_bn, cuda_bn) or train from scratch (weights=null, weights_backbone=null)"
         )
     if trainable_layers is None:
         # torchvision's rule: fine-tune the last three stages of a pretrained backbone.

@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from normlab.errors import ConfigError, TrainingError
+from normlab.errors import TrainingError
+from normlab.ranges import ArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,8 @@ class LossGuard:
 
     def __init__(self, policy: str = "stop") -> None:
         if policy not in POLICIES:
-            raise ConfigError(
-                f"task.on_nonfinite_loss={policy!r} is not one of {', '.join(POLICIES)}"
-            )
+            message = f"{{key}}={policy!r} is not one of {', '.join(POLICIES)}"
+            raise ArgumentError("on_nonfinite_loss", policy, message)
         self.policy = policy
         self.skipped = 0
         self._buffers: list[Tensor] = []

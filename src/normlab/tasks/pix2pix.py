@@ -26,6 +26,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from normlab.errors import ConfigError
 from normlab.models.pix2pix import check_image_size
+from normlab.ranges import ArgumentError
 from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs
 from normlab.tasks.optim import build_optimizer
@@ -99,13 +100,14 @@ class Pix2PixModule(Task):
     ) -> None:
         super().__init__(on_nonfinite_loss)
         if gan_mode not in GAN_MODES:
-            raise ConfigError(f"task.gan_mode={gan_mode!r} is not one of {', '.join(GAN_MODES)}")
+            message = f"{{key}}={gan_mode!r} is not one of {', '.join(GAN_MODES)}"
+            raise ArgumentError("gan_mode", gan_mode, message)
         if test_mode not in TEST_MODES:
-            raise ConfigError(f"task.test_mode={test_mode!r} is not one of {', '.join(TEST_MODES)}")
-        if n_epochs < 0 or n_epochs_decay < 0:
-            raise ConfigError(
-                f"task.n_epochs and task.n_epochs_decay must be >= 0, got {n_epochs}, {n_epochs_decay}"
-            )
+            message = f"{{key}}={test_mode!r} is not one of {', '.join(TEST_MODES)}"
+            raise ArgumentError("test_mode", test_mode, message)
+        for argument, epochs in (("n_epochs", n_epochs), ("n_epochs_decay", n_epochs_decay)):
+            if epochs < 0:
+                raise ArgumentError(argument, epochs, f"{{key}} must be >= 0, got {epochs}")
         self.automatic_optimization = False
         networks = self.hparams.model
         self.generator: nn.Module = instantiate(networks["generator"])
