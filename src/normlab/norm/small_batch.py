@@ -1,7 +1,7 @@
 """Norms published as fixes for BatchNorm at small batches: Batch Renormalization, Ghost BN,
 Filter Response Normalization + TLU, EvoNorm-B0/S0 and a channels-first RMSNorm.
 
-Each follows its paper's equations exactly (``tests/test_small_batch_norms.py`` restates them
+Each follows its paper's equations exactly (``tests/norm/test_small_batch_norms.py`` restates them
 in float64). timm has FRN and EvoNorm layers, but they compute their statistics in float32 even
 for float64 input, take 4-D input only, have no learnable FRN epsilon, no cumulative-average
 momentum and no fixed group count for EvoNorm-S0 other than 32; so these are our own.

@@ -11,7 +11,7 @@ shared memory. Needs the kernels compiled, not interpreted::
     TRITON_INTERPRET=0 python -m normlab.ops.batchnorm.aot --full     # the whole matrix
 
 It exits 1 if a kernel fails to compile or spills. ``make test`` runs the first
-(tests/test_cuda_bn_aot.py), ``make test-aot`` the second, writing
+(tests/ops/test_cuda_bn_aot.py), ``make test-aot`` the second, writing
 experiments/bench/cuda_bn_aot.md.
 """
 
