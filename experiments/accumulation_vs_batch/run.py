@@ -21,11 +21,10 @@ import argparse
 import statistics
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from experiments.lib.study import (
     column,
     machine_line,
+    plot_curves,
     read_metrics,
     run_training,
     study_root,
@@ -61,22 +60,6 @@ def run_minutes(directory: Path) -> float:
     return ((directory / "csv" / "metrics.csv").stat().st_mtime - started) / 60
 
 
-def plot(curves: dict[str, list[list[tuple[int, float]]]], path: Path) -> None:
-    figure = Figure(figsize=(6, 3.6), dpi=120)
-    axes = figure.add_subplot()
-    for name, runs in curves.items():
-        epochs = [e + 1 for e, _ in runs[0]]
-        means = [statistics.mean(run[i][1] for run in runs) for i in range(len(epochs))]
-        axes.plot(epochs, means, marker="o", label=name)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("validation accuracy (mean over seeds)")
-    axes.set_xticks(epochs)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1])
@@ -103,7 +86,7 @@ def main() -> None:
         name: [column(read_metrics(run_dir(root, name, s)), "val/acc") for s in args.seeds]
         for name in CONFIGS
     }
-    plot(curves, HERE / "val_acc.png")
+    plot_curves(curves, "validation accuracy (mean over seeds)", HERE / "val_acc.png")
     mean = {name: statistics.mean(values) for name, values in accuracy.items()}
     spread = {name: max(values) - min(values) for name, values in accuracy.items()}
 
