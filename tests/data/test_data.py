@@ -100,6 +100,7 @@ def test_digits_train_order_depends_only_on_seed() -> None:
     ("kwargs", "key"),
     [
         ({"batch_size": 0}, "^batch_size"),
+        ({"eval_batch_size": 0}, "^eval_batch_size"),
         ({"num_workers": -1}, "^num_workers"),
         ({"image_size": 0}, "^image_size"),
         ({"seed": "x"}, "^seed"),
@@ -108,6 +109,15 @@ def test_digits_train_order_depends_only_on_seed() -> None:
 def test_common_kwargs_validated(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         DigitsDataModule(**kwargs)
+
+
+def test_eval_batch_size_sets_only_the_val_and_test_batches() -> None:
+    dm = DigitsDataModule(batch_size=2, eval_batch_size=100, augment=False)
+    assert next(iter(dm.train_dataloader()))[0].shape[0] == 2
+    assert next(iter(dm.val_dataloader()))[0].shape[0] == 100
+    assert next(iter(dm.test_dataloader()))[0].shape[0] == 100
+    default = DigitsDataModule(batch_size=2)
+    assert next(iter(default.test_dataloader()))[0].shape[0] == 2
 
 
 def test_digits_fast_dev_run_with_trainer() -> None:

@@ -34,6 +34,9 @@ class SplitLoaders:
     Subclasses may set ``collate_fn``."""
 
     batch_size: int
+    # Validation and test batch; None: batch_size. Only modules whose evaluation does not depend
+    # on the batch (classification: every norm is in eval mode) offer it.
+    eval_batch_size: int | None = None
     num_workers: int
     pin_memory: bool
     seed: int
@@ -59,9 +62,12 @@ class SplitLoaders:
 
     def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         assert dataset is not None
+        batch_size = self.batch_size
+        if not train and self.eval_batch_size is not None:
+            batch_size = self.eval_batch_size
         return (EpochSeededLoader if train else DataLoader)(
             SeededSamples(dataset) if train else dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             sampler=EpochSeededSampler(dataset, self.seed) if train else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -93,6 +99,7 @@ class LoaderOptions(TypedDict, total=False):
     """The loading arguments every data module takes; see :class:`ImageClassificationDataModule`."""
 
     batch_size: int
+    eval_batch_size: int | None
     num_workers: int
     pin_memory: bool
     image_size: int
@@ -111,6 +118,7 @@ class ImageClassificationDataModule(SplitLoaders, pl.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 64,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         image_size: int = 32,
@@ -119,6 +127,8 @@ class ImageClassificationDataModule(SplitLoaders, pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        if eval_batch_size is not None:
+            self.eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1)
         self.num_workers = check_int("num_workers", num_workers, minimum=0)
         self.image_size = check_int("image_size", image_size, minimum=1)
         if not is_int(seed):
