@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from normlab.utils.hydra_run import CONFIG_DIR
+from normlab.utils.run_info import git_sha
 
 REPO_ROOT = CONFIG_DIR.parent
 
@@ -104,6 +106,11 @@ def job_minutes(run_dir: Path) -> float:
     return json.loads((run_dir / _FINISHED).read_text())["seconds"] / 60
 
 
+def job_reused(run_dir: Path) -> bool:
+    """Whether a finished study job was copied from another study's identical run."""
+    return "reused_from" in json.loads((run_dir / _FINISHED).read_text())
+
+
 def job_cpu_minutes(run_dir: Path) -> float | None:
     """CPU time of a finished study job (None for jobs recorded before it was measured)."""
     seconds = json.loads((run_dir / _FINISHED).read_text()).get("cpu_seconds")
@@ -147,6 +154,7 @@ def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
         )
     record = {
         "command": command[1:],
+        "identity": job_identity(job),
         "seconds": seconds,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "threads": threads,
@@ -155,15 +163,63 @@ def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
     return seconds
 
 
-def run_study(jobs: list[StudyJob], root: Path, cores: int | None = None) -> None:
+def job_identity(job: StudyJob) -> list[str]:
+    """What decides a job's result besides the code: its experiment, overrides and processes."""
+    return [job.experiment, *sorted(job.overrides), f"processes={job.processes}"]
+
+
+def find_twin(job: StudyJob, studies: Path, exclude: Path, commit: str) -> Path | None:
+    """A finished run of another study under ``studies/<study>/<run>`` that trained ``job``:
+    the same experiment, overrides and process count, from the same clean ``commit``. Training
+    is deterministic for a given seed on a given machine, so rerunning it would repeat it."""
+    for marker in sorted(studies.glob(f"*/*/{_FINISHED}")):
+        run_dir = marker.parent
+        if run_dir.parent == exclude or not (run_dir / "git_sha.txt").is_file():
+            continue
+        if (run_dir / "git_sha.txt").read_text().strip() != commit:
+            continue
+        if json.loads(marker.read_text()).get("identity") == job_identity(job):
+            return run_dir
+    return None
+
+
+def reuse_twins(jobs: list[StudyJob], root: Path, studies: Path) -> list[StudyJob]:
+    """Copy into ``root`` every job's twin from another study (:func:`find_twin`); returns the
+    jobs that had none. Runs from uncommitted code are never reused: what trained them is gone."""
+    commit = git_sha(REPO_ROOT)
+    if commit == "unknown" or commit.endswith("-dirty"):
+        return jobs
+    left = []
+    for job in jobs:
+        twin = find_twin(job, studies, root, commit)
+        if twin is None:
+            left.append(job)
+            continue
+        shutil.rmtree(root / job.name, ignore_errors=True)  # an interrupted attempt
+        shutil.copytree(twin, root / job.name)
+        record = json.loads((root / job.name / _FINISHED).read_text())
+        record["reused_from"] = str(twin)
+        (root / job.name / _FINISHED).write_text(json.dumps(record, indent=1))
+        print(f"{job.name}: reused {twin}", flush=True)
+    return left
+
+
+def run_study(
+    jobs: list[StudyJob], root: Path, cores: int | None = None, reuse_from: Path | None = None
+) -> None:
     """Run every job not finished yet under ``root/<job.name>``, as many at once as fit on
     ``cores`` (default: all). Small CPU models train faster as several 1-thread processes than as
     one process using every core. Jobs start in list order: one that needs more cores than are
     free waits for them, and no later job overtakes it (so a 2-process job is never starved by a
-    stream of 1-process ones). Stops at the first failure, after the running jobs finish."""
+    stream of 1-process ones). Stops at the first failure, after the running jobs finish.
+    ``reuse_from`` (e.g. ``logs/studies``): copy identical finished runs of other studies there
+    instead of training them again (:func:`find_twin`)."""
     cores = cores or os.cpu_count() or 1
     pending = [job for job in jobs if not job_finished(root / job.name)]
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done under {root}", flush=True)
+    untrained = len(pending)
+    if reuse_from is not None and pending:
+        pending = reuse_twins(pending, root, reuse_from)
     if not pending:
         return
     start = time.perf_counter()
@@ -187,8 +243,10 @@ def run_study(jobs: list[StudyJob], root: Path, cores: int | None = None) -> Non
         for future in running:
             future.result()
     timing = root / _STUDY_TIMING
-    if len(pending) == len(jobs):
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "runs": len(jobs)}))
+    if untrained == len(jobs):
+        seconds = time.perf_counter() - start
+        reused = len(jobs) - len(pending)
+        timing.write_text(json.dumps({"seconds": seconds, "runs": len(jobs), "reused": reused}))
     else:  # a resumed study: its wall time is spread over several calls and not known
         timing.unlink(missing_ok=True)
 
@@ -317,10 +375,19 @@ def study_time_line(root: Path, jobs: list[StudyJob]) -> str:
     line = f"{len(jobs)} runs, {wall:.0f} run-minutes of wall time"
     if None not in cpu:
         line += f", {sum(cpu):.0f} CPU-minutes (≈ {sum(cpu) / 2:.0f} min on 2 idle cores)"
+    reused = [job for job in jobs if job_reused(root / job.name)]
+    if reused:
+        minutes = study_minutes(root, reused)
+        line += (
+            f"; {len(reused)} of the runs ({minutes:.0f} run-minutes) are copies of identical "
+            "runs of another study"
+        )
     timing = root / _STUDY_TIMING
     if timing.is_file() and json.loads(timing.read_text())["runs"] == len(jobs):
         minutes = json.loads(timing.read_text())["seconds"] / 60
         line += f"; the whole study took {minutes:.0f} min of wall time in one go"
+        if reused:
+            line += " (training the others)"
     return line
 
 
@@ -346,6 +413,22 @@ def study_code_line(root: Path, jobs: list[StudyJob]) -> str:
     )
 
 
+def _study_arguments(
+    description: str, default_seeds: list[int], data_sets: list[str] | None = None
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=default_seeds)
+    parser.add_argument("--collect", action="store_true", help="tabulate finished runs only")
+    if data_sets:
+        parser.add_argument(
+            "--data",
+            choices=data_sets,
+            default=data_sets[0],
+            help=f"the data set to study (default {data_sets[0]})",
+        )
+    return parser.parse_args()
+
+
 def study_main(
     description: str,
     root: Path,
@@ -356,13 +439,65 @@ def study_main(
 ) -> None:
     """The command line every study script has: train what is missing under ``root`` (unless
     ``--collect``), then write ``report(seeds)`` to ``results`` and print it."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--seeds", type=int, nargs="+", default=default_seeds)
-    parser.add_argument("--collect", action="store_true", help="tabulate finished runs only")
-    args = parser.parse_args()
+    args = _study_arguments(description, default_seeds)
     if not args.collect:
         run_study(jobs(args.seeds), root)
     write_results(results, report(args.seeds))
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """A data set a study can run on, with the training recipe it uses there: every job is
+    ``experiment=<experiment> <overrides> <the study's own overrides>``; ``base_lr`` is the
+    learning rate at 32 images per optimizer step. ``suffix`` keeps the data sets' runs and
+    reports apart: runs in ``logs/studies/<study><suffix>``, report ``results<suffix>.md``."""
+
+    name: str
+    experiment: str
+    overrides: tuple[str, ...]
+    base_lr: float
+    description: str
+    suffix: str = ""
+
+    def lr(self, batch: int) -> float:
+        """The linear scaling rule: the learning rate for ``batch`` images per optimizer step."""
+        return self.base_lr * batch / 32
+
+
+# The Fashion-MNIST recipe of the norm studies (conf/experiment/fashion_norm_study.yaml).
+FASHION_MNIST = DataRecipe(
+    "fashion_mnist",
+    "fashion_norm_study",
+    (),
+    base_lr=0.1,
+    description=(
+        "DenseNet-BC (L=40, k=12) on Fashion-MNIST at 16 px: a stratified 10,000 of the training "
+        "images, 2 epochs, SGD with Nesterov momentum and a one-cycle schedule, no augmentation; "
+        "test accuracy on the official 10,000 test images"
+    ),
+)
+
+
+def data_study_main(
+    description: str,
+    study: str,
+    recipes: list[DataRecipe],
+    jobs: Callable[[DataRecipe, list[int]], list[StudyJob]],
+    report: Callable[[DataRecipe, Path, list[int]], str],
+    default_seeds: list[int],
+) -> None:
+    """:func:`study_main` for a study that runs on several data sets (``--data``, default the
+    first recipe's): runs under ``logs/studies/<study><suffix>``, the report
+    ``report(recipe, root, seeds)`` in ``experiments/<study>/results<suffix>.md``. Identical
+    finished runs of other studies are copied instead of trained again (:func:`find_twin`)."""
+    by_name = {recipe.name: recipe for recipe in recipes}
+    args = _study_arguments(description, default_seeds, list(by_name))
+    recipe = by_name[args.data]
+    root = study_root(study + recipe.suffix)
+    if not args.collect:
+        run_study(jobs(recipe, args.seeds), root, reuse_from=root.parent)
+    results = REPO_ROOT / "experiments" / study / f"results{recipe.suffix}.md"
+    write_results(results, report(recipe, root, args.seeds))
 
 
 def configuration_study_main(

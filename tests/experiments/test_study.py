@@ -16,6 +16,7 @@ from experiments.lib.study import (
     collect,
     configuration_jobs,
     job_finished,
+    job_identity,
     mean_and_spread,
     results_table,
     run_study,
@@ -182,3 +183,49 @@ def test_saved_overrides_come_back_as_the_arguments_that_were_passed(tmp_path):
     assert parsed[1] == ("x", "it's: y")
     assert parsed[2] == ("a.b", "c: d")
     assert parsed == [(o.key_or_group, o.value()) for o in parser.parse_overrides(passed)]
+
+
+def test_identical_finished_runs_of_other_studies_are_copied_not_trained(tmp_path, monkeypatch):
+    commit = "c" * 40
+    monkeypatch.setattr("experiments.lib.study.git_sha", lambda directory=None: commit)
+    trained = []
+
+    def pretend_to_train(job, run_dir, threads):
+        trained.append(job.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "study_job.json").write_text('{"seconds": 60.0}')
+        return 60.0
+
+    monkeypatch.setattr("experiments.lib.study._run_job", pretend_to_train)
+    studies = tmp_path / "studies"
+    same = StudyJob("bn_b2_seed1", "fashion_norm_study", ("norm=bn", "data.batch_size=2", "seed=1"))
+    # The same run under another name and with its overrides in another order: a twin.
+    twin = StudyJob("bn_2", "fashion_norm_study", ("seed=1", "data.batch_size=2", "norm=bn"))
+    other_commit = StudyJob("gn_b2_seed1", "fashion_norm_study", ("norm=gn", "seed=1"))
+    other_overrides = StudyJob("gn_b32_seed1", "fashion_norm_study", ("norm=gn", "seed=2"))
+    for job, sha in ((twin, commit), (other_commit, "d" * 40), (other_overrides, commit)):
+        finished_job(studies / "other", job.name, sha)
+        record = {"seconds": 120.0, "identity": job_identity(job)}
+        (studies / "other" / job.name / "study_job.json").write_text(json.dumps(record))
+    (studies / "other" / "bn_2" / "marker.txt").write_text("trained by the other study")
+    other_seed = StudyJob("gn_b32_seed1", "fashion_norm_study", ("norm=gn", "seed=1"))
+    jobs = [same, StudyJob("gn_b2_seed1", "fashion_norm_study", ("norm=gn", "seed=1")), other_seed]
+
+    run_study(jobs, studies / "mine", cores=2, reuse_from=studies)
+    assert trained == ["gn_b2_seed1", "gn_b32_seed1"]  # a twin from another commit is not one
+    copied = studies / "mine" / "bn_b2_seed1"
+    assert (copied / "marker.txt").read_text() == "trained by the other study"
+    assert json.loads((copied / "study_job.json").read_text())["reused_from"] == str(
+        studies / "other" / "bn_2"
+    )
+    assert study_time_line(studies / "mine", jobs) == (
+        "3 runs, 4 run-minutes of wall time; 1 of the runs (2 run-minutes) are copies of "
+        "identical runs of another study; the whole study took 0 min of wall time in one go "
+        "(training the others)"
+    )
+
+    # Uncommitted code: nothing is reused, since what trained the twin cannot be told apart.
+    monkeypatch.setattr("experiments.lib.study.git_sha", lambda directory=None: commit + "-dirty")
+    trained.clear()
+    run_study([same], studies / "dirty", cores=2, reuse_from=studies)
+    assert trained == ["bn_b2_seed1"]
