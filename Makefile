@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-norms pix2pix-bn-vs-in accumulation-vs-batch
+STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-norms pix2pix-bn-vs-in accumulation-vs-batch \
+  small-batch-norms
 
 .PHONY: install export train data-fashion-mnist test test-slow test-ddp test-gpu test-aot bench bench-gpu bench-bn \
   bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
@@ -118,7 +119,11 @@ exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~4 min on 2 CPU co
 
 # Each study trains what is missing under logs/studies/<study>/ (rerun to resume), then writes
 # experiments/<study>/results.md and its plots. ARGS="--collect" only re-tabulates.
-study-norm-vs-batch-size: install ## study: bn/gn/ln/in/cuda_bn × batch 2-32, 3 seeds (50 min on 2 cores)
+# The norm studies run on Fashion-MNIST (fetched first); ARGS="--data digits" runs their digits
+# version, which needs nothing fetched.
+STUDY_DATA = $(if $(findstring --data digits,$(ARGS)),,data-fashion-mnist)
+
+study-norm-vs-batch-size: install $(STUDY_DATA) ## study: bn/gn/ln/in × batch 2-32 on Fashion-MNIST, 3 seeds (TIME_NVB)
 	$(BIN)/python -m experiments.norm_vs_batch_size.run $(ARGS)
 
 study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~38 min)
@@ -133,8 +138,11 @@ study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn,
 study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16 (11 min)
 	$(BIN)/python -m experiments.pix2pix_bn_vs_in.run $(ARGS)
 
-study-accumulation-vs-batch: install ## study: BN with accumulation vs a true batch, syncbn, GN (~35 min, 2 CPU cores)
+study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulation vs a true batch, syncbn, GN on Fashion-MNIST (TIME_AVB)
 	$(BIN)/python -m experiments.accumulation_vs_batch.run $(ARGS)
+
+study-small-batch-norms: install data-fashion-mnist ## study: bn/brn/ghost_bn/gn/gn+WS/frn/EvoNorm/rms at batch 2 and 32 on Fashion-MNIST (TIME_SBN)
+	$(BIN)/python -m experiments.small_batch_norms.run $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check src tests experiments
