@@ -9,6 +9,11 @@ tensor in both memory formats (NCHW-contiguous and channels_last; a norm's cost 
 between them), and all of them alternate in every round. One table per format, each relative to
 bn in that format, and bn's channels_last time relative to its NCHW time. Writes norm_cost.md
 next to this file.
+
+``ln`` is timm's LayerNorm2d: it permutes to channels-last, calls F.layer_norm and permutes back.
+The table also times the other way to write it, ``ln (reduce dim 1)``: mean and variance over the
+channel dimension in place, no permute. ``ln`` keeps whichever is faster in each format; the two
+agree to float32 rounding (checked here before timing).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from experiments.lib.benchmark import Timing, compare, markdown_table, write_report
 from normlab.norm import NORMS, build_norm
@@ -29,11 +35,36 @@ SMOKE = ["--shape", "2", "8", "4", "4", "--repeats", "1", "--inner", "1"]
 MEMORY_FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def forward_backward(name: str, x: torch.Tensor, grad: torch.Tensor):
+REDUCED_LN = "ln (reduce dim 1)"
+
+
+class ChannelReducedLayerNorm(nn.Module):
+    """Channels-first LayerNorm written as a reduction over dim 1 (no permute): the alternative
+    ``ln`` implementation the table compares with timm's."""
+
+    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+        scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias[:, None, None]
+
+
+def build(name: str, shape: torch.Size) -> nn.Module:
+    if name == REDUCED_LN:
+        return ChannelReducedLayerNorm(shape[1], eps=build_norm("ln", shape[1]).eps)
     spec = {"name": name}
     if name == "ghost_bn":  # its default (32 samples) would be one chunk, that is bn, at batch 32
-        spec["virtual_batch_size"] = max(1, x.shape[0] // 4)
-    layer = build_norm(spec, x.shape[1]).train()
+        spec["virtual_batch_size"] = max(1, shape[0] // 4)
+    return build_norm(spec, shape[1])
+
+
+def forward_backward(name: str, x: torch.Tensor, grad: torch.Tensor):
+    layer = build(name, x.shape).train()
     x = x.detach().requires_grad_(True)
 
     def call() -> None:
@@ -54,7 +85,10 @@ def main(argv: list[str] | None = None) -> str:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.shape, generator=generator)
     grad = torch.randn(args.shape, generator=generator)
-    names = ["bn", *sorted(name for name in NORMS if name != "bn")]
+    names = ["bn", *sorted(name for name in NORMS if name != "bn"), REDUCED_LN]
+    with torch.no_grad():  # the two ln implementations compute the same thing
+        reference, reduced = build("ln", x.shape), build(REDUCED_LN, x.shape)
+        torch.testing.assert_close(reduced(x), reference(x), atol=1e-5, rtol=1e-5)
     candidates = {
         (name, layout): forward_backward(
             name, x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
