@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 from collections.abc import Callable
 
 import pytest
@@ -481,6 +482,23 @@ def test_convert_carries_statistics_and_affine_weights():
         assert isinstance(converted[index], EvoNormB0)
         for tensor in ("weight", "bias", "running_var"):
             assert torch.equal(getattr(converted[index], tensor), getattr(model[index], tensor))
+
+
+@pytest.mark.parametrize("name", ["frn", "evonorm_b0", "evonorm_s0"])
+def test_convert_to_a_norm_with_its_own_activation_warns_that_the_models_stay(name, caplog):
+    with caplog.at_level(logging.WARNING, logger="normlab.norm.convert"):
+        converted = convert_norms(_conv_bn_net(), name)
+    assert isinstance(converted[2], nn.ReLU)  # in the model's forward: convert cannot take it
+    (record,) = caplog.records
+    assert re.match(
+        rf"convert_norms: 2 \w+ layers apply their own activation.*norm={name} ", record.message
+    )
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="normlab.norm.convert"):
+        convert_norms(_conv_bn_net(), {"name": "frn", "tlu": False})  # no TLU: nothing doubles
+        convert_norms(_conv_bn_net(), "gn")
+    assert not caplog.records
 
 
 def test_fold_norms_folds_brn_and_ghost_bn_and_says_why_not_the_others():

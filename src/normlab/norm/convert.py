@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from normlab.errors import ConfigError
 from normlab.norm.inspect import fused_activation, norm_channels
-from normlab.norm.registry import NormSpec, get_norm_layer
+from normlab.norm.registry import NormSpec, get_norm_layer, norm_name
 from normlab.norm.standardize import standardize_conv_weights
+
+log = logging.getLogger(__name__)
 
 _STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -45,13 +49,22 @@ def _check_fused_activations_survive(model: nn.Module, norm_layer, spec: NormSpe
             )
 
 
-def _convert(module: nn.Module, norm_layer) -> nn.Module:
+def _includes_a_rectifier(norm: nn.Module) -> bool:
+    """Whether ``norm`` applies its own activation (FRN's TLU, EvoNorm), which a model built with
+    it lets replace the ReLU after the norm."""
+    absorb = getattr(norm, "absorb_activation", None)
+    return absorb is not None and absorb(nn.ReLU())
+
+
+def _convert(module: nn.Module, norm_layer, kept_activations: list[nn.Module]) -> nn.Module:
     channels = norm_channels(module)
     if channels is not None:
         replacement = norm_layer(channels)
         activation = fused_activation(module)
         if activation is not None:
             replacement.absorb_activation(activation)
+        elif _includes_a_rectifier(replacement):
+            kept_activations.append(replacement)
         reference = _floating_tensor(module)
         if reference is not None:
             replacement.to(device=reference.device, dtype=reference.dtype)
@@ -59,7 +72,7 @@ def _convert(module: nn.Module, norm_layer) -> nn.Module:
         replacement.train(module.training)
         return replacement
     for name, child in module.named_children():
-        converted = _convert(child, norm_layer)
+        converted = _convert(child, norm_layer, kept_activations)
         if converted is not child:
             setattr(module, name, converted)
     return module
@@ -75,9 +88,24 @@ def convert_norms(model: nn.Module, spec: NormSpec) -> nn.Module:
     ConfigError says so. With ``weight_standardization`` in ``spec``, the convolution before each
     new norm is then standardised (``normlab.norm.standardize``); without it, standardised
     convolutions stay as they are.
+
+    A norm that includes its activation (``frn`` with TLU, ``evonorm_b0``, ``evonorm_s0``) cannot
+    take over the activations the model applies after its norms (they are in the model's
+    ``forward``): both then apply, which a warning says. A model built with that norm does
+    replace them.
     """
     norm_layer = get_norm_layer(spec)
     _check_fused_activations_survive(model, norm_layer, spec)
-    converted = _convert(model, norm_layer)
+    kept_activations: list[nn.Module] = []
+    converted = _convert(model, norm_layer, kept_activations)
+    if kept_activations:
+        log.warning(
+            "convert_norms: %d %s layers apply their own activation, and the model's activations "
+            "after them stay, so both apply; build the model with norm=%s to have the norm "
+            "replace them",
+            len(kept_activations),
+            type(kept_activations[0]).__name__,
+            norm_name(spec),
+        )
     standardize_conv_weights(converted)
     return converted
