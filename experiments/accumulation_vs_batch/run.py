@@ -16,7 +16,7 @@ Fashion-MNIST uses the norm studies' recipe (conf/experiment/fashion_norm_study.
 uses experiment=densenet_digits (DenseNet-BC-100, 3 epochs, AdamW + one-cycle, lr 3e-3).
 Runs land in logs/studies/accumulation_vs_batch[_digits]/; an interrupted study resumes.
 Writes results[_digits].md (table, findings checked against the expectation) and
-val_acc[_digits].png here.
+test_acc[_digits].png here.
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ from experiments.lib.study import (
     DataRecipe,
     StudyJob,
     collect,
-    collect_curves,
     configuration_jobs,
     data_study_main,
     job_minutes,
     machine_line,
     mean_and_spread,
-    plot_curves,
+    plot_configurations,
     slug,
     study_code_line,
     study_time_line,
@@ -93,10 +92,7 @@ def report(recipe: DataRecipe, root: Path, seeds: list[int]) -> str:
         name: [100 * a for a in values]
         for name, values in collect(root, names, seeds, "test/acc").items()
     }
-    curves = collect_curves(root, names, seeds, "val/acc")
-    plot_curves(
-        curves, "validation accuracy (mean over seeds)", HERE / f"val_acc{recipe.suffix}.png"
-    )
+    plot_configurations(accuracy, "test accuracy (%)", HERE / f"test_acc{recipe.suffix}.png")
     mean = {name: mean_and_spread(values)[0] for name, values in accuracy.items()}
     spread = {name: max(values) - min(values) for name, values in accuracy.items()}
     minutes = {
@@ -175,9 +171,9 @@ def report(recipe: DataRecipe, root: Path, seeds: list[int]) -> str:
             else []
         ),
         "",
-        f"Validation accuracy per epoch, mean over seeds: `val_acc{recipe.suffix}.png`. Minutes "
-        "per run: wall time of the whole run (start-up, training, validation and test), mean "
-        "over seeds.",
+        f"Test accuracy per configuration, every seed a dot: `test_acc{recipe.suffix}.png`. "
+        "Minutes per run: wall time of the whole run (start-up, training, validation and test), "
+        "mean over seeds.",
         "",
     ]
     return "\n".join(lines)

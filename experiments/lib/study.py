@@ -472,7 +472,7 @@ FASHION_MNIST = DataRecipe(
     base_lr=0.1,
     description=(
         "DenseNet-BC (L=40, k=12) on Fashion-MNIST at 16 px: a stratified 10,000 of the training "
-        "images, 2 epochs, SGD with Nesterov momentum and a one-cycle schedule, no augmentation; "
+        "images, 1 epoch, SGD with Nesterov momentum and a one-cycle schedule, no augmentation; "
         "test accuracy on the official 10,000 test images"
     ),
 )
