@@ -188,6 +188,11 @@ def reuse_twins(jobs: list[StudyJob], root: Path, studies: Path) -> list[StudyJo
     jobs that had none. Runs from uncommitted code are never reused: what trained them is gone."""
     commit = git_sha(REPO_ROOT)
     if commit == "unknown" or commit.endswith("-dirty"):
+        print(
+            f"Not reusing other studies' runs: {REPO_ROOT} has uncommitted changes to tracked "
+            "files (git status), and this study's runs will record them",
+            flush=True,
+        )
         return jobs
     left = []
     for job in jobs:
