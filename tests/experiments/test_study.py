@@ -185,7 +185,9 @@ def test_saved_overrides_come_back_as_the_arguments_that_were_passed(tmp_path):
     assert parsed == [(o.key_or_group, o.value()) for o in parser.parse_overrides(passed)]
 
 
-def test_identical_finished_runs_of_other_studies_are_copied_not_trained(tmp_path, monkeypatch):
+def test_identical_finished_runs_of_other_studies_are_copied_not_trained(
+    tmp_path, monkeypatch, capsys
+):
     commit = "c" * 40
     monkeypatch.setattr("experiments.lib.study.git_sha", lambda directory=None: commit)
     trained = []
@@ -227,5 +229,7 @@ def test_identical_finished_runs_of_other_studies_are_copied_not_trained(tmp_pat
     # Uncommitted code: nothing is reused, since what trained the twin cannot be told apart.
     monkeypatch.setattr("experiments.lib.study.git_sha", lambda directory=None: commit + "-dirty")
     trained.clear()
+    capsys.readouterr()
     run_study([same], studies / "dirty", cores=2, reuse_from=studies)
     assert trained == ["bn_b2_seed1"]
+    assert "Not reusing other studies' runs" in capsys.readouterr().out
