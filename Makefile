@@ -138,7 +138,7 @@ study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn,
 study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16 (11 min)
 	$(BIN)/python -m experiments.pix2pix_bn_vs_in.run $(ARGS)
 
-study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulation vs a true batch, syncbn, GN on Fashion-MNIST (TIME_AVB)
+study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulation vs a true batch, syncbn, GN on Fashion-MNIST (23 min on 2 cores)
 	$(BIN)/python -m experiments.accumulation_vs_batch.run $(ARGS)
 
 study-small-batch-norms: install data-fashion-mnist ## study: bn/brn/ghost_bn/gn/gn+WS/frn/EvoNorm/rms at batch 2 and 32 on Fashion-MNIST (TIME_SBN)
