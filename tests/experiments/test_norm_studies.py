@@ -60,7 +60,8 @@ def test_the_study_recipe_is_the_documented_one():
 
 def test_norm_vs_batch_size_finds_bn_worse_at_batch_2_and_gn_flat(tmp_path, monkeypatch):
     jobs = norm_vs_batch_size.jobs(FASHION_MNIST, SEEDS)
-    assert len(jobs) == 4 * 4 * 3  # cuda_bn is bn on a CPU: not in the Fashion-MNIST grid
+    # bn and gn at 2, 4, 8, 32; ln and in at 2 and 32; no cuda_bn (on a CPU it is bn).
+    assert len(jobs) == (4 + 4 + 2 + 2) * 3
     assert "task.optimizer.lr=0.00625" in jobs[0].overrides  # batch 2: 0.1 · 2/32
 
     def error(job: StudyJob) -> float:
@@ -71,6 +72,7 @@ def test_norm_vs_batch_size_finds_bn_worse_at_batch_2_and_gn_flat(tmp_path, monk
     fake_runs(tmp_path, jobs, error)
     text = report(norm_vs_batch_size, FASHION_MNIST, tmp_path, monkeypatch)
     assert "| bn | 18.0 ± 0.1 | 10.0 ± 0.1 | 10.0 ± 0.1 | 10.0 ± 0.1 |" in text
+    assert "| ln | 10.0 ± 0.1 | — | — | 80.0 ± 0.1 |" in text
     assert "| bn | 23.6 → 34.7 % (+11.1) | 10.0 → 18.0 % (+8.0) |" in text
     assert re.search(r"bn 2 − bn 32 = \+8\.0 points.*worse than at 32.*\*\*agrees\*\*", text)
     assert re.search(r"- gn stays flat.*\*\*agrees\*\*", text)
