@@ -123,7 +123,7 @@ exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~4 min on 2 CPU co
 # version, which needs nothing fetched.
 STUDY_DATA = $(if $(findstring --data digits,$(ARGS)),,data-fashion-mnist)
 
-study-norm-vs-batch-size: install $(STUDY_DATA) ## study: bn/gn × batch 2-32, ln/in × 2 and 32 on Fashion-MNIST, 3 seeds (~52 min on 2 cores, estimated)
+study-norm-vs-batch-size: install $(STUDY_DATA) ## study: bn/gn × batch 2-32, ln/in × 2 and 32 on Fashion-MNIST, 3 seeds (~45 min on 2 cores)
 	$(BIN)/python -m experiments.norm_vs_batch_size.run $(ARGS)
 
 study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~38 min)
