@@ -141,7 +141,7 @@ study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 1
 study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulation vs a true batch, syncbn, GN on Fashion-MNIST (23 min on 2 cores)
 	$(BIN)/python -m experiments.accumulation_vs_batch.run $(ARGS)
 
-study-small-batch-norms: install data-fashion-mnist ## study: bn/brn/ghost_bn/gn/gn+WS/frn/EvoNorm/rms at batch 2 and 32 on Fashion-MNIST (about 85 min on 2 cores, estimated)
+study-small-batch-norms: install $(STUDY_DATA) ## study: bn/brn/ghost_bn/gn/gn+WS/frn/EvoNorm/rms at batch 2 and 32 on Fashion-MNIST, 3 seeds (~89 min on 2 cores)
 	$(BIN)/python -m experiments.small_batch_norms.run $(ARGS)
 
 lint: install ## ruff lint and format check
