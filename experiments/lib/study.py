@@ -434,6 +434,17 @@ def _study_arguments(
     return parser.parse_args()
 
 
+def require_finished(jobs: list[StudyJob], root: Path) -> None:
+    """Stop with one line when a study is tabulated (``--collect``) before all its runs have
+    finished, instead of failing on the first missing metrics file."""
+    missing = [job.name for job in jobs if not job_finished(root / job.name)]
+    if missing:
+        raise SystemExit(
+            f"--collect: {len(missing)} of {len(jobs)} runs have not finished under {root} "
+            f"(first: {missing[0]}); run the study without --collect to train them"
+        )
+
+
 def study_main(
     description: str,
     root: Path,
@@ -445,7 +456,9 @@ def study_main(
     """The command line every study script has: train what is missing under ``root`` (unless
     ``--collect``), then write ``report(seeds)`` to ``results`` and print it."""
     args = _study_arguments(description, default_seeds)
-    if not args.collect:
+    if args.collect:
+        require_finished(jobs(args.seeds), root)
+    else:
         run_study(jobs(args.seeds), root)
     write_results(results, report(args.seeds))
 
@@ -499,7 +512,9 @@ def data_study_main(
     args = _study_arguments(description, default_seeds, list(by_name))
     recipe = by_name[args.data]
     root = study_root(study + recipe.suffix)
-    if not args.collect:
+    if args.collect:
+        require_finished(jobs(recipe, args.seeds), root)
+    else:
         run_study(jobs(recipe, args.seeds), root, reuse_from=root.parent)
     results = REPO_ROOT / "experiments" / study / f"results{recipe.suffix}.md"
     write_results(results, report(recipe, root, args.seeds))

@@ -192,12 +192,17 @@ def report(recipe: DataRecipe, root: Path, seeds: list[int]) -> str:
         )
     else:
         recovered = brn_gain / bn_loss
+        comparison = (
+            f"{brn_gain:.1f} points better than bn at 2 (noise {brn_noise:.1f}), "
+            f"{100 * recovered:.0f} % of the loss"
+            if brn_gain >= 0
+            else f"{-brn_gain:.1f} points worse than bn at 2 (noise {brn_noise:.1f})"
+        )
         brn_line = (
             f"- **BRN recovers much of BN's small-batch loss**: BN loses {bn_loss:+.1f} points "
-            f"from batch 32 to 2 (noise {bn_loss_noise:.1f}); brn at 2 is {brn_gain:+.1f} "
-            f"points better than bn at 2 (noise {brn_noise:.1f}), {100 * recovered:.0f} % of "
-            f"the loss — {verdict(brn_gain > brn_noise and recovered >= 0.5)} (counted as "
-            "agreeing if the gain exceeds the noise and recovers at least half)."
+            f"from batch 32 to 2 (noise {bn_loss_noise:.1f}); brn at 2 is {comparison} — "
+            f"{verdict(brn_gain > brn_noise and recovered >= 0.5)} (counted as agreeing if the "
+            "gain exceeds the noise and recovers at least half)."
         )
 
     def competitive(name: str) -> str:

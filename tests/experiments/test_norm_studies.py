@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.accumulation_vs_batch import run as accumulation_vs_batch
+from experiments.lib import study as study_lib
 from experiments.lib.study import FASHION_MNIST, DataRecipe, StudyJob
 from experiments.norm_vs_batch_size import run as norm_vs_batch_size
 from experiments.small_batch_norms import run as small_batch_norms
@@ -106,7 +108,16 @@ def test_accumulation_vs_batch_gives_bn_its_micro_batch(tmp_path, monkeypatch):
     assert (tmp_path / "test_acc.png").is_file()
 
 
-def test_small_batch_norms_checks_each_papers_claim(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("brn_extra_at_2", "brn_claim"),
+    [
+        (2.0, r"brn at 2 is 6\.0 points better.*75 % of the loss — \*\*agrees"),
+        (11.0, r"brn at 2 is 3\.0 points worse than bn at 2 \(noise .*\) — \*\*disagrees"),
+    ],
+)
+def test_small_batch_norms_checks_each_papers_claim(
+    tmp_path, monkeypatch, brn_extra_at_2, brn_claim
+):
     jobs = small_batch_norms.jobs(FASHION_MNIST, SEEDS)
     assert len(jobs) == (8 * 2 + 1) * 3
     brn = next(j for j in jobs if j.name == "brn_b2_seed42")
@@ -117,7 +128,7 @@ def test_small_batch_norms_checks_each_papers_claim(tmp_path, monkeypatch):
 
     def error(job: StudyJob) -> float:
         norm, batch = override(job, "norm"), int(override(job, "data.batch_size"))
-        extra = {"bn": 8.0, "brn": 2.0}.get(norm, 0.0) if batch == 2 else 0.0
+        extra = {"bn": 8.0, "brn": brn_extra_at_2}.get(norm, 0.0) if batch == 2 else 0.0
         if norm == "frn" and batch == 32:
             extra = 6.0  # worse than bn at 32 and not flat
         return 10.0 + extra + seed_noise(job)
@@ -127,7 +138,24 @@ def test_small_batch_norms_checks_each_papers_claim(tmp_path, monkeypatch):
     assert "| bn | 18.0 ± 0.1 | 10.0 ± 0.1 | +8.0 | 1.00 | 1.00 |" in text
     assert "| ghost_bn (virtual 4) | — | 10.0 ± 0.1 | — | — | 1.00 |" in text
     assert re.search(r"gn: .*\*\*agrees\*\*; gn\+ws: .*\*\*agrees\*\*", text)
-    assert re.search(r"brn at 2 is \+6\.0 points better.*75 % of the loss — \*\*agrees", text)
+    assert re.search(brn_claim, text)
     assert re.search(r"frn: batch 2 − batch 32 = -6\.0 points.*\*\*disagrees\*\*; evonorm_s0", text)
     assert re.search(r"frn at 32 vs bn at 32: \+6\.0 points.*\*\*disagrees", text)
     assert (tmp_path / "error_by_norm.png").is_file()
+
+
+@pytest.mark.parametrize("study", [small_batch_norms, norm_vs_batch_size, accumulation_vs_batch])
+def test_collect_before_the_runs_finish_stops_with_one_line(
+    study: ModuleType, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(study_lib, "study_root", lambda name: tmp_path / name)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--collect"])
+    with pytest.raises(SystemExit) as stop:
+        study.main()
+    message = str(stop.value)
+    assert "\n" not in message
+    assert re.fullmatch(
+        rf"--collect: (\d+) of \1 runs have not finished under {re.escape(str(tmp_path))}/\w+ "
+        r"\(first: \w+\); run the study without --collect to train them",
+        message,
+    )
