@@ -15,7 +15,6 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError, TrainingError
-from normlab.ranges import argument_error_behind
 
 # -- a run's parts from its config -----------------------------------------------------------------
 
@@ -29,17 +28,12 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 def instantiate_data(data_cfg: DictConfig) -> pl.LightningDataModule:
     """The data module of a ``data`` config (``global_batch_size`` is the entry point's, not the
-    module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size)."""
+    module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size). An
+    argument the module refuses is named by its config key (``data.batch_size``) where the entry
+    point's :func:`~normlab.validation.name_config_keys` catches it."""
     plain = OmegaConf.to_container(data_cfg, resolve=True)
     plain.pop("global_batch_size", None)
-    try:
-        return instantiate(plain)
-    except Exception as error:
-        # The module names its argument (batch_size); only here is it known to be data.batch_size.
-        cause = argument_error_behind(error)
-        if cause is None:
-            raise
-        raise cause.at(f"data.{cause.argument}") from error
+    return instantiate(plain)
 
 
 def import_user_modules(modules: list[str] | None) -> None:
