@@ -108,8 +108,8 @@ class ArgumentError(ConfigError):
     """A bad argument value, raised by library code that knows the argument but not the config
     key it was set under (``norm`` and ``model.head_norm`` build the same GroupNorm). ``str()``
     names the argument and, when given, its owner (``eps must be a number > 0, got -1 (norm
-    'bn')``); :meth:`at` names a config key instead, which the config layer does
-    (``normlab.validation.name_config_keys``).
+    'bn')``); :meth:`at` names a config key instead, which the entry points do
+    (``normlab.utils.config_keys``).
 
     ``message`` says what is wrong, with ``{key}`` where the argument is to be named.
     """

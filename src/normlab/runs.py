@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError, TrainingError
+from normlab.utils.config_keys import config_keys_named
 
 # -- a run's parts from its config -----------------------------------------------------------------
 
@@ -28,12 +29,13 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 def instantiate_data(data_cfg: DictConfig) -> pl.LightningDataModule:
     """The data module of a ``data`` config (``global_batch_size`` is the entry point's, not the
-    module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size). An
-    argument the module refuses is named by its config key (``data.batch_size``) where the entry
-    point's :func:`~normlab.validation.name_config_keys` catches it."""
+    module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size)."""
     plain = OmegaConf.to_container(data_cfg, resolve=True)
     plain.pop("global_batch_size", None)
-    return instantiate(plain)
+    # The module names its argument (batch_size); the key is data.batch_size, also where the data
+    # config came from a checkpoint and the entry point's config does not hold it.
+    with config_keys_named(data_cfg, "data"):
+        return instantiate(plain)
 
 
 def import_user_modules(modules: list[str] | None) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from hydra.utils import get_class, get_object
@@ -32,12 +32,12 @@ from normlab.ranges import (
     NON_NEGATIVE,
     ArgumentError,
     ValueRange,
-    argument_error_behind,
     declared_ranges,
     is_int,
     is_number,
 )
 from normlab.tasks.base import Task
+from normlab.utils.config_keys import config_keys_named
 from normlab.utils.distributed import world_size
 
 log = logging.getLogger(__name__)
@@ -333,22 +333,6 @@ def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
 _Result = TypeVar("_Result")
 
 
-def _keys_setting(node: Any, argument: str, value: Any, prefix: str = "") -> Iterator[str]:
-    """The keys under ``node`` that set ``argument`` to ``value``. Interpolations are passed
-    over: ``model.norm: ${norm}`` was set as ``norm``."""
-    if not isinstance(node, DictConfig):
-        return
-    for key in node:
-        if key == "hydra" or OmegaConf.is_interpolation(node, key):
-            continue
-        path = f"{prefix}.{key}" if prefix else str(key)
-        child = _resolved(node, key)
-        if key == argument and child == value:
-            yield path
-        elif isinstance(child, DictConfig):
-            yield from _keys_setting(child, argument, value, path)
-
-
 def name_config_keys(run: Callable[[DictConfig], _Result]) -> Callable[[DictConfig], _Result]:
     """Wrap an entry point so that an :class:`~normlab.ranges.ArgumentError` raised under it
     (``gn: 24 channels are not divisible by num_groups=7``) names the config key that set the
@@ -356,15 +340,7 @@ def name_config_keys(run: Callable[[DictConfig], _Result]) -> Callable[[DictConf
 
     @functools.wraps(run)
     def named(cfg: DictConfig) -> _Result:
-        try:
+        with config_keys_named(cfg):
             return run(cfg)
-        except Exception as error:
-            cause = argument_error_behind(error)
-            if cause is None:
-                raise
-            key = next(_keys_setting(cfg, cause.argument, cause.value), None)
-            if key is None:
-                raise
-            raise cause.at(key) from error
 
     return named
