@@ -76,6 +76,25 @@ def test_the_registry_gives_the_declared_traits_by_name_and_by_layer(outside_nor
     assert list(running_statistics_layers(nn.Sequential(layer))) == ["0"]
 
 
+def test_a_factory_s_layers_have_its_traits_without_naming_their_class():
+    traits = NormTraits(batch_statistics=True, channels=None)
+
+    class Unnamed(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x
+
+    @register_norm("outside_factory_for_test", traits=traits)
+    def factory(num_features: int) -> nn.Module:
+        return Unnamed()
+
+    try:
+        layer = build_norm("outside_factory_for_test", 4)
+        assert layer_traits(layer) is traits and norm_channels(layer) is None
+        assert layer_traits(Unnamed()) is None  # built elsewhere: its class says nothing
+    finally:
+        NORMS.pop("outside_factory_for_test")
+
+
 def test_an_outside_batch_statistics_norm_gets_the_sync_notice(outside_norm, caplog):
     cfg = OmegaConf.create(
         {"trainer": {"sync_batchnorm": True}, "norm": {"name": outside_norm}, "model": {}}
@@ -100,23 +119,37 @@ def test_an_outside_batch_statistics_norm_gets_the_retinanet_head_warning(outsid
 
 def test_convert_norms_reads_an_outside_norm_both_ways(outside_norm):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
+    model = torchvision.models.resnet18(num_classes=3).eval()
     bn_count = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     with torch.no_grad():
-        model.bn1.running_mean.uniform_(-1, 1)
-    convert_norms(model, outside_norm)
-    outside = [m for m in model.modules() if isinstance(m, OutsideBatchNorm)]
-    assert len(outside) == bn_count
-    assert torch.equal(model.bn1.running_mean, outside[0].running_mean)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 3, 32, 32)
-    model.eval()
     expected = model(x)
 
-    convert_norms(model, "gn")
+    convert_norms(model, outside_norm)  # BN's statistics and affine carried over
+    assert sum(isinstance(m, OutsideBatchNorm) for m in model.modules()) == bn_count
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+    convert_norms(model, "gn")  # and read back by its channel attribute
     groups = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-    assert len(groups) == bn_count and not any(isinstance(m, OutsideBatchNorm) for m in groups)
-    assert groups[0].num_channels == 64
-    assert torch.isfinite(expected).all()
+    assert len(groups) == bn_count and groups[0].num_channels == 64
+    assert not any(isinstance(m, OutsideBatchNorm) for m in model.modules())
+
+
+def test_converting_to_a_norm_that_can_fuse_an_activation_adds_none():
+    """cuda_bn fuses an activation it is handed, but is no norm-and-activation in one (its traits
+    do not absorb one): converting a BN before a residual add must not give it a ReLU."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    assert (expected < 0).any()
+    convert_norms(model, "cuda_bn")
+    assert not norm_traits("cuda_bn").absorbs_activation and model[1].activation is None
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_folding_leaves_an_outside_norm_that_declares_no_affine_eval_map(outside_norm):

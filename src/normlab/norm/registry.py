@@ -87,9 +87,11 @@ def register_norm(
 
     ``ranges`` declares the valid values of its numeric arguments (``normlab.ranges``); a spec
     with a value outside them is refused before any layer is built. ``traits`` says what the norm
-    is (:class:`~normlab.norm.traits.NormTraits`); they hold for every layer of the class
-    registered, or of the class a factory function ``builds``. Without them a norm class has
-    those of the nearest base class that has any (a BatchNorm2d subclass: BatchNorm's).
+    is (:class:`~normlab.norm.traits.NormTraits`); every layer built from ``name`` has them, and
+    so does every layer of the class registered, or of the class a factory function ``builds``
+    (``convert_norms`` then reads such layers in models built without the registry). Without
+    them a norm class has those of the nearest base class that has any (a BatchNorm2d subclass:
+    BatchNorm's).
     """
 
     def decorator(factory: NormFactory) -> NormFactory:
@@ -188,7 +190,8 @@ def get_norm_layer(spec: NormSpec) -> NormLayer:
             raise
         raise error.at(f"norm.{error.argument}") from None  # a switch on any norm spec
     weight_standardization = kwargs.pop(standardize.SPEC_KEY, False)
-    norm_layer = marking(functools.partial(NORMS[name], **kwargs), BUILT_AS_NORM)
+    traits = norm_traits(name) or True
+    norm_layer = marking(functools.partial(NORMS[name], **kwargs), BUILT_AS_NORM, traits)
     return marking(norm_layer, standardize.MARK) if weight_standardization else norm_layer
 
 

@@ -7,10 +7,11 @@ the statistics callbacks (which layers keep running statistics), the models' ini
 are norms) and folding (which layers are an affine map at inference) all read these traits, so a
 norm registered from a user's package is treated as the built-in ones are.
 
-Traits belong to a layer class: ``register_norm`` records them for the class it registers (or
-the class its factory ``builds``); :func:`register_norm_class` records them for classes that no
-registered name builds (torch's BatchNorm1d, torchvision's LayerNorm2d, ...). A module's traits
-are those of the nearest class in its MRO that has any.
+Traits belong to a registered name and to a layer class: every layer the registry builds carries
+its name's traits, ``register_norm`` records them for the class it registers (or the class its
+factory ``builds``), and :func:`register_norm_class` for classes that no registered name builds
+(torch's BatchNorm1d, torchvision's LayerNorm2d, ...), so that layers built elsewhere (a
+torchvision model) are read too: by the nearest class in their MRO that has any.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 # Set on every module the registry builds in a norm's place, whatever the spec (a user's callable
-# included): such a module is a norm even when its class declares no traits.
+# included): the traits of the name that built it, or True where it declares none.
 BUILT_AS_NORM = "_normlab_built_as_norm"
 
 
@@ -96,20 +97,24 @@ def class_traits(layer: object) -> NormTraits | None:
 
 
 def layer_traits(module: nn.Module) -> NormTraits | None:
-    """``module``'s traits, or None if it is no norm normlab knows. A module the registry built in
-    a norm's place from a callable whose class declares nothing is a norm with default traits."""
+    """``module``'s traits, or None if it is no norm normlab knows: those of the registered name
+    that built it, else those of its class. A module the registry built in a norm's place from a
+    spec whose name and class declare nothing (a user's callable) is a norm with default traits."""
+    built = getattr(module, BUILT_AS_NORM, None)
+    if isinstance(built, NormTraits):
+        return built
     traits = class_traits(type(module))
-    if traits is None and getattr(module, BUILT_AS_NORM, False):
-        return NormTraits()
-    return traits
+    return NormTraits() if traits is None and built else traits
 
 
-def marking(norm_layer: Callable[[int], nn.Module], mark: str) -> Callable[[int], nn.Module]:
+def marking(
+    norm_layer: Callable[[int], nn.Module], mark: str, value: object = True
+) -> Callable[[int], nn.Module]:
     """Wrap a norm factory so that every module it builds carries the attribute ``mark``."""
 
     def build(num_features: int) -> nn.Module:
         module = norm_layer(num_features)
-        setattr(module, mark, True)
+        setattr(module, mark, value)
         return module
 
     return build
@@ -171,15 +176,17 @@ def why_not_affine(module: nn.Module) -> str | None:
     """None if ``module`` in eval mode is a fixed per-channel affine map of its running (or
     frozen) statistics, as BatchNorm is; else why not, in words."""
     kind = type(module).__name__
-    found = _declaring_class(type(module))
-    if found is None:
+    traits = layer_traits(module)
+    if traits is None:
         return f"{kind} is not a norm layer normlab can read"
-    declaring, traits = found
     if traits.why_not_folded is not None:
         return traits.why_not_folded
     if traits.running_statistics and not has_running_statistics(module):
         return f"{kind} without running statistics normalises with each input's own statistics"
-    if type(module).forward is not declaring.forward:
+    # Traits a class inherited hold for its forward, not for a subclass's own.
+    declaring = _declaring_class(type(module))
+    from_its_name = isinstance(getattr(module, BUILT_AS_NORM, None), NormTraits)
+    if not from_its_name and declaring and type(module).forward is not declaring[0].forward:
         return f"{kind} has its own forward, so it may not be an affine map in eval mode"
     return None
 
