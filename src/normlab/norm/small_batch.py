@@ -7,7 +7,9 @@ for float64 input, take 4-D input only, have no learnable FRN epsilon, no cumula
 momentum and no fixed group count for EvoNorm-S0 other than 32; so these are our own.
 
 ``BatchRenorm2d`` and ``GhostBatchNorm2d`` are ``nn.BatchNorm2d`` subclasses: same buffers and
-state dict, BN's eval-mode forward (so they fold into convolutions), only training differs.
+state dict, BN's eval-mode forward (so they fold into convolutions), only training differs. They
+and EvoNorm-B0 keep their running statistics with ``normlab.ops.bn_stats``, as every BatchNorm
+here does (same step count, Bessel correction and running-average update).
 
 A norm here may declare ``why_not_folded``: None if its eval-mode forward is BN's affine map of
 its running statistics, else the reason ``normlab.norm.fold.fold_norms`` reports for leaving it.
@@ -356,7 +358,7 @@ class RMSNorm2d(nn.RMSNorm):
         return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
-# -- registry entries (defaults equal conf/norm/<name>.yaml) ---------------------------------------
+# -- registry entries: the classes (their defaults equal conf/norm/<name>.yaml) -------------------
 
 _STEPS = ValueRange(low=0, integer=True)
 register_norm(
