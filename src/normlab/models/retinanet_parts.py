@@ -19,7 +19,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from normlab.errors import ConfigError
 from normlab.norm import NormLayer, activation_after, fuse_norm_activations
-from normlab.ranges import ArgumentError
+from normlab.ranges import ArgumentError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,7 @@ class FocalLossHead(RetinaNetHead):
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
         # The towers are conv-norm-ReLU Sequentials: a norm that can apply the ReLU itself does.
         fuse_norm_activations(self)
-        if box_loss not in BOX_LOSSES:
-            raise ArgumentError(
-                "box_loss", box_loss, f"{{key}}={box_loss!r} is not one of {', '.join(BOX_LOSSES)}"
-            )
+        check_choice("box_loss", box_loss, BOX_LOSSES)
         if not 0.0 < prior_probability < 1.0:
             raise ArgumentError(
                 "prior_probability",
