@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.norm import has_running_statistics, is_norm, layer_traits
+from normlab.ops.bn_stats import unbiased_variance
 
 
 def running_statistics_layers(model: nn.Module, *, frozen: bool = False) -> dict[str, nn.Module]:
@@ -78,7 +79,7 @@ def input_moments(module: nn.Module, x: Tensor) -> Moments:
         rows = values.reshape(1, values.shape[0] * channels, -1)
         mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
         size = rows.shape[2]
-        unbiased = var.double() * size / max(size - 1, 1)
+        unbiased = unbiased_variance(var.double(), size)
         instances = values.shape[0]
         return Moments(
             instances,
@@ -87,4 +88,4 @@ def input_moments(module: nn.Module, x: Tensor) -> Moments:
         )
     count = values.numel() // channels
     mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
-    return Moments(count, mean.double(), var.double() * count / max(count - 1, 1))
+    return Moments(count, mean.double(), unbiased_variance(var.double(), count))
