@@ -4,7 +4,6 @@ differences of a few points), and a title naming the recipe, the seeds and the c
 
 from __future__ import annotations
 
-import math
 from itertools import pairwise
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from experiments.lib.results import RunTable, study_code_line
-from normlab.collect.comparison import Cell, mean_interval
+from normlab.collect.comparison import Cell
+from normlab.collect.figure import draw_cell
 
 
 def caption(table: RunTable, recipe: str) -> str:
@@ -21,25 +21,6 @@ def caption(table: RunTable, recipe: str) -> str:
     return f"{recipe}; n = {len(seeds)} seeds ({', '.join(map(str, seeds))}); " + study_code_line(
         table
     ).removeprefix("Code: ")
-
-
-def _draw_cell(axes: Axes, x: float, cell: Cell, color: str, label: str | None = None) -> None:
-    low, high = mean_interval(cell)
-    axes.scatter([x] * cell.n, cell.values, color=color, s=10, alpha=0.6, zorder=3)
-    if math.isnan(low):
-        axes.scatter([x], [cell.mean], color=color, marker="_", s=200, zorder=4, label=label)
-        return
-    axes.errorbar(
-        [x],
-        [cell.mean],
-        [[cell.mean - low], [high - cell.mean]],
-        color=color,
-        marker="_",
-        markersize=14,
-        capsize=4,
-        zorder=4,
-        label=label,
-    )
 
 
 def _finish(figure: Figure, axes: Axes, title: str, note: str, path: Path) -> None:
@@ -63,7 +44,7 @@ def plot_cells(
         for position, name in enumerate(names):
             if name in cells:
                 label = group if position == names.index(next(iter(cells))) and group else None
-                _draw_cell(axes, position + offset, cells[name], f"C{index}", label)
+                draw_cell(axes, position + offset, cells[name], f"C{index}", label)
     axes.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
     axes.set_ylabel(ylabel)
     if len(groups) > 1:
@@ -91,7 +72,7 @@ def plot_series(
         shift = 1.04 ** (index - (len(series) - 1) / 2)
         measured = sorted(cells)
         for x in measured:
-            _draw_cell(axes, x * shift, cells[x], color, name if x == measured[0] else None)
+            draw_cell(axes, x * shift, cells[x], color, name if x == measured[0] else None)
         for left, right in pairwise(measured):
             if xs.index(right) == xs.index(left) + 1:
                 axes.plot(

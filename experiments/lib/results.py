@@ -11,7 +11,7 @@ from pathlib import Path
 
 from experiments.lib.jobs import StudyJob, job_record, study_seconds
 from experiments.lib.recipes import DataRecipe
-from normlab.collect.comparison import Cell
+from normlab.collect.comparison import Cell, cells_by
 
 SEED_SUFFIX = "_seed"
 
@@ -106,15 +106,16 @@ class RunTable:
             raise KeyError(f"no run of configuration {configuration!r} in runs.csv")
         return found
 
-    def values(self, configuration: str, metric: str) -> list[float]:
-        return [float(row[metric]) for row in self.runs(configuration)]
-
     def cell(self, configuration: str, metric: str) -> Cell:
-        return Cell(tuple(self.values(configuration, metric)))
+        """A configuration's values of ``metric``, one per seed."""
+        cell = cells_by(self.runs(configuration), ["configuration"], metric).get((configuration,))
+        if cell is None or cell.n < len(self.runs(configuration)):
+            raise KeyError(f"runs.csv: a run of {configuration!r} has no {metric!r}")
+        return cell
 
     def error(self, configuration: str) -> Cell:
         """Test error in % (100 × (1 − test/acc)), one value per seed."""
-        return Cell(tuple(100 * (1 - v) for v in self.values(configuration, "test/acc")))
+        return Cell(tuple(100 * (1 - v) for v in self.cell(configuration, "test/acc").values))
 
     def minutes(self, configuration: str) -> float:
         """Mean wall minutes of a configuration's runs."""

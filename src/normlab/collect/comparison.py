@@ -18,9 +18,10 @@ A claim about a − b is judged by where that interval lies:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from scipy.stats import t as student_t
 
@@ -183,3 +184,17 @@ def mean_interval(cell: Cell) -> tuple[float, float]:
         return math.nan, math.nan
     half = float(student_t.ppf(0.5 + CONFIDENCE / 2, cell.n - 1)) * cell.std / math.sqrt(cell.n)
     return cell.mean - half, cell.mean + half
+
+
+def cells_by(
+    records: Iterable[Mapping[str, Any]], keys: Sequence[str], metric: str
+) -> dict[tuple[str, ...], Cell]:
+    """The records grouped by their values of ``keys`` (as text, in the order first seen), each
+    group's values of ``metric`` as a cell; records without the metric are left out."""
+    groups: dict[tuple[str, ...], list[float]] = {}
+    for record in records:
+        value = record.get(metric)
+        if value is None or value == "":
+            continue
+        groups.setdefault(tuple(str(record.get(key)) for key in keys), []).append(float(value))
+    return {group: Cell(tuple(values)) for group, values in groups.items()}
