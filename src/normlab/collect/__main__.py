@@ -18,7 +18,7 @@ dirs (basic, Optuna, Slurm launcher) and offline wandb runs. Failed and unfinish
 under the table."""
 
 
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m normlab.collect", description=DESCRIPTION)
     parser.add_argument("paths", nargs="+", type=Path, help="run dirs, multirun dirs, wandb dirs")
     parser.add_argument("--by", required=True, help="config keys to group by, comma-separated")
@@ -38,7 +38,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Print the table (markdown), then the runs left out of it; exit 2 with one line for a bad
     path, key or metric."""
-    args = _arguments(argv)
+    args = parse_arguments(argv)
     by = [key.strip() for key in args.by.split(",") if key.strip()]
     try:
         if not by:
