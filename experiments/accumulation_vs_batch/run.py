@@ -24,7 +24,7 @@ from pathlib import Path
 
 from experiments.lib.command_line import study_main
 from experiments.lib.jobs import Configuration, StudyJob, configuration_jobs, slug
-from experiments.lib.plots import caption, plot_cells
+from experiments.lib.plots import plot_errors
 from experiments.lib.recipes import DENSENET_DIGITS, FASHION_MNIST, DataRecipe
 from experiments.lib.results import RunTable, claim_rule_line, report_header
 from normlab.collect.comparison import Claim, judged
@@ -67,14 +67,9 @@ def jobs(recipe: DataRecipe, seeds: list[int]) -> list[StudyJob]:
 def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
     configs = configurations(recipe)
     names = list(configs)
-    errors = {name: table.error(slug(name)) for name in names}
-    plot_cells(
-        {"": errors},
-        "test error (%)",
-        f"An optimizer step every {OPTIMIZER_BATCH} samples",
-        caption(table, recipe.experiment),
-        here / f"test_error{recipe.suffix}.png",
-    )
+    title = f"An optimizer step every {OPTIMIZER_BATCH} samples"
+    path = here / f"test_error{recipe.suffix}.png"
+    errors = plot_errors(table, names, title, recipe.experiment, path)
     accumulated_bn, accumulated_gn = names[0], names[3]
     width = max(cell.n for cell in errors.values())
     rows = [

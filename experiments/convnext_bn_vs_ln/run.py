@@ -16,7 +16,7 @@ from pathlib import Path
 
 from experiments.lib.command_line import study_main
 from experiments.lib.jobs import Configuration, StudyJob, configuration_jobs
-from experiments.lib.plots import caption, plot_cells, plot_curves
+from experiments.lib.plots import caption, plot_curves, plot_errors
 from experiments.lib.recipes import DataRecipe
 from experiments.lib.results import RunTable, claim_rule_line, report_header, results_table
 from normlab.collect.comparison import Claim, judged
@@ -37,11 +37,9 @@ def jobs(recipe: DataRecipe, seeds: list[int]) -> list[StudyJob]:
 
 
 def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
-    errors = {name: table.error(name) for name in CONFIGURATIONS}
+    title, path = "ConvNeXt-atto: LN or BN", here / "test_error.png"
+    errors = plot_errors(table, list(CONFIGURATIONS), title, recipe.experiment, path)
     note = caption(table, recipe.experiment)
-    plot_cells(
-        {"": errors}, "test error (%)", "ConvNeXt-atto: LN or BN", note, here / "test_error.png"
-    )
     curves = {name: table.curves(name, "val/acc") for name in CONFIGURATIONS}
     plot_curves(
         curves, "val accuracy", "Validation accuracy, mean over seeds", note, here / "val_acc.png"

@@ -10,6 +10,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from experiments.lib.jobs import slug
 from experiments.lib.results import RunTable, study_code_line
 from normlab.collect.comparison import Cell
 from normlab.collect.figure import draw_cell
@@ -104,3 +105,12 @@ def plot_curves(
     axes.set_ylabel(ylabel)
     axes.legend(fontsize=7)
     _finish(figure, axes, title, note, path)
+
+
+def plot_errors(
+    table: RunTable, names: list[str], title: str, experiment: str, path: Path
+) -> dict[str, Cell]:
+    """Each named configuration's test error (%) drawn to ``path``; returns the cells."""
+    errors = {name: table.error(slug(name)) for name in names}
+    plot_cells({"": errors}, "test error (%)", title, caption(table, experiment), path)
+    return errors

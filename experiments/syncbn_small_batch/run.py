@@ -18,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.lib.command_line import study_main
-from experiments.lib.jobs import Configuration, StudyJob, configuration_jobs, slug
-from experiments.lib.plots import caption, plot_cells
+from experiments.lib.jobs import Configuration, StudyJob, configuration_jobs
+from experiments.lib.plots import plot_errors
 from experiments.lib.recipes import SMALL_DENSENET_DIGITS, DataRecipe
 from experiments.lib.results import RunTable, claim_rule_line, report_header, results_table
 from normlab.collect.comparison import Claim, judged
@@ -45,13 +45,9 @@ def jobs(recipe: DataRecipe, seeds: list[int]) -> list[StudyJob]:
 
 
 def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
-    errors = {name: table.error(slug(name)) for name in CONFIGURATIONS}
-    plot_cells(
-        {"": errors},
-        "test error (%)",
-        f"{BATCH} images per optimizer step, three ways",
-        caption(table, recipe.experiment),
-        here / "test_error.png",
+    title = f"{BATCH} images per optimizer step, three ways"
+    errors = plot_errors(
+        table, list(CONFIGURATIONS), title, recipe.experiment, here / "test_error.png"
     )
     sync, local, single = errors["syncbn 2×2 (DDP)"], errors["bn 2×2 (DDP)"], errors["bn 1×4"]
     lines = [

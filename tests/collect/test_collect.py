@@ -4,6 +4,7 @@ one statistical rule; failed and unfinished runs listed; bad input one line."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 
 from cli import offline_env, run_module, run_train
 from normlab.collect.__main__ import main
+from normlab.collect.wandb_runs import read_offline_run
 
 BN = [0.90, 0.92, 0.94]
 GN = [0.85, 0.87, 0.89]
@@ -150,31 +152,35 @@ def test_offline_wandb_runs(tmp_path, capsys):
         )
         run.log({"test/acc": accuracy})
         run.finish()
+        # wandb may still be writing the log after finish() returns: until its exit record is
+        # there, the run counts as unfinished.
+        assert read_offline_run(Path(run.dir).parent, wait=60).complete
     main([str(tmp_path / "wandb"), "--by", "norm.name"])
     out = capsys.readouterr().out
     assert "| bn | 2 | 0.9200 ± 0.0283 |" in out
     assert "| gn | 1 | 0.8000 |" in out
+    # A run whose log stops short (still running, or killed) is listed, not counted.
+    log = sorted((tmp_path / "wandb").rglob("run-*.wandb"))[-1]
+    log.write_bytes(log.read_bytes()[: len(log.read_bytes()) // 2])
+    main([str(tmp_path / "wandb"), "--by", "norm.name"])
+    out = capsys.readouterr().out
+    assert f"- unfinished: {log.parent}" in out
+    assert "Not in the table (1 of 3 runs):" in out
+
+
+# A 2 × 2 × 2 grid of the smallest complete runs: two training batches, one validation and two
+# test batches each.
+TINY_GRID = shlex.split(
+    "experiment=densenet_digits model=densenet_bc_40 data.image_size=16 logger=csv "
+    "trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1 "
+    "trainer.limit_test_batches=2 norm=bn,gn data.batch_size=8,16 seed=1,2"
+)
 
 
 @pytest.mark.slow
 def test_a_real_two_by_two_by_two_multirun(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_train(
-        "-m",
-        "experiment=densenet_digits",
-        "model=densenet_bc_40",
-        "data.image_size=16",
-        "logger=csv",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=2",
-        "norm=bn,gn",
-        "data.batch_size=8,16",
-        "seed=1,2",
-        f"hydra.sweep.dir={sweep_dir}",
-        env=offline_env(),
-    )
+    result = run_train("-m", *TINY_GRID, f"hydra.sweep.dir={sweep_dir}", env=offline_env())
     assert result.returncode == 0, result.stderr[-2000:]
     table = run_module(
         "normlab.collect",
