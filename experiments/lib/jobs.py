@@ -71,11 +71,6 @@ def job_record(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / FINISHED).read_text())
 
 
-def job_minutes(run_dir: Path) -> float:
-    """Wall time of a finished study job (process start to exit, everything included)."""
-    return job_record(run_dir)["seconds"] / 60
-
-
 def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
     command = [
         sys.executable,
