@@ -9,6 +9,7 @@ from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from experiments.lib.jobs import slug
 from experiments.lib.results import RunTable, study_code_line
@@ -84,7 +85,15 @@ def plot_series(
     axes.set_xscale("log", base=2)
     axes.set_xticks(xs, [str(x) for x in xs])
     axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
+    means = [cell.mean for cells in series.values() for cell in cells.values()]
+    # A series that failed to train (tens of % where the others reach a few) would flatten the
+    # rest on a linear axis.
+    logarithmic = min(means) > 0 and max(means) > 5 * min(means)
+    if logarithmic:
+        axes.set_yscale("log")
+        axes.yaxis.set_major_formatter(ScalarFormatter())
+        axes.yaxis.set_minor_formatter(ScalarFormatter())
+    axes.set_ylabel(ylabel + (" (log)" if logarithmic else ""))
     axes.legend(fontsize=7)
     _finish(figure, axes, title, note, path)
 
