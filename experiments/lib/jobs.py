@@ -105,6 +105,7 @@ def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "threads": threads,
         "machine": machine_build(),
+        "torch": torch.__version__,
         "finished": f"{datetime.now(timezone.utc):%Y-%m-%d}",
     }
     (run_dir / FINISHED).write_text(json.dumps(record, indent=1))

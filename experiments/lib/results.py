@@ -66,6 +66,7 @@ def run_row(root: Path, job: StudyJob) -> dict[str, str]:
         commit=commit or "unknown",
         dirty="1" if dirty else "0",
         machine=record.get("machine", ""),
+        torch=record.get("torch", ""),
         date=record.get("finished", ""),
     )
     return row
