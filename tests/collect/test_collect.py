@@ -51,6 +51,9 @@ def sweep(tmp_path: Path) -> Path:
         fake_job(root / f"trial_{number}", norm, seed, accuracy, "completed")
     fake_job(root / "trial_6", "gn", 9, None, "failed")
     fake_job(root / "trial_7", "gn", 10, None, None)
+    # What the Slurm launcher (submitit) keeps beside the job dirs: logs, no runs.
+    (root / ".submitit" / "1234_0").mkdir(parents=True)
+    (root / ".submitit" / "1234_0" / "1234_0_log.out").write_text("Job completed successfully\n")
     return root
 
 
