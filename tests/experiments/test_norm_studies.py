@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from experiments.accumulation_vs_batch import run as accumulation_vs_batch
 from experiments.lib import command_line
 from experiments.lib.jobs import StudyJob
-from experiments.lib.recipes import FASHION_MNIST, DataRecipe
+from experiments.lib.recipes import FASHION_MNIST, SMALL_DENSENET_DIGITS, DataRecipe
 from experiments.lib.results import RunTable, write_runs_csv
 from experiments.norm_vs_batch_size import run as norm_vs_batch_size
 from experiments.small_batch_norms import run as small_batch_norms
@@ -211,3 +211,26 @@ def test_collect_renders_the_report_from_runs_csv_alone(tmp_path, monkeypatch):
     text = (here / "results.md").read_text()
     assert "| gn 32 | 1 | 12.0 | 12.1 | 11.9 | **12.0 ± 0.1** | 1.0 |" in text
     assert (here / "test_error.png").is_file()
+
+
+def test_the_digits_versions_train_what_their_committed_results_came_from():
+    """The digits recipes moved from override tuples into conf/experiment/*.yaml: each job must
+    compose to the config the earlier command line gave (results_digits.md stays producible)."""
+    small = next(
+        j for j in norm_vs_batch_size.jobs(SMALL_DENSENET_DIGITS, SEEDS) if j.name == "bn_b2_seed42"
+    )
+    earlier = [
+        "experiment=densenet_digits",
+        "model=densenet_bc_40",
+        "data.image_size=16",
+        "trainer.max_epochs=5",
+        "norm=bn",
+        "data.batch_size=2",
+        "task.optimizer.lr=0.000625",
+        "seed=42",
+    ]
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        now = compose("config", [f"experiment={small.experiment}", *small.overrides])
+        then = compose("config", earlier)
+    now.experiment_name = then.experiment_name  # names the run dir only
+    assert now == then
