@@ -12,6 +12,7 @@ from pathlib import Path
 from experiments.lib.jobs import StudyJob, job_record, study_seconds
 from experiments.lib.recipes import DataRecipe
 from normlab.collect.comparison import Cell, cells_by
+from normlab.collect.run_sources import final_metrics
 
 SEED_SUFFIX = "_seed"
 
@@ -50,15 +51,12 @@ def run_row(root: Path, job: StudyJob) -> dict[str, str]:
     }
     row.update(override.split("=", 1) for override in job.overrides)
     # A run may log no metrics (trainer.fast_dev_run): its row still records time and code.
-    logged = (run_dir / "csv" / "metrics.csv").is_file()
-    metrics = read_metrics(run_dir) if logged else []
-    for key in metrics[0] if metrics else []:
-        values = column(metrics, key)
-        if key in ("epoch", "step") or not values:
-            continue
-        row[key] = repr(values[-1][1])
-        if key.startswith("val/"):
-            row.update((f"{key}@{epoch + 1}", repr(value)) for epoch, value in values)
+    if (run_dir / "csv" / "metrics.csv").is_file():
+        finals = final_metrics(run_dir / "csv" / "metrics.csv")
+        row.update((key, repr(value)) for key, value in finals.items())
+        logged = read_metrics(run_dir)
+        for key in (key for key in finals if key.startswith("val/")):
+            row.update((f"{key}@{epoch + 1}", repr(v)) for epoch, v in column(logged, key))
     row.update(
         wall_seconds=f"{record['seconds']:.1f}",
         cpu_seconds=f"{record['cpu_seconds']:.1f}" if "cpu_seconds" in record else "",
