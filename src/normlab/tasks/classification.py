@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from normlab.ranges import FRACTION, checked_arguments
 from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs, check_num_classes
 from normlab.tasks.optim import configure_optimization
@@ -24,6 +25,7 @@ def _top_k(num_classes: int) -> int:
     return min(5, num_classes)
 
 
+@checked_arguments(label_smoothing=FRACTION)
 class ClassificationModule(Task):
     """Cross-entropy classification with top-1/top-5 accuracy and visual diagnostics.
 
