@@ -22,6 +22,8 @@ BAD_VALUES = {
     "trainer.max_epochs=0": "trainer.max_epochs must be an integer >= 1, -1 (no limit) or null, "
     "got 0",
     "task.label_smoothing=2": "task.label_smoothing must be a number in [0, 1], got 2",
+    "task.max_nonfinite_fraction=2": "task.max_nonfinite_fraction must be a number in [0, 1], "
+    "got 2",
     "task.optimizer.lr=inf": "task.optimizer.lr must be a number >= 0, got inf",
     "callbacks.last_checkpoint.every_n_train_steps=1.5": "callbacks.last_checkpoint."
     "every_n_train_steps must be null or an integer >= 1, got 1.5",

@@ -26,7 +26,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from normlab.errors import ConfigError
 from normlab.models.pix2pix import check_image_size
-from normlab.ranges import ArgumentError
+from normlab.ranges import FRACTION, ArgumentError, checked_arguments
 from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs
 from normlab.tasks.optim import build_optimizer
@@ -71,6 +71,7 @@ def linear_decay(n_epochs: int, n_epochs_decay: int):
     return factor
 
 
+@checked_arguments(max_nonfinite_fraction=FRACTION)
 class Pix2PixModule(Task):
     """pix2pix: U-Net generator, PatchGAN discriminator, cGAN + λ·L1.
 
@@ -97,8 +98,9 @@ class Pix2PixModule(Task):
         test_mode: str = "eval",
         num_logged_images: int = 8,
         on_nonfinite_loss: str = "stop",
+        max_nonfinite_fraction: float = 0.25,
     ) -> None:
-        super().__init__(on_nonfinite_loss)
+        super().__init__(on_nonfinite_loss, max_nonfinite_fraction)
         if gan_mode not in GAN_MODES:
             message = f"{{key}}={gan_mode!r} is not one of {', '.join(GAN_MODES)}"
             raise ArgumentError("gan_mode", gan_mode, message)
@@ -254,6 +256,7 @@ class Pix2PixModule(Task):
         self.log("train/loss_g", loss_g, prog_bar=True, batch_size=size)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         # Manual optimization: Lightning does not step schedulers itself.
         for scheduler in self.lr_schedulers():
             scheduler.step()
