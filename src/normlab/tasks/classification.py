@@ -94,6 +94,7 @@ class ClassificationModule(Task):
                 self.model,
                 (batch_size, in_channels, image_size, image_size),
                 where=f"data.image_size={image_size}, data.batch_size={batch_size}",
+                datamodule=datamodule,
             )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

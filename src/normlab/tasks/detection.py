@@ -144,6 +144,7 @@ class DetectionModule(Task):
                 (batch_size, 3, side, side),
                 where=f"{side}-px images (model.min_size, data sizes), "
                 f"data.batch_size={batch_size}",
+                datamodule=datamodule,
             )
 
     def _probe_side(self, datamodule: pl.LightningDataModule | None) -> int | None:

@@ -154,7 +154,7 @@ class Pix2PixModule(Task):
             except ConfigError as error:
                 # The aligned data modules give every image crop_size² pixels: name that key too.
                 raise ConfigError(f"data.crop_size={image_size}: {error}") from None
-            self._check_norm_inputs(image_size, getattr(datamodule, "batch_size", 1))
+            self._check_norm_inputs(image_size, datamodule)
         if trainer.gradient_clip_val:
             raise ConfigError(
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val}: Lightning cannot clip "
@@ -175,13 +175,17 @@ class Pix2PixModule(Task):
                 total,
             )
 
-    def _check_norm_inputs(self, image_size: int | Sequence[int], batch_size: int) -> None:
+    def _check_norm_inputs(
+        self, image_size: int | Sequence[int], datamodule: pl.LightningDataModule
+    ) -> None:
+        batch_size = getattr(datamodule, "batch_size", 1)
         generator = self.hparams.model["generator"]
         inputs, outputs = generator["in_channels"], generator["out_channels"]
         where = f"data image size {image_size}, data.batch_size={batch_size}"
         size = tuple(image_size) if isinstance(image_size, Sequence) else (image_size, image_size)
-        check_norm_inputs(self.generator, (batch_size, inputs, *size), where=where)
-        check_norm_inputs(self.discriminator, (batch_size, inputs + outputs, *size), where=where)
+        for network, channels in ((self.generator, inputs), (self.discriminator, inputs + outputs)):
+            shape = (batch_size, channels, *size)
+            check_norm_inputs(network, shape, where=where, datamodule=datamodule)
 
     # -- training ---------------------------------------------------------------------------------
 
