@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from normlab.errors import TrainingError
-from normlab.ranges import ArgumentError
+from normlab.ranges import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,7 @@ class LossGuard:
     """
 
     def __init__(self, policy: str = "stop", max_fraction: float = 0.25) -> None:
-        if policy not in POLICIES:
-            message = f"{{key}}={policy!r} is not one of {', '.join(POLICIES)}"
-            raise ArgumentError("on_nonfinite_loss", policy, message)
-        self.policy = policy
+        self.policy = check_choice("on_nonfinite_loss", policy, POLICIES)
         self.max_fraction = max_fraction
         self.checked = 0
         self.skipped = 0
