@@ -82,6 +82,9 @@ def _run_job(job: StudyJob, run_dir: Path, threads: int) -> float:
         "callbacks.model_summary=null",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
+        # A job cut off by an interrupted study continues from its last checkpoint (normlab
+        # refuses a new run in a dir that holds another run's checkpoints).
+        "resume=auto",
         *job.overrides,
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(threads)}

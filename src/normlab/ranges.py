@@ -58,7 +58,7 @@ class ValueRange:
             return False
         if self.integer and not isinstance(value, int):
             return False
-        if math.isnan(value):
+        if not math.isfinite(value):  # NaN, and infinities no argument takes (lr=inf)
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -88,6 +88,8 @@ FRACTION = ValueRange(low=0, high=1)
 DROP_RATE = ValueRange(low=0, high=1, high_open=True)
 # A running-average momentum; null means a cumulative average (torch's BatchNorm).
 MOMENTUM = ValueRange(low=0, high=1, nullable=True)
+# What numpy's and Python's RNGs accept as a seed (pl.seed_everything refuses the rest).
+SEED = ValueRange(low=0, high=2**32 - 1, integer=True)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -20,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from normlab.data.bad_samples import SkipUndecodable
 from normlab.data.samplers import EpochSeededLoader, EpochSeededSampler, SeededSamples
 from normlab.ranges import ArgumentError, check_int, is_int
+
+log = logging.getLogger(__name__)
 
 # The splits each Lightning stage reads.
 STAGE_SPLITS = {
@@ -42,6 +46,9 @@ class SplitDataModule(pl.LightningDataModule):
     # on the batch (classification: every norm is in eval mode) offer it.
     eval_batch_size: int | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
+    # Why a training batch of a single image cannot be trained on (a norm's batch statistics
+    # over one value per channel), as the task's check_run found it; see drop_a_last_batch_of_one.
+    batch_of_one_fails: str | None = None
 
     def __init__(
         self, batch_size: int, num_workers: int = 0, pin_memory: bool = False, seed: int = 0
@@ -56,6 +63,29 @@ class SplitDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    def drop_a_last_batch_of_one(self, reason: str) -> None:
+        """The model cannot train on a batch of one image (``reason``): leave out an epoch's last
+        training batch when it would hold one image (per process, as DDP splits the data)."""
+        self.batch_of_one_fails = reason
+
+    def _drops_last(self, dataset: Dataset) -> bool:
+        if self.batch_of_one_fails is None:
+            return False
+        trainer = getattr(self, "trainer", None)
+        processes = trainer.world_size if trainer is not None else 1
+        # DDP's DistributedSampler pads the data to the same count on every process.
+        per_process = math.ceil(len(dataset) / processes)
+        if per_process % self.batch_size != 1:
+            return False
+        log.info(
+            "the last training batch of each epoch would hold 1 image (%d images per process, "
+            "data.batch_size=%d) and %s: it is left out",
+            per_process,
+            self.batch_size,
+            self.batch_of_one_fails,
+        )
+        return True
 
     def _dataset(self, split: str) -> Dataset:
         """Build one split (``train``, ``val`` or ``test``); for :meth:`setup_splits`."""
@@ -85,7 +115,7 @@ class SplitDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
-            drop_last=False,
+            drop_last=train and self._drops_last(dataset),
             # Worker seeds come from this generator, not the global RNG, which then advances
             # only with what the model draws (dropout, drop path): a resumed run can restore it.
             generator=torch.Generator().manual_seed(self.seed),

@@ -117,6 +117,11 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                     f"data.root: class folders differ between {self.train_dir} and {d}: "
                     f"only in train: {only_train}, only in {os.path.basename(d)}: {only_other}"
                 )
+        if len(train_classes) < 2:
+            raise ConfigError(
+                f"data.root: {self.train_dir} has one class folder ({train_classes[0]}); a "
+                "classifier needs at least 2 classes"
+            )
         self.class_names = train_classes
         self.num_classes = len(train_classes)
 
