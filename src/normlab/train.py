@@ -42,7 +42,12 @@ from normlab.utils.distributed import (
     publish_run_config,
     split_global_batch,
 )
-from normlab.utils.hydra_run import CONFIG_DIR, in_multirun, register_resolvers
+from normlab.utils.hydra_run import (
+    CONFIG_DIR,
+    in_multirun,
+    register_resolvers,
+    sweeper_reads_metric,
+)
 from normlab.utils.logs import continue_logs
 from normlab.utils.resume_selection import Resume, load_weights, resume_checkpoint
 from normlab.utils.run_info import git_sha, save_run_info
@@ -232,11 +237,12 @@ def main(cfg: DictConfig) -> float | None:
         name = cfg.get("optimized_metric")
         if name and name not in metrics:
             message = f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}"
-            if in_multirun():
-                raise ConfigError(message)  # the sweeper needs it: the job failed
-            # A run shorter than its first validation trained fine: not a failure.
+            if sweeper_reads_metric():
+                raise ConfigError(message)  # Optuna needs it: the job failed
+            # A run (or grid job) shorter than its first validation trained fine: not a failure;
+            # a grid's summary lists the jobs without the metric.
             log.warning(message)
-        if name and in_multirun() and not math.isfinite(metrics[name]):
+        if name in metrics and sweeper_reads_metric() and not math.isfinite(metrics[name]):
             # Optuna cannot store a NaN value: the trial is a failure, not a result.
             raise TrainingError(f"optimized_metric {name}={metrics[name]}")
     except Exception as error:

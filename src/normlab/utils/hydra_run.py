@@ -33,6 +33,19 @@ def in_multirun() -> bool:
     return _hydra_job()[0]
 
 
+def sweeper_reads_metric() -> bool:
+    """Whether this multirun job's sweeper chooses by the value the job returns (Optuna and other
+    optimizers): a grid (Hydra's basic sweeper and its subclasses) only runs the jobs."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_class
+
+    if not in_multirun():
+        return False
+    target = OmegaConf.select(HydraConfig.get(), "sweeper._target_", default=None)
+    return not (target and issubclass(get_class(target), BasicSweeper))
+
+
 def run_group(experiment: str) -> str:
     """The wandb group: the experiment, or ``<experiment>-<sweep dir name>`` for a multirun job,
     so each sweep's runs sit together and apart from other sweeps of the same experiment."""
