@@ -70,6 +70,17 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+def eval_dir_name(ckpt_path: str | None, data: str | None) -> str:
+    """``<run dir name>-<checkpoint name>/<data>`` for ``normlab.eval``'s run dir: one folder per
+    checkpoint and data evaluated (``data=training`` for the data the checkpoint was trained on).
+    A checkpoint outside a run's ``checkpoints/`` folder is named by its file alone."""
+    path = Path(str(ckpt_path or "no_checkpoint"))
+    name = path.stem
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        name = f"{path.parent.parent.name}-{name}"
+    return f"{name}/data={data or 'training'}"
+
+
 def register_resolvers() -> None:
     """Resolvers used by conf/: registered once, before Hydra composes anything."""
     if not OmegaConf.has_resolver("wandb_offline"):
@@ -77,6 +88,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online"
         )
-    for name, resolver in (("run_group", run_group), ("run_name", run_name)):
+    for name, resolver in (
+        ("run_group", run_group),
+        ("run_name", run_name),
+        ("eval_dir_name", eval_dir_name),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
