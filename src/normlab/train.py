@@ -42,6 +42,7 @@ from normlab.utils.distributed import (
     publish_run_config,
     split_global_batch,
 )
+from normlab.utils.extras import apply_extras, print_config
 from normlab.utils.hydra_run import (
     CONFIG_DIR,
     in_multirun,
@@ -127,6 +128,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     cfg = inherited_run_config() or cfg
     check_required(cfg)
     validate_config(cfg)
+    apply_extras(cfg)
     import_user_modules(cfg.get("imports"))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -140,6 +142,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     split_global_batch(cfg)
     datamodule = instantiate_data(cfg.data)
     fill_from_datamodule(cfg, datamodule)
+    print_config(cfg)
     # The model is built here, before any data is read, so a bad norm or model fails at once.
     task = OmegaConf.to_container(cfg.task, resolve=True)
     module = instantiate(task, _recursive_=False)
