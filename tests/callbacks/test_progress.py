@@ -16,6 +16,7 @@ from normlab.callbacks.progress import (
     ReadableRichProgressBar,
     duration,
     terminal_or_logged_progress,
+    time_left,
 )
 
 PROGRESS = re.compile(
@@ -81,3 +82,9 @@ def test_the_rich_bar_leaves_out_the_loggers_version_number(tmp_path):
 
 def test_durations_read_as_a_person_says_them():
     assert [duration(s) for s in (4.4, 75, 3 * 3600 + 5 * 60 + 9)] == ["4s", "1m15s", "3h05m"]
+
+
+def test_time_left_is_the_pace_so_far_applied_to_what_remains():
+    assert time_left(3, 10, 30.0) == "about 1m10s left"
+    assert time_left(10, 10, 30.0) == "about 0s left"
+    assert time_left(0, 10, 5.0) == ""

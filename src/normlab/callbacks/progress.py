@@ -33,6 +33,14 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def time_left(done: float, total: float, elapsed: float) -> str:
+    """``about 12m00s left`` for ``done`` of ``total`` units in ``elapsed`` seconds, at that pace
+    ("" before anything is done)."""
+    if done <= 0:
+        return ""
+    return f"about {duration(elapsed / done * max(0.0, total - done))} left"
+
+
 class ReadableRichProgressBar(RichProgressBar):
     """Lightning's Rich bar without the logger's version number among the metrics."""
 
@@ -100,11 +108,10 @@ class LoggedProgress(ProgressBar):
         parts.append(f"step {step}/{total if math.isfinite(total) else '?'}")
         for name, value in _shown_metrics(self.get_metrics(trainer, pl_module)).items():
             parts.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
-        elapsed = now - self._started
-        pace = (step - self._first_step) / elapsed if elapsed > 0 else 0.0
-        parts.append(f"{pace:.2f} steps/s")
-        if pace > 0 and math.isfinite(total):
-            parts.append(f"about {duration((total - step) / pace)} left")
+        elapsed, done = now - self._started, step - self._first_step
+        parts.append(f"{done / elapsed if elapsed > 0 else 0.0:.2f} steps/s")
+        if done > 0 and math.isfinite(total):
+            parts.append(time_left(done, total - self._first_step, elapsed))
         log.info(" | ".join(parts))
 
 
