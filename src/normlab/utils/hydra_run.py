@@ -81,6 +81,23 @@ def eval_dir_name(ckpt_path: str | None, data: str | None) -> str:
     return f"{name}/data={data or 'training'}"
 
 
+# Folders of conf/ that hold parts of other configs (included with `@_here_`), not options to
+# choose on the command line.
+_CONFIG_PARTS = {"model/retinanet"}
+
+
+def config_groups_help() -> str:
+    """``group: option, ...`` for every config group a user chooses from (``--help``): Hydra's
+    own listing, without Hydra's groups and the folders of config parts."""
+    lines = []
+    for group_dir in sorted(path for path in CONFIG_DIR.rglob("*") if path.is_dir()):
+        group = group_dir.relative_to(CONFIG_DIR).as_posix()
+        options = sorted(path.stem for path in group_dir.glob("*.yaml"))
+        if options and group.split("/")[0] != "hydra" and group not in _CONFIG_PARTS:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register_resolvers() -> None:
     """Resolvers used by conf/: registered once, before Hydra composes anything."""
     if not OmegaConf.has_resolver("wandb_offline"):
@@ -92,6 +109,7 @@ def register_resolvers() -> None:
         ("run_group", run_group),
         ("run_name", run_name),
         ("eval_dir_name", eval_dir_name),
+        ("config_groups_help", config_groups_help),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
