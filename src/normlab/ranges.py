@@ -15,7 +15,7 @@ import functools
 import inspect
 import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -131,6 +131,17 @@ def check_int(argument: str, value: Any, *, minimum: int, owner: str | None = No
     allowed = ValueRange(low=minimum, integer=True)
     if not allowed.allows(value):
         raise ArgumentError.out_of_range(argument, value, allowed, owner)
+    return value
+
+
+def check_choice(
+    argument: str, value: Any, choices: Sequence[Any], owner: str | None = None
+) -> Any:
+    """``value`` if it is one of ``choices``; else :class:`ArgumentError` naming ``argument``
+    (``box_loss='iou' is not one of l1, smooth_l1, giou``)."""
+    if value not in choices:
+        listed = ", ".join(map(str, choices))
+        raise ArgumentError(argument, value, f"{{key}}={value!r} is not one of {listed}", owner)
     return value
 
 

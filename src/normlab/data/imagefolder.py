@@ -20,7 +20,6 @@ from typing_extensions import Unpack
 
 from normlab.data.bad_samples import (
     BadSamples,
-    ReportsUndecodable,
     check_header,
     check_on_bad_sample,
     convert_mode,
@@ -69,7 +68,7 @@ class RGBImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-class ImageFolderDataModule(ReportsUndecodable, ImageClassificationDataModule):
+class ImageFolderDataModule(ImageClassificationDataModule):
     """Images under ``root/train/<class>/`` and ``root/val/<class>/`` (and optionally
     ``root/test/<class>/``; without it the test split is the val split).
 

@@ -19,7 +19,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 
 from normlab.models.retinanet import DenseRetinaNet
-from normlab.ranges import ArgumentError
+from normlab.ranges import check_choice
 from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs, check_num_classes
 from normlab.tasks.optim import configure_optimization
@@ -50,9 +50,7 @@ COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
 
 def build_map_metric(backend: str = "faster_coco_eval") -> MeanAveragePrecision:
     """COCO box mAP exactly as COCOeval computes it (areas from the targets' ``area`` if given)."""
-    if backend not in MAP_BACKENDS:
-        message = f"{{key}}={backend!r} is not one of {', '.join(MAP_BACKENDS)}"
-        raise ArgumentError("map_backend", backend, message)
+    check_choice("map_backend", backend, MAP_BACKENDS)
     return MeanAveragePrecision(
         box_format="xyxy",
         iou_type="bbox",

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from normlab.errors import TrainingError
-from normlab.ranges import ArgumentError
+from normlab.ranges import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,7 @@ class LossGuard:
     """
 
     def __init__(self, policy: str = "stop") -> None:
-        if policy not in POLICIES:
-            message = f"{{key}}={policy!r} is not one of {', '.join(POLICIES)}"
-            raise ArgumentError("on_nonfinite_loss", policy, message)
-        self.policy = policy
+        self.policy = check_choice("on_nonfinite_loss", policy, POLICIES)
         self.skipped = 0
         self._buffers: list[Tensor] = []
 

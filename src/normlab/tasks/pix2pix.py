@@ -26,7 +26,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from normlab.errors import ConfigError
 from normlab.models.pix2pix import check_image_size
-from normlab.ranges import ArgumentError
+from normlab.ranges import ArgumentError, check_choice
 from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs
 from normlab.tasks.optim import build_optimizer
@@ -99,12 +99,8 @@ class Pix2PixModule(Task):
         on_nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__(on_nonfinite_loss)
-        if gan_mode not in GAN_MODES:
-            message = f"{{key}}={gan_mode!r} is not one of {', '.join(GAN_MODES)}"
-            raise ArgumentError("gan_mode", gan_mode, message)
-        if test_mode not in TEST_MODES:
-            message = f"{{key}}={test_mode!r} is not one of {', '.join(TEST_MODES)}"
-            raise ArgumentError("test_mode", test_mode, message)
+        check_choice("gan_mode", gan_mode, GAN_MODES)
+        check_choice("test_mode", test_mode, TEST_MODES)
         for argument, epochs in (("n_epochs", n_epochs), ("n_epochs_decay", n_epochs_decay)):
             if epochs < 0:
                 raise ArgumentError(argument, epochs, f"{{key}} must be >= 0, got {epochs}")
