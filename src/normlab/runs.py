@@ -94,8 +94,9 @@ def _why_unreadable(path: Path, error: Exception) -> str:
 
 
 def load_run_info(ckpt_path: str) -> dict[str, Any]:
-    """The resolved training config and git SHA stored in a normlab checkpoint; a ConfigError
-    naming the file when it is missing, unreadable or not one of ours."""
+    """The resolved training config and git SHA stored in a normlab checkpoint, with the
+    checkpoint's ``global_step`` and ``epoch``; a ConfigError naming the file when it is missing,
+    unreadable or not one of ours."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
@@ -108,7 +109,8 @@ def load_run_info(ckpt_path: str) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict) or "normlab" not in checkpoint:
         raise ConfigError(f"ckpt_path={ckpt_path} was not written by normlab.train (no run config)")
-    return checkpoint["normlab"]
+    position = {key: checkpoint.get(key, 0) for key in ("global_step", "epoch")}
+    return {**checkpoint["normlab"], **position}
 
 
 # What a model takes from its data, and where the trained config holds it (model.* where the

@@ -43,7 +43,13 @@ from normlab.utils.distributed import (
     publish_run_config,
     split_global_batch,
 )
-from normlab.utils.hydra_run import CONFIG_DIR, in_multirun, register_resolvers
+from normlab.utils.extras import apply_extras, print_config
+from normlab.utils.hydra_run import (
+    CONFIG_DIR,
+    in_multirun,
+    register_resolvers,
+    sweeper_reads_metric,
+)
 from normlab.utils.logs import continue_logs
 from normlab.utils.resume_selection import Resume, load_weights, resume_checkpoint
 from normlab.utils.run_identity import check_same_run, requested_config
@@ -124,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     cfg = inherited_run_config() or cfg
     check_required(cfg)
     validate_config(cfg)
+    apply_extras(cfg)
     import_user_modules(cfg.get("imports"))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -141,6 +148,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_same_run(continued["config"], requested_config(cfg, continued), continuing.path)
     datamodule = instantiate_data(cfg.data)
     fill_from_datamodule(cfg, datamodule)
+    print_config(cfg)
     # The model is built here, before any data is read, so a bad norm or model fails at once.
     task = OmegaConf.to_container(cfg.task, resolve=True)
     module = instantiate(task, _recursive_=False)
@@ -240,11 +248,12 @@ def main(cfg: DictConfig) -> float | None:
         name = cfg.get("optimized_metric")
         if name and name not in metrics:
             message = f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}"
-            if in_multirun():
-                raise ConfigError(message)  # the sweeper needs it: the job failed
-            # A run shorter than its first validation trained fine: not a failure.
+            if sweeper_reads_metric():
+                raise ConfigError(message)  # Optuna needs it: the job failed
+            # A run (or grid job) shorter than its first validation trained fine: not a failure;
+            # a grid's summary lists the jobs without the metric.
             log.warning(message)
-        if name and in_multirun() and not math.isfinite(metrics[name]):
+        if name in metrics and sweeper_reads_metric() and not math.isfinite(metrics[name]):
             # Optuna cannot store a NaN value: the trial is a failure, not a result.
             raise TrainingError(f"optimized_metric {name}={metrics[name]}")
     except Exception as error:

@@ -115,6 +115,21 @@ def _check_trainer_values(trainer: DictConfig) -> None:
     for key, (valid, allowed) in _TRAINER_RULES.items():
         if key in trainer and not valid(trainer[key]):
             raise ConfigError(f"trainer.{key} must be {allowed}, got {trainer[key]!r}")
+    _check_accelerator(trainer.get("accelerator"))
+
+
+def _check_accelerator(name: Any) -> None:
+    """A GPU accelerator this machine lacks: one line, not Lightning's traceback."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    devices = {"cuda": "CUDA GPU", "mps": "Apple GPU (MPS)", "gpu": "CUDA or Apple (MPS) GPU"}
+    if name not in devices:
+        return
+    cuda, mps = CUDAAccelerator.is_available(), MPSAccelerator.is_available()
+    if not {"cuda": cuda, "mps": mps, "gpu": cuda or mps}[name]:
+        raise ConfigError(
+            f"trainer.accelerator={name}: this machine has no {devices[name]}; use trainer=cpu"
+        )
 
 
 # -- argument ranges ------------------------------------------------------------------------------

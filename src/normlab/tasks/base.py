@@ -65,8 +65,10 @@ class Task(pl.LightningModule, ABC):
 
     def check_run(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule | None) -> None:
         """Raise :class:`~normlab.errors.ConfigError`, naming the config key, for Trainer options
-        or data the task cannot work with; called once both are built, before fitting. By
-        default there is nothing to check."""
+        or data the task cannot work with; called once both are built, before fitting. A task
+        that knows its input's size from the data also sets ``example_input_array`` (one sample)
+        here, so that the model summary reports FLOPs and sizes. By default there is nothing to
+        check."""
 
     @abstractmethod
     def forward_for_norm_statistics(self, batch: Any) -> None:

@@ -89,6 +89,8 @@ class ClassificationModule(Task):
         image_size = getattr(datamodule, "image_size", None)
         in_channels = getattr(datamodule, "in_channels", None)
         batch_size = getattr(datamodule, "batch_size", None)
+        if image_size and in_channels:
+            self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
         if image_size and in_channels and batch_size:
             check_norm_inputs(
                 self.model,
