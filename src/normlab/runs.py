@@ -15,7 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError, TrainingError
-from normlab.ranges import argument_error_behind
+from normlab.utils.config_keys import config_keys_named
 from normlab.utils.run_identity import missing_keys
 
 # -- a run's parts from its config -----------------------------------------------------------------
@@ -33,14 +33,10 @@ def instantiate_data(data_cfg: DictConfig) -> pl.LightningDataModule:
     module's: :func:`~normlab.utils.distributed.split_global_batch` turns it into batch_size)."""
     plain = OmegaConf.to_container(data_cfg, resolve=True)
     plain.pop("global_batch_size", None)
-    try:
+    # The module names its argument (batch_size); the key is data.batch_size, also where the data
+    # config came from a checkpoint and the entry point's config does not hold it.
+    with config_keys_named(data_cfg, "data"):
         return instantiate(plain)
-    except Exception as error:
-        # The module names its argument (batch_size); only here is it known to be data.batch_size.
-        cause = argument_error_behind(error)
-        if cause is None:
-            raise
-        raise cause.at(f"data.{cause.argument}") from error
 
 
 def import_user_modules(modules: list[str] | None) -> None:

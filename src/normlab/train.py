@@ -23,7 +23,7 @@ from normlab.callbacks import ResumeRecord
 from normlab.callbacks.checkpointing import AtomicCheckpointIO, RunInfo, SaveOnSigterm
 from normlab.errors import ConfigError, JobFailed, TrainingError
 from normlab.group_options import refuse_unknown_options
-from normlab.norm.layer_sync import NormSync
+from normlab.norm.lightning_sync_plugin import NormSync
 from normlab.runs import (
     check_required,
     exit_on_config_error,
