@@ -47,7 +47,7 @@ def write_coco_detections(
 @name_config_keys
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
-    info = load_run_info(cfg.ckpt_path)
+    info = load_run_info(cfg.ckpt_path, cfg.get("imports"))
     trained = OmegaConf.create(info["config"])
     data_cfg = cfg.data if cfg.get("data") else trained.data
     datamodule = instantiate_data(data_cfg)

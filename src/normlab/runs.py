@@ -12,10 +12,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.core.saving import CHECKPOINT_PAST_HPARAMS_KEYS
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError, TrainingError
 from normlab.ranges import argument_error_behind
+from normlab.tasks.base import Task
+from normlab.trusted_targets import check_targets
 
 # -- a run's parts from its config -----------------------------------------------------------------
 
@@ -107,9 +110,26 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     return f"truncated or corrupt ({first_line})"
 
 
-def load_run_info(ckpt_path: str) -> dict[str, Any]:
-    """The resolved training config and git SHA stored in a normlab checkpoint; a ConfigError
-    naming the file when it is missing, unreadable or not one of ours."""
+def _check_trained_imports(ckpt_path: str, trained: Any, imports: list[str]) -> None:
+    """A checkpoint never imports code by itself: the packages it was trained with must be named
+    again on the command line."""
+    trained = trained or []
+    if not isinstance(trained, list) or not all(isinstance(name, str) for name in trained):
+        raise ConfigError(f"ckpt_path={ckpt_path} stores imports={trained!r}, not a list of names")
+    if any(name not in imports for name in trained):
+        names = ",".join(dict.fromkeys([*imports, *trained]))
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} was trained with imports=[{','.join(trained)}], and a "
+            f"checkpoint never imports code by itself: name them, imports=[{names}]"
+        )
+
+
+def load_run_info(ckpt_path: str, imports: list[str] | None = None) -> dict[str, Any]:
+    """The resolved training config and git SHA stored in a normlab checkpoint, once every
+    ``_target_`` it could make eval or export build is known to be normlab's or in a package of
+    ``imports`` (imported here; see :mod:`normlab.trusted_targets`); a ConfigError naming the
+    file when it is missing, unreadable, not one of ours, or names anything else."""
+    imports = list(imports or [])
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
@@ -120,9 +140,21 @@ def load_run_info(ckpt_path: str) -> dict[str, Any]:
         raise ConfigError(
             f"ckpt_path={ckpt_path} cannot be read: {_why_unreadable(path, error)}"
         ) from None
-    if not isinstance(checkpoint, dict) or "normlab" not in checkpoint:
+    record = checkpoint.get("normlab") if isinstance(checkpoint, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise ConfigError(f"ckpt_path={ckpt_path} was not written by normlab.train (no run config)")
-    return checkpoint["normlab"]
+    _check_trained_imports(ckpt_path, record["config"].get("imports"), imports)
+    import_user_modules(imports)
+    # The stored config, and the hyperparameters load_from_checkpoint rebuilds the task from
+    # (under their current and past keys).
+    hparams_keys = (pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, *CHECKPOINT_PAST_HPARAMS_KEYS)
+    check_targets(
+        f"ckpt_path={ckpt_path}",
+        ("", record["config"]),
+        *((f"{key}.", checkpoint.get(key)) for key in hparams_keys),
+        imports=imports,
+    )
+    return record
 
 
 # What a model takes from its data, and where the trained config holds it (model.* where the
@@ -165,6 +197,10 @@ def check_data_fits(ckpt_path: str, trained: DictConfig, datamodule: object) -> 
 def load_trained_module(ckpt_path: str, trained: DictConfig) -> pl.LightningModule:
     """The task module of a checkpoint, of the class its training config names, on the CPU."""
     module_class = get_class(trained.task._target_)
+    if not (isinstance(module_class, type) and issubclass(module_class, Task)):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} task._target_={trained.task._target_} is not a normlab task"
+        )
     return module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
 
 
