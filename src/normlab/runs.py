@@ -19,6 +19,7 @@ from normlab.errors import ConfigError, TrainingError
 from normlab.ranges import argument_error_behind
 from normlab.tasks.base import Task
 from normlab.trusted_targets import check_targets
+from normlab.utils.hydra_run import CONFIG_DIR
 
 # -- a run's parts from its config -----------------------------------------------------------------
 
@@ -168,17 +169,58 @@ _DATA_PROPERTIES = {
 
 
 def _trained_value(trained: DictConfig, name: str) -> Any:
-    for key in (f"model.{name}", f"data.{name}"):
+    data_key = name
+    if name == "image_size":
+        # The data module's argument that sets its image size (an aligned module's crop_size).
+        data_key = getattr(get_class(trained.data._target_), "image_size_option", name)
+    for key in (f"model.{name}", f"data.{data_key}"):
         value = OmegaConf.select(trained, key, default=None, throw_on_missing=False)
         if value is not None:
             return value
     return None
 
 
+def _option_target(path: Path) -> str | None:
+    """The ``_target_`` of a group option's file, or of the option of the same group it extends
+    (``defaults: [aligned, _self_]``)."""
+    node = OmegaConf.load(path)
+    if "_target_" in node:
+        return node._target_
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str) and (path.parent / f"{entry}.yaml").is_file():
+            return _option_target(path.parent / f"{entry}.yaml")
+    return None
+
+
+def _data_options_giving(batch_format: str) -> list[str]:
+    """The ``data=`` options of conf/data/ whose module gives batches of ``batch_format``."""
+    options = []
+    for path in sorted((CONFIG_DIR / "data").glob("*.yaml")):
+        target = _option_target(path)
+        if target and getattr(get_class(target), "batch_format", None) == batch_format:
+            options.append(path.stem)
+    return options
+
+
+def _check_batch_format(ckpt_path: str, trained: DictConfig, datamodule: object) -> None:
+    task = get_class(trained.task._target_)
+    takes = getattr(task, "batch_format", None)
+    gives = getattr(datamodule, "batch_format", None)
+    if takes and gives and takes != gives:
+        fitting = "|".join(_data_options_giving(takes))
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not fit the data: its task ({task.__name__}) takes "
+            f"{takes}, the data ({type(datamodule).__name__}) gives {gives}; data of its kind: "
+            f"data={fitting}"
+        )
+
+
 def check_data_fits(ckpt_path: str, trained: DictConfig, datamodule: object) -> None:
-    """Refuse data the checkpoint's model was not trained for (another channel count, class
-    count or image size): a model evaluated on it fails with a shape error deep inside the
-    network, or worse, runs and reports the accuracy of labels it never learned."""
+    """Refuse data the checkpoint's model was not trained for (batches of another kind than its
+    task takes, another channel count, class count or image size): a model evaluated on it fails
+    with a shape error deep inside the network, or worse, runs and reports the accuracy of
+    labels it never learned."""
+    _check_batch_format(ckpt_path, trained, datamodule)
     for name, what in _DATA_PROPERTIES.items():
         want, got = _trained_value(trained, name), getattr(datamodule, name, None)
         if want is None or got is None or want == got:
@@ -187,7 +229,10 @@ def check_data_fits(ckpt_path: str, trained: DictConfig, datamodule: object) -> 
         if name == "num_classes" and getattr(datamodule, "class_names", None):
             names = list(datamodule.class_names)
             got = f"{got} ({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''})"
-        hint = f"; set data.image_size={want}" if name == "image_size" else ""
+        hint = ""
+        if name == "image_size":
+            option = getattr(datamodule, "image_size_option", "image_size")
+            hint = f"; set data.{option}={want}"
         raise ConfigError(
             f"ckpt_path={ckpt_path} does not fit the data: its model was trained with {what} "
             f"{want}, the data ({data}) has {what} {got}{hint}"

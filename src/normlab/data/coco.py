@@ -173,6 +173,7 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
     """
 
     collate_fn = staticmethod(detection_collate)
+    batch_format = "images with boxes"
 
     in_channels = 3
 

@@ -34,6 +34,9 @@ class Task(pl.LightningModule, ABC):
     its value), so ``load_from_checkpoint(path)`` rebuilds the module from the checkpoint alone.
     """
 
+    # What the batches this task takes hold, in the words data modules declare theirs with
+    # (their batch_format): a checkpoint is evaluated only on data of that kind.
+    batch_format: str = ""
     # Names of the optimizers in the order configure_optimizers returns them, for callbacks that
     # log one curve per optimizer; empty: number them.
     optimizer_names: tuple[str, ...] = ()
