@@ -20,6 +20,7 @@ from normlab.ranges import argument_error_behind
 from normlab.tasks.base import Task
 from normlab.trusted_targets import check_targets
 from normlab.utils.hydra_run import CONFIG_DIR
+from normlab.utils.secrets import mask_secrets
 
 # -- a run's parts from its config -----------------------------------------------------------------
 
@@ -265,7 +266,8 @@ def reported_error(error: BaseException | None) -> ConfigError | TrainingError |
 def one_line(reported: ConfigError | TrainingError) -> str:
     """What the user reads for ``reported``: the kind of failure, then the error's message."""
     kind = "training stopped" if isinstance(reported, TrainingError) else "configuration error"
-    return f"{kind}: {reported}"
+    # A message may quote a config value that came from a secret (data.root=${oc.env:...}).
+    return mask_secrets(f"{kind}: {reported}")
 
 
 def exit_on_config_error(error: Exception) -> None:

@@ -46,7 +46,7 @@ from normlab.utils.hydra_run import CONFIG_DIR, in_multirun, register_resolvers
 from normlab.utils.logs import continue_logs
 from normlab.utils.resume_selection import Resume, load_weights, resume_checkpoint
 from normlab.utils.run_info import git_sha, save_run_info
-from normlab.utils.secrets import masked_config
+from normlab.utils.secrets import mask_secrets, mask_secrets_in_logs, masked_config
 from normlab.utils.wandb_logger import attach_wandb_run
 from normlab.utils.writable_dirs import check_writable
 from normlab.validation import name_config_keys, validate_config
@@ -120,6 +120,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics."""
     # In a process Lightning launched for another rank: run exactly rank 0's resolved config.
     cfg = inherited_run_config() or cfg
+    mask_secrets_in_logs()
     check_required(cfg)
     validate_config(cfg)
     import_user_modules(cfg.get("imports"))
@@ -198,7 +199,7 @@ def fail_sweep_job(error: Exception) -> NoReturn:
     if reported is None:
         log.exception("job failed")
         first_line = next(iter(str(error).splitlines()), "")
-        line = f"{type(error).__name__}: {first_line}"
+        line = mask_secrets(f"{type(error).__name__}: {first_line}")
     else:
         line = one_line(reported)
         log.error("normlab: %s", line)
