@@ -33,13 +33,18 @@ def _dotted_name(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
+# Keys whose value names a callable to import and call: Hydra's, and the one Lightning's
+# load_from_checkpoint reads from the hyperparameters.
+TARGET_KEYS = ("_target_", "_instantiator")
+
+
 def _targets_in(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(key, target)`` for every ``_target_`` in a nest of mappings and lists, keys dotted
-    from ``prefix`` (``model.norm._target_``)."""
+    """``(key, target)`` for every target key in a nest of mappings and lists, keys dotted from
+    ``prefix`` (``model.norm._target_``)."""
     if isinstance(node, Mapping):
         for key, value in node.items():
             path = f"{prefix}{key}"
-            if key == "_target_":
+            if key in TARGET_KEYS:
                 yield path, value
             else:
                 yield from _targets_in(value, f"{path}.")
