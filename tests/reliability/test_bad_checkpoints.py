@@ -277,3 +277,44 @@ def test_data_of_another_kind_names_the_task(
     checkpoint = task_checkpoints[task]
     line = _one_error_line(entry, [f"ckpt_path={checkpoint}", *data], tmp_path, capsys)
     assert f"ckpt_path={checkpoint} does not fit the data: {expected}" in line
+
+
+# -- a checkpoint trained with imports=[a user package] ---------------------------------------------
+
+USER_PACKAGE = "usernorms_for_eval"
+
+
+def test_a_user_packages_norm_and_callback_load_with_imports(tmp_path, capsys, monkeypatch):
+    """Its targets are allowed only when the package is named on the command line: the
+    checkpoint's own word imports nothing."""
+    (tmp_path / f"{USER_PACKAGE}.py").write_text(
+        "import lightning.pytorch as pl\nfrom torch import nn\n\n"
+        "from normlab.norm import register_norm\n\n\n"
+        '@register_norm("gn1_from_imports")\n'
+        "def group_norm_one_group(num_features, eps=1e-5):\n"
+        "    return nn.GroupNorm(1, num_features, eps=eps)\n\n\n"
+        "class Quiet(pl.Callback):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = tiny_checkpoint(
+        "classification",
+        tmp_path / "run",
+        f"imports=[{USER_PACKAGE}]",
+        "norm=none",
+        "norm.name=gn1_from_imports",
+        f"+callbacks.quiet._target_={USER_PACKAGE}.Quiet",
+    )
+    for entry in ENTRY_POINTS:
+        line = _one_error_line(entry, [f"ckpt_path={checkpoint}"], tmp_path, capsys)
+        assert (
+            f"was trained with imports=[{USER_PACKAGE}], and a checkpoint never imports code by "
+            f"itself: name them, imports=[{USER_PACKAGE}]"
+        ) in line
+    given = [f"ckpt_path={checkpoint}", f"imports=[{USER_PACKAGE}]"]
+    try:
+        metrics = evaluate(compose_run(given, "eval", tmp_path / "eval"))
+        report = export(compose_run(given, "export", tmp_path / "export"))
+    finally:
+        GlobalHydra.instance().clear()
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert Path(report["exported_file"]).is_file() and report["norm"] == "gn1_from_imports"
