@@ -33,7 +33,6 @@ LAYERS: dict[str, int] = {
     "normlab.validation": 8,
     "normlab.group_options": 8,
     "normlab.runs": 8,
-    "normlab.trusted_targets": 8,
     "normlab.train": 9,
     "normlab.eval": 9,
     "normlab.export": 9,

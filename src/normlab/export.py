@@ -66,7 +66,7 @@ def _check_onnx_installed() -> None:
 
 def _export_onnx(network: nn.Module, example_inputs: tuple, path: Path) -> Any:
     # The batch axis of every input is left free (AUTO: unless the network's code fixes it), so
-    # the file takes one image as well as the example batch; batch_dimensions says which it got.
+    # the file takes one image as well as the example batch; the report's batch_size says which.
     batch_free = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
     torch.onnx.export(
         network, example_inputs, str(path), external_data=False, dynamic_shapes=batch_free

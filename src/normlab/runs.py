@@ -3,9 +3,11 @@ reading a normlab checkpoint back, and reporting a failed run in one line."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pickle
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,13 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.core.saving import CHECKPOINT_PAST_HPARAMS_KEYS
 from omegaconf import DictConfig, OmegaConf
 
+import normlab.data
+import normlab.models
+import normlab.tasks
 from normlab.errors import ConfigError, TrainingError
+from normlab.norm.registry import NORMS, DeferredClass
 from normlab.ranges import argument_error_behind
 from normlab.tasks.base import Task
-from normlab.trusted_targets import check_targets
 from normlab.utils.hydra_run import CONFIG_DIR
 from normlab.utils.secrets import mask_secrets
 
@@ -89,6 +94,81 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) ->
             cfg.model[key] = getattr(datamodule, key)
 
 
+# -- what a checkpoint may make eval and export build ----------------------------------------------
+#
+# A checkpoint loads with torch.load(weights_only=True), but the configs it stores name _target_
+# callables that Hydra imports and calls: builtins.open or torch.hub.load would run whatever the
+# file's author chose. So every target in the stored config and in the hyperparameters Lightning
+# rebuilds the task from is checked before anything is built, against what normlab registers (the
+# tasks, models and data modules its packages export, the norm registry's factories), the targets
+# normlab's own conf/ names, and anything inside a package the user names with imports=[...].
+
+
+def _dotted_name(obj: Any) -> str:
+    if isinstance(obj, DeferredClass):
+        return obj.path
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+# Keys whose value names a callable to import and call: Hydra's, and the one Lightning's
+# load_from_checkpoint reads from the hyperparameters.
+TARGET_KEYS = ("_target_", "_instantiator")
+
+
+def _targets_in(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key, target)`` for every target key in a nest of mappings and lists, keys dotted from
+    ``prefix`` (``model.norm._target_``)."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if key in TARGET_KEYS:
+                yield path, value
+            else:
+                yield from _targets_in(value, f"{path}.")
+    elif isinstance(node, list | tuple):
+        for index, item in enumerate(node):
+            yield from _targets_in(item, f"{prefix}{index}.")
+
+
+@functools.cache
+def _conf_targets() -> frozenset[str]:
+    targets = set()
+    for path in Path(CONFIG_DIR).rglob("*.yaml"):
+        stored = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        targets.update(str(target) for _, target in _targets_in(stored))
+    return frozenset(targets)
+
+
+def normlab_targets() -> frozenset[str]:
+    """Every ``_target_`` a checkpoint may name without ``imports=``: the exports of
+    ``normlab.tasks``, ``normlab.models`` and ``normlab.data`` (by their package's name and
+    their own module's), the registered norm factories and the targets in ``conf/``."""
+    targets = set(_conf_targets())
+    for package in (normlab.tasks, normlab.models, normlab.data):
+        for name in package.__all__:
+            targets |= {f"{package.__name__}.{name}", _dotted_name(getattr(package, name))}
+    targets.update(_dotted_name(factory) for factory in NORMS.values())
+    return frozenset(targets)
+
+
+def check_targets(
+    where: str, *nodes: tuple[str, Any], imports: list[str] | tuple[str, ...] = ()
+) -> None:
+    """Refuse, naming ``where`` and the key, the first ``_target_`` in ``nodes`` (``(key prefix,
+    config)`` pairs) that is neither a normlab target nor inside a package of ``imports``."""
+    allowed = normlab_targets()
+    packages = tuple(f"{name}." for name in imports)
+    for prefix, node in nodes:
+        for key, target in _targets_in(node, prefix):
+            if isinstance(target, str) and (target in allowed or target.startswith(packages)):
+                continue
+            raise ConfigError(
+                f"{where} {key}={target} is not a normlab target; a checkpoint may build only "
+                "normlab's tasks, models, norms and data modules and the targets in its conf/, "
+                "or those of a package you name with imports=[...]"
+            )
+
+
 # -- reading a checkpoint back ---------------------------------------------------------------------
 
 
@@ -129,14 +209,15 @@ def _check_trained_imports(ckpt_path: str, trained: Any, imports: list[str]) -> 
 def load_run_info(ckpt_path: str, imports: list[str] | None = None) -> dict[str, Any]:
     """The resolved training config and git SHA stored in a normlab checkpoint, once every
     ``_target_`` it could make eval or export build is known to be normlab's or in a package of
-    ``imports`` (imported here; see :mod:`normlab.trusted_targets`); a ConfigError naming the
+    ``imports`` (imported here; see :func:`normlab_targets`); a ConfigError naming the
     file when it is missing, unreadable, not one of ours, or names anything else."""
     imports = list(imports or [])
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
     try:
-        # Tensors and plain containers only: a checkpoint from elsewhere cannot run code on load.
+        # Tensors and plain containers only: unpickling runs no code (the callables its config
+        # names are checked below, before anything builds them).
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch reports a bad file as whatever its unpickler hit
         raise ConfigError(
@@ -170,10 +251,10 @@ _DATA_PROPERTIES = {
 
 
 def _trained_value(trained: DictConfig, name: str) -> Any:
-    data_key = name
-    if name == "image_size":
+    data_key, data_target = name, OmegaConf.select(trained, "data._target_", default=None)
+    if name == "image_size" and data_target:
         # The data module's argument that sets its image size (an aligned module's crop_size).
-        data_key = getattr(get_class(trained.data._target_), "image_size_option", name)
+        data_key = getattr(get_class(data_target), "image_size_option", name)
     for key in (f"model.{name}", f"data.{data_key}"):
         value = OmegaConf.select(trained, key, default=None, throw_on_missing=False)
         if value is not None:

@@ -1,9 +1,11 @@
 """What every task module offers the callbacks and entry points that drive it.
 
 A task is a LightningModule built from Hydra configs. Besides Lightning's hooks, the code above
-the tasks layer relies on four things, declared here so that it can call them instead of
+the tasks layer relies on five things, declared here so that it can call them instead of
 probing for them:
 
+- :attr:`Task.batch_format`: what the batches it takes hold, matched against the data module's
+  own ``batch_format`` before a checkpoint is evaluated or exported (``normlab.runs``);
 - :meth:`Task.logged_metrics`: the metric names the task logs, checked against
   ``monitor.metric`` and ``optimized_metric`` before a run starts (``normlab.validation``);
 - :meth:`Task.check_run`: refuse Trainer options or data the task cannot work with
