@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "normlab.eval": 9,
     "normlab.export": 9,
     "normlab.sweep": 9,
+    "normlab.collect": 9,
     "normlab": 9,  # the package's own __init__
 }
 

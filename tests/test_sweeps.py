@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from cli import offline_env, run_train
+from normlab.collect.wandb_runs import read_offline_run
 from normlab.sweep import stored_trials
-from wandb_offline import read_offline_run
 
 # One batch of everything, on the small DenseNet: what is tested here is the sweep machinery.
 QUICK = ("experiment=densenet_digits", "model=densenet_bc_40", "data.image_size=16", "debug=fdr")

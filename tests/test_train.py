@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from normlab.collect.wandb_runs import read_offline_run
 from normlab.eval import evaluate
 from normlab.norm import NORMS
 from normlab.train import train
 from normlab.utils.hydra_run import CONFIG_DIR
-from wandb_offline import read_offline_run
 
 NORM_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "norm").glob("*.yaml"))
 # Added with issue 20; their fast_dev_runs here are slow tests (tests/norm/test_small_batch_norms.py

@@ -15,7 +15,7 @@ import functools
 import inspect
 import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,7 +58,7 @@ class ValueRange:
             return False
         if self.integer and not isinstance(value, int):
             return False
-        if math.isnan(value):
+        if not math.isfinite(value):  # NaN, and infinities no argument takes (lr=inf)
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -88,6 +88,8 @@ FRACTION = ValueRange(low=0, high=1)
 DROP_RATE = ValueRange(low=0, high=1, high_open=True)
 # A running-average momentum; null means a cumulative average (torch's BatchNorm).
 MOMENTUM = ValueRange(low=0, high=1, nullable=True)
+# What numpy's and Python's RNGs accept as a seed (pl.seed_everything refuses the rest).
+SEED = ValueRange(low=0, high=2**32 - 1, integer=True)
 
 
 class ArgumentError(ConfigError):
@@ -131,6 +133,17 @@ def check_int(argument: str, value: Any, *, minimum: int, owner: str | None = No
     allowed = ValueRange(low=minimum, integer=True)
     if not allowed.allows(value):
         raise ArgumentError.out_of_range(argument, value, allowed, owner)
+    return value
+
+
+def check_choice(
+    argument: str, value: Any, choices: Sequence[Any], owner: str | None = None
+) -> Any:
+    """``value`` if it is one of ``choices``; else :class:`ArgumentError` naming ``argument``
+    (``box_loss='iou' is not one of l1, smooth_l1, giou``)."""
+    if value not in choices:
+        listed = ", ".join(map(str, choices))
+        raise ArgumentError(argument, value, f"{{key}}={value!r} is not one of {listed}", owner)
     return value
 
 

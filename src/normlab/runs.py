@@ -25,6 +25,7 @@ from normlab.norm.registry import NORMS, DeferredClass
 from normlab.ranges import argument_error_behind
 from normlab.tasks.base import Task
 from normlab.utils.hydra_run import CONFIG_DIR
+from normlab.utils.run_identity import missing_keys
 from normlab.utils.secrets import mask_secrets
 
 # -- a run's parts from its config -----------------------------------------------------------------
@@ -65,20 +66,9 @@ def import_user_modules(modules: list[str] | None) -> None:
 _FROM_DATA = {"model.num_classes", "model.in_channels"}
 
 
-def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Keys holding a literal ``???``, found without resolving interpolations."""
-    missing = []
-    for key in node:
-        if OmegaConf.is_missing(node, key):
-            missing.append(f"{prefix}{key}")
-        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
-            missing += _missing_keys(node[key], f"{prefix}{key}.")
-    return missing
-
-
 def check_required(cfg: DictConfig) -> None:
     """Every ``???`` value must be given before anything runs (the data module's excepted)."""
-    missing = sorted(set(_missing_keys(cfg)) - _FROM_DATA)
+    missing = sorted(set(missing_keys(cfg)) - _FROM_DATA)
     if missing:
         raise ConfigError(
             f"{', '.join(missing)} must be set, on the command line ({missing[0]}=...) "

@@ -31,6 +31,7 @@ from normlab.runs import (
     import_user_modules,
     instantiate_data,
     instantiate_group,
+    load_run_info,
     one_line,
     reported_error,
 )
@@ -45,6 +46,7 @@ from normlab.utils.distributed import (
 from normlab.utils.hydra_run import CONFIG_DIR, in_multirun, register_resolvers
 from normlab.utils.logs import continue_logs
 from normlab.utils.resume_selection import Resume, load_weights, resume_checkpoint
+from normlab.utils.run_identity import check_same_run, requested_config
 from normlab.utils.run_info import git_sha, save_run_info
 from normlab.utils.secrets import mask_secrets, mask_secrets_in_logs, masked_config
 from normlab.utils.wandb_logger import attach_wandb_run
@@ -134,6 +136,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_writable(output_dir / "checkpoints", "hydra.run.dir")
 
     split_global_batch(cfg)
+    continued = None
+    if continuing is not None:  # before anything is written: the checkpoint must be this run's
+        continued = load_run_info(str(continuing.path))
+        check_same_run(continued["config"], requested_config(cfg, continued), continuing.path)
     datamodule = instantiate_data(cfg.data)
     fill_from_datamodule(cfg, datamodule)
     # The model is built here, before any data is read, so a bad norm or model fails at once.
@@ -146,10 +152,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     resume_from = continuing and continuing.path
     wandb_id = attach_wandb_run(cfg, output_dir, resume_from, write=is_rank_zero())
-    info = save_run_info(cfg, output_dir, git_sha(), write=is_rank_zero())
-    info["wandb_id"] = wandb_id
+    run_record = save_run_info(
+        cfg, output_dir, git_sha(), write=is_rank_zero(), continued=continued
+    )
+    info = {**run_record.info, "wandb_id": wandb_id}
     if is_rank_zero():
-        publish_run_config(output_dir / "config_resolved.yaml")
+        publish_run_config(run_record.config_file)
     record = ResumeRecord()
     callbacks = [
         *instantiate_group(cfg.get("callbacks")),

@@ -28,9 +28,11 @@ from normlab.errors import ConfigError
 from normlab.norm import standardize
 from normlab.norm.registry import NORMS, argument_ranges
 from normlab.ranges import (
+    COUNT,
     DROP_RATE,
     FRACTION,
     NON_NEGATIVE,
+    SEED,
     ValueRange,
     argument_error_behind,
     declared_ranges,
@@ -51,8 +53,9 @@ def validate_config(cfg: DictConfig) -> None:
     where the run can go on (BN synchronisation asked for in a single process)."""
     _check_trainer_values(cfg.trainer)
     seed = cfg.get("seed")
-    if seed is not None and not is_int(seed):
-        raise ConfigError(f"seed must be an integer (or null for a random seed), got {seed!r}")
+    if seed is not None and not SEED.allows(seed):
+        allowed = SEED if is_int(seed) else "an integer"
+        raise ConfigError(f"seed must be {allowed} (or null for a random seed), got {seed!r}")
     _check_argument_ranges(cfg)
     _check_monitored_metrics(cfg)
     _warn_sync_in_one_process(cfg)
@@ -73,12 +76,21 @@ def _batches(value: Any) -> bool:
 
 _BATCHES = "null, an integer >= 0 (batches) or a fraction in [0, 1] of the epoch"
 
+
+def _count_or_unlimited(*, nullable: bool) -> Callable[[Any], bool]:
+    """A training budget: a count >= 1, or -1 for no limit (0 would train nothing)."""
+    return lambda v: (nullable and v is None) or (is_int(v) and v == -1) or COUNT.allows(v)
+
+
 # The Trainer keys of conf/trainer/*.yaml whose wrong values Lightning reports late or as a
 # traceback (max_epochs=abc is accepted by its constructor and fails in the first epoch).
 _TRAINER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "max_epochs": (_int_from(-1, nullable=True), "an integer >= -1 (-1: no limit) or null"),
+    "max_epochs": (
+        _count_or_unlimited(nullable=True),
+        "an integer >= 1, -1 (no limit) or null",
+    ),
     "min_epochs": (_int_from(0, nullable=True), "an integer >= 0 or null"),
-    "max_steps": (_int_from(-1), "an integer >= -1 (-1: no limit)"),
+    "max_steps": (_count_or_unlimited(nullable=False), "an integer >= 1 or -1 (no limit)"),
     "accumulate_grad_batches": (_int_from(1), "an integer >= 1"),
     "gradient_clip_val": (
         lambda v: v is None or (is_number(v) and v >= 0),
@@ -186,19 +198,25 @@ def _check_optimizer(node: Any, prefix: str) -> None:
 
 
 def _check_argument_ranges(cfg: DictConfig) -> None:
-    """Norm, model and optimizer arguments outside their valid ranges fail late (a traceback in
-    the first step, ``Invalid learning rate``) or not at all (a NaN loss, a run that trains
-    nothing). The ranges are declared where the arguments are taken (the norm registry, the
-    model constructors, ``_OPTIMIZER_RANGES``); here they are checked against the config, naming
-    its key. The top-level norm spec goes first: ``model.norm`` is usually ``${norm}``."""
+    """Norm, model, task, optimizer and callback arguments outside their valid ranges fail late
+    (a traceback in the first step, ``Invalid learning rate``) or not at all (a NaN loss, a run
+    that trains nothing). The ranges are declared where the arguments are taken (the norm
+    registry, the model, task and callback constructors, ``_OPTIMIZER_RANGES``); here they are
+    checked against the config, naming its key. The top-level norm spec goes first:
+    ``model.norm`` is usually ``${norm}``."""
     if "norm" in cfg:
         _check_norm_spec(_resolved(cfg, "norm"), "norm")
     model = cfg.get("model")
     if isinstance(model, DictConfig):
         _check_node_ranges(model, "model", dict(declared_ranges(_target(model))))
     task = cfg.get("task")
+    if isinstance(task, DictConfig):
+        _check_node_ranges(task, "task", dict(declared_ranges(_target(task))))
     if isinstance(task, DictConfig) and "optimizer" in task:
         _check_optimizer(_resolved(task, "optimizer"), "task.optimizer")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if isinstance(node, DictConfig):
+            _check_node_ranges(node, f"callbacks.{name}", dict(declared_ranges(_target(node))))
 
 
 # -- monitored metrics ----------------------------------------------------------------------------

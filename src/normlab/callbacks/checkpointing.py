@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from normlab.errors import ConfigError
+from normlab.ranges import OPTIONAL_COUNT, checked_arguments
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class SaveOnSigterm(pl.Callback):
             log.warning("SIGTERM: saved %s at step %d", self.path, trainer.global_step)
 
 
+@checked_arguments(every_n_train_steps=OPTIONAL_COUNT)
 class LastCheckpoint(pl.Callback):
     """Keeps one ``last.ckpt``, always the newest state: written every ``every_n_train_steps``
     optimizer steps, after each validation and when training ends (so a ``max_steps`` run that
@@ -70,11 +71,6 @@ class LastCheckpoint(pl.Callback):
     one that cannot be read."""
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ConfigError(
-                "callbacks.last_checkpoint.every_n_train_steps must be an integer >= 1 or null, "
-                f"got {every_n_train_steps!r}"
-            )
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1

@@ -23,6 +23,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.norm.inspect import has_running_statistics
+from normlab.ops.bn_stats import unbiased_variance
 
 
 def running_statistics_layers(model: nn.Module, *, frozen: bool = False) -> dict[str, nn.Module]:
@@ -73,7 +74,7 @@ def input_moments(module: nn.Module, x: Tensor) -> Moments:
         rows = values.reshape(1, values.shape[0] * channels, -1)
         mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
         size = rows.shape[2]
-        unbiased = var.double() * size / max(size - 1, 1)
+        unbiased = unbiased_variance(var.double(), size)
         instances = values.shape[0]
         return Moments(
             instances,
@@ -82,4 +83,4 @@ def input_moments(module: nn.Module, x: Tensor) -> Moments:
         )
     count = values.numel() // channels
     mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
-    return Moments(count, mean.double(), var.double() * count / max(count - 1, 1))
+    return Moments(count, mean.double(), unbiased_variance(var.double(), count))

@@ -41,7 +41,7 @@ from normlab.norm import (
     is_norm,
     standardize_conv_weights,
 )
-from normlab.ranges import COUNT, NON_NEGATIVE, ArgumentError, checked_arguments
+from normlab.ranges import COUNT, NON_NEGATIVE, ArgumentError, check_choice, checked_arguments
 
 __all__ = [
     "INIT_TYPES",
@@ -135,9 +135,7 @@ def check_image_size(image_size: int | Sequence[int], num_downs: int) -> None:
 
 
 def _check_init_type(init_type: str, owner: str | None = None) -> None:
-    if init_type not in INIT_TYPES:
-        message = f"{{key}}={init_type!r} is not one of {', '.join(INIT_TYPES)}"
-        raise ArgumentError("init_type", init_type, message, owner)
+    check_choice("init_type", init_type, INIT_TYPES, owner)
 
 
 def _init_weight(weight: Tensor, init_type: str, gain: float) -> None:

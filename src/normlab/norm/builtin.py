@@ -25,38 +25,40 @@ def layer_norm(num_features: int, eps: float = 1e-6, affine: bool = True) -> nn.
     return LayerNorm2d(num_features, eps=eps, affine=affine)
 
 
+# The group options of gn and of every norm that groups its channels as gn does (evonorm_s0).
+GROUP_RANGES = {"num_groups": OPTIONAL_COUNT, "group_size": OPTIONAL_COUNT, "max_groups": COUNT}
+
+
 def resolve_num_groups(
-    num_channels: int, num_groups: int | None, group_size: int | None, max_groups: int
+    num_channels: int,
+    num_groups: int | None,
+    group_size: int | None,
+    max_groups: int,
+    norm: str = "gn",
 ) -> int:
-    """Pick the GroupNorm group count: exact when asked for, else the largest divisor ≤ max_groups."""
+    """Pick the group count of ``norm`` (named in the errors): exact when asked for, else the
+    largest divisor ≤ max_groups."""
     if num_groups is not None and group_size is not None:
         raise ArgumentError(
-            "num_groups", num_groups, "gn: set either {key} or group_size, not both"
+            "num_groups", num_groups, f"{norm}: set either {{key}} or group_size, not both"
         )
-    if num_groups is not None:
-        if num_groups < 1 or num_channels % num_groups:
+    for key, value in (("num_groups", num_groups), ("group_size", group_size)):
+        if value is not None and (value < 1 or num_channels % value):
             raise ArgumentError(
-                "num_groups",
-                num_groups,
-                f"gn: {num_channels} channels are not divisible by {{key}}={num_groups}",
+                key, value, f"{norm}: {num_channels} channels are not divisible by {{key}}={value}"
             )
+    if num_groups is not None:
         return num_groups
     if group_size is not None:
-        if group_size < 1 or num_channels % group_size:
-            raise ArgumentError(
-                "group_size",
-                group_size,
-                f"gn: {num_channels} channels are not divisible by {{key}}={group_size}",
-            )
         return num_channels // group_size
     if max_groups < 1:
-        raise ArgumentError("max_groups", max_groups, f"gn: {{key}} must be ≥ 1, got {max_groups}")
+        raise ArgumentError(
+            "max_groups", max_groups, f"{norm}: {{key}} must be ≥ 1, got {max_groups}"
+        )
     return max(g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0)
 
 
-@register_norm(
-    "gn", ranges={"num_groups": OPTIONAL_COUNT, "group_size": OPTIONAL_COUNT, "max_groups": COUNT}
-)
+@register_norm("gn", ranges=GROUP_RANGES)
 def group_norm(
     num_features: int,
     num_groups: int | None = None,

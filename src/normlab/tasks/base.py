@@ -43,7 +43,9 @@ class Task(pl.LightningModule, ABC):
     # log one curve per optimizer; empty: number them.
     optimizer_names: tuple[str, ...] = ()
 
-    def __init__(self, on_nonfinite_loss: str = "stop") -> None:
+    def __init__(
+        self, on_nonfinite_loss: str = "stop", max_nonfinite_fraction: float = 0.25
+    ) -> None:
         super().__init__()
         # Lightning reads the arguments from the frame it is given: the subclass's __init__,
         # which called this one.
@@ -51,7 +53,13 @@ class Task(pl.LightningModule, ABC):
         for name, value in self.hparams.items():
             if isinstance(value, DictConfig):
                 self.hparams[name] = OmegaConf.to_container(value, resolve=True)
-        self.loss_guard = LossGuard(on_nonfinite_loss)
+        self.loss_guard = LossGuard(on_nonfinite_loss, max_nonfinite_fraction)
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_guard.check_skipped_fraction()
+
+    def on_train_end(self) -> None:
+        self.loss_guard.check_skipped_fraction()  # a max_steps run that ends mid-epoch
 
     @classmethod
     @abstractmethod

@@ -62,17 +62,10 @@ def _norm_problem(module: nn.Module, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: str) -> None:
-    """Raise ConfigError if a norm layer of ``network`` cannot train on the tensor it gets from
-    an input batch of ``input_shape`` (``where`` names the config keys that set that shape).
-
-    The network runs once on the meta device (shapes only: no memory, no arithmetic, well under a
-    second for RetinaNet-R50 at 800 px), with a hook on every 2-D norm layer. This catches what
-    otherwise stops the first training step with a traceback after the data is loaded: instance
-    norm on 1×1 maps (small images, a pooled head), BatchNorm on one image of 1×1, a 2-D norm
-    given features without H and W. A forward the probe cannot run (a model that needs real
-    values) is skipped: this check must never refuse a run that would work.
-    """
+def _norm_input_problem(network: nn.Module, input_shape: Sequence[int]) -> str | None:
+    """Run ``network`` on the meta device with a hook on every 2-D norm layer: the first layer
+    that cannot train on what it gets from an input of ``input_shape``, as one sentence, or
+    None."""
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], torch.Tensor):
@@ -97,11 +90,10 @@ def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: 
             functional_call(network, meta_state, (torch.empty(*input_shape, device="meta"),))
     except _NormInputProblem as problem:
         layer, kind, shape, reason = problem.args
-        raise ConfigError(
-            f"{where}: norm layer {layer} ({kind}) gets input of shape {tuple(shape)}, which it "
-            f"cannot normalise in training: {reason}. Use larger images or another norm for that "
-            "layer (norm=..., or model.head_norm=... for a head)"
-        ) from None
+        return (
+            f"norm layer {layer} ({kind}) gets input of shape {tuple(shape)}, which it cannot "
+            f"normalise in training: {reason}"
+        )
     except Exception as error:  # best effort: a model may need real values to run
         log.debug("norm input check skipped (%s: %s)", type(error).__name__, error)
     finally:
@@ -109,3 +101,34 @@ def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: 
             hook.remove()
         for module, training in modes.items():
             module.training = training
+    return None
+
+
+def check_norm_inputs(
+    network: nn.Module, input_shape: Sequence[int], *, where: str, datamodule: object = None
+) -> None:
+    """Raise ConfigError if a norm layer of ``network`` cannot train on the tensor it gets from
+    an input batch of ``input_shape`` (``where`` names the config keys that set that shape).
+
+    The network runs once on the meta device (shapes only: no memory, no arithmetic, well under a
+    second for RetinaNet-R50 at 800 px), with a hook on every 2-D norm layer. This catches what
+    otherwise stops the first training step with a traceback after the data is loaded: instance
+    norm on 1×1 maps (small images, a pooled head), BatchNorm on one image of 1×1, a 2-D norm
+    given features without H and W. A forward the probe cannot run (a model that needs real
+    values) is skipped: this check must never refuse a run that would work.
+
+    ``datamodule``: if a batch of one image cannot be trained on (BatchNorm after global
+    pooling), the data module is told (``drop_a_last_batch_of_one``), so that an epoch whose
+    last batch would hold a single image leaves it out instead of failing at its end.
+    """
+    problem = _norm_input_problem(network, input_shape)
+    if problem is not None:
+        raise ConfigError(
+            f"{where}: {problem}. Use larger images or another norm for that layer (norm=..., "
+            "or model.head_norm=... for a head)"
+        )
+    drop = getattr(datamodule, "drop_a_last_batch_of_one", None)
+    if drop is not None and input_shape[0] > 1:
+        problem = _norm_input_problem(network, (1, *input_shape[1:]))
+        if problem is not None:
+            drop(problem.replace(", which it cannot", " for one image, which it cannot"))
