@@ -75,7 +75,7 @@ def differences_from_training_test(
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_required(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    info = load_run_info(cfg.ckpt_path)
+    info = load_run_info(cfg.ckpt_path, cfg.get("imports"))
     trained = OmegaConf.create(info["config"])
     data_cfg = cfg.data if cfg.get("data") else trained.data
     datamodule = instantiate_data(data_cfg)

@@ -31,8 +31,8 @@ from normlab.runs import (
     import_user_modules,
     instantiate_data,
     instantiate_group,
-    load_run_info,
     one_line,
+    read_run_record,
     reported_error,
 )
 from normlab.tasks.base import Task
@@ -54,7 +54,7 @@ from normlab.utils.logs import continue_logs
 from normlab.utils.resume_selection import Resume, load_weights, resume_checkpoint
 from normlab.utils.run_identity import check_same_run, requested_config
 from normlab.utils.run_info import git_sha, save_run_info
-from normlab.utils.secrets import masked_config
+from normlab.utils.secrets import mask_secrets, mask_secrets_in_logs, masked_config
 from normlab.utils.wandb_logger import attach_wandb_run
 from normlab.utils.writable_dirs import check_writable
 from normlab.validation import name_config_keys, validate_config
@@ -128,6 +128,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics."""
     # In a process Lightning launched for another rank: run exactly rank 0's resolved config.
     cfg = inherited_run_config() or cfg
+    mask_secrets_in_logs()
     check_required(cfg)
     validate_config(cfg)
     apply_extras(cfg)
@@ -144,7 +145,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     split_global_batch(cfg)
     continued = None
     if continuing is not None:  # before anything is written: the checkpoint must be this run's
-        continued = load_run_info(str(continuing.path))
+        # Compared with the requested config, never built from: no target check needed here.
+        continued = read_run_record(str(continuing.path))
         check_same_run(continued["config"], requested_config(cfg, continued), continuing.path)
     datamodule = instantiate_data(cfg.data)
     fill_from_datamodule(cfg, datamodule)
@@ -214,7 +216,7 @@ def fail_sweep_job(error: Exception) -> NoReturn:
     if reported is None:
         log.exception("job failed")
         first_line = next(iter(str(error).splitlines()), "")
-        line = f"{type(error).__name__}: {first_line}"
+        line = mask_secrets(f"{type(error).__name__}: {first_line}")
     else:
         line = one_line(reported)
         log.error("normlab: %s", line)

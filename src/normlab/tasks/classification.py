@@ -34,6 +34,8 @@ class ClassificationModule(Task):
     ``ClassificationModule.load_from_checkpoint(path)`` rebuilds everything on its own.
     """
 
+    batch_format = "labelled images"
+
     def __init__(
         self,
         model: Mapping[str, Any],

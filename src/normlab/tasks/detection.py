@@ -101,6 +101,8 @@ class DetectionModule(Task):
     at least ``display_score_thresh`` and the ground truth.
     """
 
+    batch_format = "images with boxes"
+
     def __init__(
         self,
         model: Mapping[str, Any],

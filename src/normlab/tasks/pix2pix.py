@@ -84,6 +84,7 @@ class Pix2PixModule(Task):
     """
 
     # In the order configure_optimizers returns them (callbacks name curves after these).
+    batch_format = "image pairs"
     optimizer_names = ("generator", "discriminator")
 
     def __init__(

@@ -21,6 +21,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from normlab.utils.secrets import mask_secrets
+
 log = logging.getLogger(__name__)
 
 OUTCOME_FILE = "job_outcome.json"
@@ -60,7 +62,8 @@ class SweepReport(Callback):
             "missing_metric": metric if lacks_metric else None,
         }
         job_dir = Path(config.hydra.runtime.output_dir)
-        (job_dir / OUTCOME_FILE).write_text(json.dumps(outcome, indent=1) + "\n")
+        # The error may quote a value read from a secret; an override may be one.
+        (job_dir / OUTCOME_FILE).write_text(json.dumps(mask_secrets(outcome), indent=1) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
