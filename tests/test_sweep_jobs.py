@@ -21,6 +21,12 @@ def in_a_sweep(monkeypatch):
     monkeypatch.setattr(normlab.train, "in_multirun", lambda: True)
 
 
+@pytest.fixture
+def in_an_optuna_sweep(monkeypatch, in_a_sweep):
+    """A sweep whose sweeper chooses by the returned metric (a grid only runs the jobs)."""
+    monkeypatch.setattr(normlab.train, "sweeper_reads_metric", lambda: True)
+
+
 def stub_train(monkeypatch, outcome) -> None:
     def train(cfg):
         if isinstance(outcome, Exception):
@@ -30,10 +36,16 @@ def stub_train(monkeypatch, outcome) -> None:
     monkeypatch.setattr(normlab.train, "train", train)
 
 
-def test_a_sweep_job_whose_metric_is_not_finite_fails(monkeypatch, in_a_sweep):
+def test_a_sweep_job_whose_metric_is_not_finite_fails(monkeypatch, in_an_optuna_sweep):
     stub_train(monkeypatch, {"val/acc_best": math.nan})
     with pytest.raises(JobFailed, match=r"^training stopped: optimized_metric val/acc_best=nan$"):
         normlab.train.main(CFG)
+
+
+def test_a_grid_job_returns_a_metric_that_is_not_finite(monkeypatch, in_a_sweep):
+    monkeypatch.setattr(normlab.train, "sweeper_reads_metric", lambda: False)
+    stub_train(monkeypatch, {"val/acc_best": math.nan})
+    assert math.isnan(normlab.train.main(CFG))
 
 
 def test_a_single_run_still_returns_a_metric_that_is_not_finite(monkeypatch):
