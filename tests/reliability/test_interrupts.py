@@ -186,3 +186,35 @@ def test_ctrl_c_in_training_saves_the_step_and_exits_130(tmp_path):
         f"hydra.run.dir={run_dir} ckpt_path=last" in output
     )
     assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+SIGINT_ON_RANK_0 = """
+import os, signal
+import lightning.pytorch as pl
+
+class OnRank0(pl.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_rank == 0 and trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+"""
+
+
+@pytest.mark.ddp
+def test_ctrl_c_on_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train_with(
+        tmp_path,
+        "interrupt_for_test",
+        SIGINT_ON_RANK_0,
+        f"hydra.run.dir={run_dir}",
+        *TINY,
+        "trainer=ddp_cpu",
+        "trainer.limit_train_batches=6",
+        "callbacks.last_checkpoint.every_n_train_steps=1000",
+        "+callbacks.interrupt._target_=interrupt_for_test.OnRank0",
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 130, output[-3000:]
+    assert output.count("stopped by SIGINT in training: saved") == 1  # rank 0 reports
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -142,4 +142,5 @@ def test_two_identical_resume_auto_commands_one_runs_the_other_refuses(tmp_path)
         second.stderr
     )
     assert steps_logged(run_dir) == list(range(20))  # every step, once
+    assert (run_dir / LOCK_FILE).read_text() == ""  # released at the end: nothing to take over
     assert torch.load(last, weights_only=True)["global_step"] == 20

@@ -5,7 +5,6 @@ boundary that every process agrees on, through Lightning's SIGTERM path (which w
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -65,8 +64,11 @@ class StopOnSignal(pl.Callback):
         if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             self.requested = False
             self.stopped = True
-            # Lightning's SIGTERM handler runs now; the loop stops at the end of this batch.
-            os.kill(os.getpid(), signal.SIGTERM)
+            # What Lightning's SIGTERM handler records: the loops stop at the end of this batch,
+            # in every process at once. Not a SIGTERM sent to each process: that handler forwards
+            # it to the processes Lightning started and broadcasts from inside the handler, so
+            # the other ranks would take part in one broadcast more than rank 0 and wait forever.
+            trainer._signal_connector.received_sigterm = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self._stop_if_requested(trainer)
@@ -92,7 +94,10 @@ def report_stop(trainer: pl.Trainer, saver: SaveOnSigterm, run_dir: Path) -> int
     on; return its exit code: 130 after SIGINT (as a shell reports Ctrl-C), else 143 (also after
     USR2, whose stop is a SIGTERM to the Slurm launcher, which requeues the job on 143)."""
     name = stopping_signal(trainer).name
+    code = 128 + (signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
     same_dir = f"hydra.run.dir={run_dir}"
+    if not trainer.is_global_zero:
+        return code
     if saver.saved_step is not None:
         log.warning(
             "stopped by %s in %s: saved %s at step %d; continue with %s ckpt_path=last",
@@ -123,4 +128,4 @@ def report_stop(trainer: pl.Trainer, saver: SaveOnSigterm, run_dir: Path) -> int
             saver.phase or "testing",
             same_dir,
         )
-    return 128 + (signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
+    return code

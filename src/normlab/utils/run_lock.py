@@ -4,6 +4,7 @@ other's checkpoints."""
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import os
@@ -19,7 +20,7 @@ LOCK_FILE = ".lock"
 
 class RunDirLock:
     """The lock of one run dir, held from :meth:`acquire` until :meth:`release` or the end of
-    the process (the operating system drops a dead process's ``flock``; its PID stays in the
+    the process (the operating system drops a killed process's ``flock``; its PID stays in the
     file, and the next run says that it takes the lock over)."""
 
     def __init__(self, run_dir: Path) -> None:
@@ -67,13 +68,21 @@ _held: RunDirLock | None = None
 
 
 def hold_run_dir(run_dir: Path) -> None:
-    """Hold ``run_dir``'s lock until this process ends or takes another run dir's lock (the same
-    dir again, as a resumed run in the same process, keeps it)."""
+    """Hold ``run_dir``'s lock until this process exits (released then, unless it is killed) or
+    takes another run dir's lock (the same dir again, as a resumed run in the same process,
+    keeps it)."""
     global _held
     if _held is not None and _held.run_dir.resolve() == run_dir.resolve():
         return
     lock = RunDirLock(run_dir)
     lock.acquire()
-    if _held is not None:
+    if _held is None:
+        atexit.register(_release_held)
+    else:
         _held.release()
     _held = lock
+
+
+def _release_held() -> None:
+    if _held is not None:
+        _held.release()
