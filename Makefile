@@ -37,7 +37,7 @@ export: install ## export a checkpoint (folded norms, TorchScript or ONNX) with 
 EXP ?= densenet_digits
 TRAIN_EXPERIMENT ?= $(EXP)
 
-train: install ## train EXP (default densenet_digits: DenseNet-BC on digits, ~2 min on 2 CPU cores)
+train: install ## train EXP (default densenet_digits: DenseNet-BC on digits, 120 steps, under 3 min on 2 idle CPU cores)
 	$(BIN)/python -m normlab.train experiment=$(TRAIN_EXPERIMENT) $(ARGS)
 
 # Files already under data/ are used (and checked); else the Debian package's are linked, the
@@ -52,7 +52,7 @@ BATCHES ?= 2,8,32
 sweep-norms: install ## multirun EXP over NORMS × BATCHES, one run dir and wandb run per job (~1 h on CPU)
 	$(BIN)/python -m normlab.train -m experiment=$(EXP) norm=$(NORMS) data.batch_size=$(BATCHES) $(ARGS)
 
-sweep-optuna: install ## Optuna search conf/hparams_search/<EXP>_optuna.yaml (densenet_digits, pix2pix_digits); rerun to resume
+sweep-optuna: install ## Optuna search conf/hparams_search/<EXP>_optuna.yaml (densenet_digits, pix2pix_digits, fashion_norm_study); rerun to resume
 	$(BIN)/python -m normlab.train experiment=$(EXP) hparams_search=$(EXP)_optuna $(ARGS)
 
 # On a Slurm login node: ARGS="hydra.launcher.partition=gpu hydra.launcher.tasks_per_node=8 ..."
@@ -96,7 +96,7 @@ test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf1
 	TRITON_INTERPRET=0 $(BIN)/python -m pytest -m gpu tests/ops/test_cuda_bn_gpu.py $(ARGS)
 
 # No GPU needed: Triton compiles for sm_80/sm_90 with its bundled ptxas.
-test-aot: install ## compile every cuda_bn kernel configuration for sm_80/sm_90; writes experiments/bench/cuda_bn_aot.md
+test-aot: install ## compile every cuda_bn kernel configuration for sm_80/sm_90 (~1 h on 2 cores: 57.5 min in cuda_bn_aot.md; a progress line a minute); writes experiments/bench/cuda_bn_aot.md
 	TRITON_INTERPRET=0 $(BIN)/python -m experiments.bench.cuda_bn_aot $(ARGS)
 
 bench: install ## CPU benchmarks (~9 min on 2 cores): tables in experiments/bench/*.md
@@ -118,12 +118,13 @@ exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~4 min on 2 CPU co
 	$(BIN)/python -m experiments.pix2pix_digits.run $(ARGS)
 
 # Each study trains what is missing under logs/studies/<study>/ (rerun to resume), then writes
-# experiments/<study>/results.md and its plots. ARGS="--collect" only re-tabulates.
+# experiments/<study>/runs.csv (one row per run), results.md and its plots. ARGS="--collect"
+# trains nothing: it re-tabulates the finished runs, or the committed runs.csv alone.
 # The norm studies run on Fashion-MNIST (fetched first); ARGS="--data digits" runs their digits
 # version, which needs nothing fetched.
 STUDY_DATA = $(if $(findstring --data digits,$(ARGS)),,data-fashion-mnist)
 
-study-norm-vs-batch-size: install $(STUDY_DATA) ## study: bn/gn × batch 2-32, ln/in × 2 and 32 on Fashion-MNIST, 3 seeds (~45 min on 2 cores)
+study-norm-vs-batch-size: install $(STUDY_DATA) ## study: bn/gn × batch 2-32, ln/in × 2 and 32, ghost_bn controls on Fashion-MNIST, 3 seeds (~50 min on 2 cores, estimated)
 	$(BIN)/python -m experiments.norm_vs_batch_size.run $(ARGS)
 
 study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~38 min)
@@ -132,10 +133,10 @@ study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn v
 study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds (~9 min)
 	$(BIN)/python -m experiments.convnext_bn_vs_ln.run $(ARGS)
 
-study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none (~38 min)
+study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none, 3 seeds (~75 min, estimated from 1-seed runs)
 	$(BIN)/python -m experiments.retinanet_norms.run $(ARGS)
 
-study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16 (11 min)
+study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16, 3 seeds (~16 min, estimated from 2-seed runs)
 	$(BIN)/python -m experiments.pix2pix_bn_vs_in.run $(ARGS)
 
 study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulation vs a true batch, syncbn, GN on Fashion-MNIST (23 min on 2 cores)

@@ -2,8 +2,9 @@
 
 tests/ mirrors src/normlab/ (tests/norm/, tests/models/, ...); the entry points' tests and the
 project-wide ones sit at the top. No folder is a package: pytest puts this file's folder on
-sys.path, so every test imports the shared helpers here by bare name (cli, data_files,
-wandb_offline), and test file names stay unique across folders."""
+sys.path, so every test imports the shared helpers here by bare name (cli, data_files), and
+test file names stay unique across folders; offline wandb runs are read back with
+normlab.collect.wandb_runs."""
 
 from __future__ import annotations
 

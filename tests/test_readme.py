@@ -2,13 +2,17 @@
 of an entry point composes with the real Hydra config, and every `make` target it names exists.
 
 A snippet that needs what a test machine lacks (a GPU, a data set on disk) is preceded in the
-README by ``<!-- readme-test: skip: <why> -->``; the reason is required and shown by pytest.
+README by ``<!-- readme-test: skip: <why> -->``; the reason is required and shown by pytest. A
+snippet that is a file the user writes is preceded by ``<!-- readme-file: <path> -->``: the
+commands are composed (and the "Compare your own norm" walkthrough run) next to those files.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +25,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, open_dict
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
-from cli import REPO_ROOT
+from cli import REPO_ROOT, offline_env
+from normlab.collect.__main__ import parse_arguments
 from normlab.norm import NORMS
 
 README = REPO_ROOT / "README.md"
 CONFIG_DIR = REPO_ROOT / "conf"
 SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip:\s*(?P<why>\S.*?)\s*-->")
+FILE_MARK = re.compile(r"<!--\s*readme-file:\s*(?P<path>\S+)\s*-->")
 FENCE = re.compile(r"^```(?P<lang>\w*)\s*$")
 # The config each entry point composes (its @hydra.main config_name).
 ENTRY_CONFIGS = {"train": "config", "eval": "eval", "export": "export"}
@@ -40,6 +46,7 @@ class Block:
     line: int
     text: str
     skip_reason: str | None
+    file: str | None = None
 
 
 def readme_blocks() -> list[Block]:
@@ -55,9 +62,30 @@ def readme_blocks() -> list[Block]:
         skip = SKIP_MARK.search(previous)
         end = next(i for i in range(index + 1, len(lines)) if lines[i].startswith("```"))
         text = "\n".join(lines[index + 1 : end]) + "\n"
-        blocks.append(Block(opening["lang"], index + 1, text, skip["why"] if skip else None))
+        file = FILE_MARK.search(previous)
+        blocks.append(
+            Block(
+                opening["lang"],
+                index + 1,
+                text,
+                skip["why"] if skip else None,
+                file["path"] if file else None,
+            )
+        )
         index = end + 1
     return blocks
+
+
+def write_readme_files(directory: Path) -> list[Path]:
+    """The files the README has the user write (``readme-file`` blocks), under ``directory``."""
+    written = []
+    for block in readme_blocks():
+        if block.file:
+            path = directory / block.file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(block.text)
+            written.append(path)
+    return written
 
 
 def _python_blocks() -> list[Block]:
@@ -183,12 +211,22 @@ def test_readme_has_snippets_and_commands():
     assert len(_entry_commands()) >= 10
 
 
-def test_every_entry_point_command_composes(tmp_path):
+def test_every_entry_point_command_composes(tmp_path, monkeypatch):
     failures = []
+    # Commands that name the README's own files (hydra.searchpath=[file://my_conf]) run next to
+    # them.
+    write_readme_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
     GlobalHydra.instance().clear()
     # One initialisation for every command: scanning conf/ again per compose is most of the cost.
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for line, entry, arguments in _entry_commands():
+            if entry == "collect":  # not Hydra: its own arguments must parse
+                try:
+                    parse_arguments(arguments)
+                except SystemExit:
+                    failures.append(f"README.md:{line}: normlab.collect {arguments} do not parse")
+                continue
             if entry not in ENTRY_CONFIGS:
                 failures.append(f"README.md:{line}: normlab.{entry} is not an entry point")
                 continue
@@ -223,3 +261,57 @@ def test_sweep_variants_vary_one_value_at_a_time():
         ["norm=gn", "model=densenet_bc_40", "data.batch_size=2"],
         ["norm=bn", "model=convnext_atto", "data.batch_size=2"],
     ]
+
+
+def _section_commands(heading: str) -> list[str]:
+    text = README.read_text()
+    start = text.index(f"\n{heading}\n")
+    end = text.index("\n## ", start + 1)
+    first, last = text[:start].count("\n") + 1, text[:end].count("\n") + 1
+    return [command for line, command in _shell_lines() if first < line < last]
+
+
+# What shrinks the walkthrough's runs to a few batches each: the commands, files and table are
+# the README's.
+TINY = (
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+)
+
+
+@pytest.mark.slow
+def test_compare_your_own_norm_walkthrough_runs(tmp_path):
+    """Register a norm from the user's own module and config folder, sweep it against bn with
+    seeds at two batches, and tabulate the sweeps: the README's commands as printed."""
+    assert [path.name for path in write_readme_files(tmp_path)] == ["my_norms.py", "gn4.yaml"]
+    commands = _section_commands("## Compare your own norm")
+    assert len(commands) == 3
+    output = ""
+    for command in commands:
+        arguments = shlex.split(command)
+        assert arguments[0] == ".venv/bin/python"
+        if arguments[2] == "normlab.train":
+            arguments += TINY
+        result = subprocess.run(
+            [sys.executable, *arguments[1:]],
+            cwd=tmp_path,
+            env=offline_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+        output = result.stdout
+    lines = output.splitlines()
+    assert lines[0].startswith("| norm.name | data.batch_size | n | test/acc mean ± std |")
+    assert [line.split(" | ")[:3] for line in lines[2:6]] == [
+        ["| bn", "2", "3"],
+        ["| gn4", "2", "3"],
+        ["| bn", "32", "3"],
+        ["| gn4", "32", "3"],
+    ]
+    assert all("[95 % CI " in lines[i] for i in (3, 5))
+    assert "Not in the table" not in output

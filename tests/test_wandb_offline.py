@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import wandb
 
-from wandb_offline import read_offline_run
+from normlab.collect.wandb_runs import read_offline_run
 
 
 def test_reads_config_history_media_and_completeness(tmp_path):

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.lib.study import REPO_ROOT
+from experiments.lib.jobs import REPO_ROOT
 
 HERE = Path(__file__).resolve().parent
 CPU = [

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from experiments.lib.study import machine_line
+from experiments.lib.jobs import machine_line
 
 
 @dataclass

@@ -18,7 +18,9 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments.lib.study import column, machine_line, read_metrics, single_run, write_results
+from experiments.lib.command_line import single_run, write_results
+from experiments.lib.jobs import machine_line
+from experiments.lib.results import column, read_metrics
 from normlab.runs import instantiate_data, load_run_info
 from normlab.tasks import Pix2PixModule
 from normlab.utils.figures import translation_grid

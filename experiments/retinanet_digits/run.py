@@ -15,7 +15,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from experiments.lib.study import column, machine_line, read_metrics, single_run, write_results
+from experiments.lib.command_line import single_run, write_results
+from experiments.lib.jobs import machine_line
+from experiments.lib.results import column, read_metrics
 
 HERE = Path(__file__).resolve().parent
 METRICS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"]

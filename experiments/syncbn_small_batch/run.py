@@ -1,105 +1,83 @@
 """Does SyncBN rescue BatchNorm when each process holds 2 images? The study behind README.md here.
 
     make study-syncbn-small-batch          # or: python -m experiments.syncbn_small_batch.run
-    python -m experiments.syncbn_small_batch.run --collect   # re-tabulate finished runs only
+    python -m experiments.syncbn_small_batch.run --collect   # re-tabulate without training
 
-DenseNet-BC (L=40, k=12) on digits at 16 px, 5 epochs of AdamW + one-cycle at lr 0.00125 (the
-norm_vs_batch_size recipe at batch 4), three ways of training on 4 images per step:
+norm_vs_batch_size's digits recipe (conf/experiment/densenet_digits_study.yaml) at 4 images per
+step, its learning rate scaled to them, three ways:
 
 - bn, 2 processes × 2 (DDP on CPU, gloo): each process normalises over its own 2 images;
 - syncbn, 2 processes × 2: BN statistics over the union of both processes' images, 4;
 - bn, 1 process × 4: the single-process reference.
 
-Runs land in logs/studies/syncbn_small_batch/<configuration>_seed<seed>; finished runs are kept.
-Writes results.md and test_error.png here.
+Runs land in logs/studies/syncbn_small_batch/; writes runs.csv, results.md and test_error.png.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.lib.study import (
-    Configuration,
-    collect_test_errors,
-    configuration_jobs,
-    configuration_study_main,
-    machine_line,
-    mean_and_spread,
-    plot_configurations,
-    results_table,
-    study_code_line,
-    study_root,
-    study_time_line,
-    verdict,
-)
+from experiments.lib.command_line import study_main
+from experiments.lib.jobs import Configuration, StudyJob, configuration_jobs
+from experiments.lib.plots import plot_errors
+from experiments.lib.recipes import SMALL_DENSENET_DIGITS, DataRecipe
+from experiments.lib.results import RunTable, claim_rule_line, report_header, results_table
+from normlab.collect.comparison import Claim, judged
 
-HERE = Path(__file__).resolve().parent
-ROOT = study_root("syncbn_small_batch")
-RECIPE = (
-    "model=densenet_bc_40",
-    "data.image_size=16",
-    "trainer.max_epochs=5",
-    "task.optimizer.lr=0.00125",
-)
-DDP = ("trainer=ddp_cpu", "data.global_batch_size=4")
+BATCH = 4
+DDP = ("trainer=ddp_cpu", f"data.global_batch_size={BATCH}")
 CONFIGURATIONS = {
-    "bn 2×2 (DDP)": Configuration((*RECIPE, *DDP, "norm=bn"), processes=2),
-    "syncbn 2×2 (DDP)": Configuration((*RECIPE, *DDP, "norm=syncbn"), processes=2),
-    "bn 1×4": Configuration((*RECIPE, "norm=bn", "data.batch_size=4")),
+    "bn 2×2 (DDP)": Configuration((*DDP, "norm=bn"), processes=2),
+    "syncbn 2×2 (DDP)": Configuration((*DDP, "norm=syncbn"), processes=2),
+    "bn 1×4": Configuration(("norm=bn", f"data.batch_size={BATCH}")),
 }
+# "syncbn matches BN over the same 4 images": the difference within this many points of test
+# error (README.md).
+MARGIN = 1.0
 
 
-def report(seeds: list[int]) -> str:
-    jobs = configuration_jobs("densenet_digits", CONFIGURATIONS, seeds)
-    errors = collect_test_errors(ROOT, list(CONFIGURATIONS), seeds)
-    plot_configurations(errors, "test error (%)", HERE / "test_error.png")
-    mean = {name: mean_and_spread(values)[0] for name, values in errors.items()}
-    std = {name: mean_and_spread(values)[1] for name, values in errors.items()}
+def jobs(recipe: DataRecipe, seeds: list[int]) -> list[StudyJob]:
+    lr = (f"task.optimizer.lr={recipe.lr(BATCH):g}",)
+    configurations = {
+        name: Configuration((*lr, *c.overrides), c.processes) for name, c in CONFIGURATIONS.items()
+    }
+    return configuration_jobs(recipe.experiment, configurations, seeds)
 
-    def noise(*names: str) -> float:
-        return 2 * max(std[name] for name in names)
 
-    sync, local, single = "syncbn 2×2 (DDP)", "bn 2×2 (DDP)", "bn 1×4"
-    sync_gap = mean[sync] - mean[single]
-    local_gap = mean[local] - mean[single]
+def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
+    title = f"{BATCH} images per optimizer step, three ways"
+    errors = plot_errors(
+        table, list(CONFIGURATIONS), title, recipe.experiment, here / "test_error.png"
+    )
+    sync, local, single = errors["syncbn 2×2 (DDP)"], errors["bn 2×2 (DDP)"], errors["bn 1×4"]
     lines = [
-        "# syncbn_small_batch: results",
+        *report_header(
+            "syncbn_small_batch",
+            recipe,
+            f"python -m normlab.train experiment={recipe.experiment} logger=csv "
+            f"task.optimizer.lr={recipe.lr(BATCH):g} seed=S <the configuration's overrides in "
+            "run.py>",
+            table,
+        ),
+        f"Test error (%); {BATCH} images per optimizer step everywhere:",
         "",
-        "Command: `python -m experiments.syncbn_small_batch.run` (`make study-syncbn-small-batch`);"
-        " each run is `python -m normlab.train experiment=densenet_digits logger=csv "
-        + " ".join(RECIPE)
-        + " seed=S` plus the configuration's overrides in run.py.",
-        f"Machine: {machine_line()}. {study_time_line(ROOT, jobs)}. {study_code_line(ROOT, jobs)}.",
+        *results_table(errors),
         "",
-        "Test error (%) after 5 epochs; 4 images per optimizer step everywhere:",
+        claim_rule_line(f"±{MARGIN:g} points of error"),
         "",
-        *results_table(errors, seeds),
+        "- syncbn over 2 × 2 matches BN on 4 images in one process: syncbn 2×2 − bn 1×4 = "
+        f"{judged(Claim.within(MARGIN), sync, single)}.",
+        "- plain BN on 2 images per process is worse than BN on 4: bn 2×2 − bn 1×4 = "
+        f"{judged(Claim.higher(), local, single)}.",
         "",
-        "Findings (a gap counts only if it exceeds twice the larger seed std of the two "
-        "configurations):",
-        "",
-        f"- syncbn over 2 × 2 matches BN on 4 images in one process: {sync} − {single} = "
-        f"{sync_gap:+.1f} points, noise {noise(sync, single):.1f} — "
-        f"{verdict(abs(sync_gap) <= noise(sync, single))}.",
-        f"- plain BN on 2 images per process is worse than BN on 4: {local} − {single} = "
-        f"{local_gap:+.1f} points, noise {noise(local, single):.1f} — "
-        f"{verdict(local_gap > noise(local, single))}.",
-        "",
-        "Per-seed values are in the run dirs (`csv/metrics.csv`); the plot is `test_error.png`.",
+        "Every seed with each configuration's 95 % interval: `test_error.png`.",
         "",
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
-    configuration_study_main(
-        __doc__.splitlines()[0],
-        "syncbn_small_batch",
-        "densenet_digits",
-        CONFIGURATIONS,
-        report,
-        default_seeds=[42, 1, 2],
-    )
+    study_main(__doc__.splitlines()[0], "syncbn_small_batch", [SMALL_DENSENET_DIGITS], jobs, report)
 
 
 if __name__ == "__main__":

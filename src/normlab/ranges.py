@@ -15,7 +15,7 @@ import functools
 import inspect
 import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,7 +58,7 @@ class ValueRange:
             return False
         if self.integer and not isinstance(value, int):
             return False
-        if math.isnan(value):
+        if not math.isfinite(value):  # NaN, and infinities no argument takes (lr=inf)
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -88,15 +88,30 @@ FRACTION = ValueRange(low=0, high=1)
 DROP_RATE = ValueRange(low=0, high=1, high_open=True)
 # A running-average momentum; null means a cumulative average (torch's BatchNorm).
 MOMENTUM = ValueRange(low=0, high=1, nullable=True)
+# What numpy's and Python's RNGs accept as a seed (pl.seed_everything refuses the rest).
+SEED = ValueRange(low=0, high=2**32 - 1, integer=True)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """The values of an on/off argument: true or false (YAML's 1 and "yes" are neither)."""
+
+    def allows(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def __str__(self) -> str:
+        return "true or false"
+
+
+SWITCH = Switch()
 
 
 class ArgumentError(ConfigError):
     """A bad argument value, raised by library code that knows the argument but not the config
     key it was set under (``norm`` and ``model.head_norm`` build the same GroupNorm). ``str()``
     names the argument and, when given, its owner (``eps must be a number > 0, got -1 (norm
-    'bn')``); :meth:`at` names a config key instead, which the config layer does
-    (``normlab.runs.instantiate_data`` for data modules, ``normlab.validation.name_config_keys``
-    for the rest).
+    'bn')``); :meth:`at` names a config key instead, which the entry points do
+    (``normlab.utils.config_keys``).
 
     ``message`` says what is wrong, with ``{key}`` where the argument is to be named.
     """
@@ -134,7 +149,20 @@ def check_int(argument: str, value: Any, *, minimum: int, owner: str | None = No
     return value
 
 
-def check_values(ranges: Mapping[str, ValueRange], values: Mapping[str, Any], owner: str) -> None:
+def check_choice(
+    argument: str, value: Any, choices: Sequence[Any], owner: str | None = None
+) -> Any:
+    """``value`` if it is one of ``choices``; else :class:`ArgumentError` naming ``argument``
+    (``box_loss='iou' is not one of l1, smooth_l1, giou``)."""
+    if value not in choices:
+        listed = ", ".join(map(str, choices))
+        raise ArgumentError(argument, value, f"{{key}}={value!r} is not one of {listed}", owner)
+    return value
+
+
+def check_values(
+    ranges: Mapping[str, ValueRange | Switch], values: Mapping[str, Any], owner: str
+) -> None:
     """Raise :class:`ArgumentError` for the first of ``values`` outside its declared range."""
     for argument, value in values.items():
         allowed = ranges.get(argument)

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from normlab.callbacks import NormStatistics
+from normlab.collect.wandb_runs import read_offline_run
 from normlab.errors import ConfigError
 from normlab.train import train
-from wandb_offline import read_offline_run
 
 
 class TinyTask(pl.LightningModule):

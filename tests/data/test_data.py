@@ -321,6 +321,13 @@ def test_image_folder_class_mismatch(tmp_path: Path) -> None:
     assert "bird" in message
 
 
+def test_image_folder_with_one_class_is_refused(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        write_png(tmp_path / split / "cat" / "a.png", "RGB", (8, 8), seed=0)
+    with pytest.raises(ConfigError, match=r"train has one class folder \(cat\); a classifier"):
+        ImageFolderDataModule(root=tmp_path)
+
+
 def test_image_folder_empty_class_folder(tmp_path: Path) -> None:
     make_folder_tree(tmp_path)
     (tmp_path / "train" / "eel").mkdir()

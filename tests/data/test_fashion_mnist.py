@@ -118,6 +118,21 @@ def test_train_subset_is_stratified_fixed_and_drawn_from_train(tmp_path: Path) -
         FashionMNISTDataModule(tmp_path, train_subset=3)
 
 
+def test_a_class_with_one_training_image_is_named_not_a_traceback(tmp_path: Path) -> None:
+    written = build_fashion(tmp_path, gz=False)
+    labels = written["train_labels"].copy()
+    labels[labels == 3] = 4
+    labels[np.flatnonzero(written["train_labels"] == 3)[0]] = 3  # one image of class 3 left
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, LABELS_MAGIC)
+    with pytest.raises(DataError) as refused:
+        tiny(tmp_path)
+    assert str(refused.value) == (
+        f"data.root: {tmp_path / 'train-labels-idx1-ubyte'} has 1 training image(s) of class 3 "
+        "(Dress); the stratified split (data.val_images, data.train_subset) needs at least 2 of "
+        "every class"
+    )
+
+
 def test_normalised_with_the_training_split_statistics(tmp_path: Path) -> None:
     build_fashion(tmp_path)
     dm = tiny(tmp_path, augment=False, batch_size=1000)

@@ -14,8 +14,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.accumulation_vs_batch import run as accumulation_vs_batch
-from experiments.lib import study as study_lib
-from experiments.lib.study import FASHION_MNIST, DataRecipe, StudyJob
+from experiments.lib import command_line
+from experiments.lib.jobs import StudyJob
+from experiments.lib.recipes import FASHION_MNIST, SMALL_DENSENET_DIGITS, DataRecipe
+from experiments.lib.results import RunTable, write_runs_csv
 from experiments.norm_vs_batch_size import run as norm_vs_batch_size
 from experiments.small_batch_norms import run as small_batch_norms
 from normlab.utils.hydra_run import CONFIG_DIR
@@ -45,9 +47,11 @@ def seed_noise(job: StudyJob) -> float:
     return {"42": 0.0, "1": 0.1, "2": -0.1}[override(job, "seed")]
 
 
-def report(module: ModuleType, recipe: DataRecipe, root: Path, monkeypatch) -> str:
-    monkeypatch.setattr(module, "HERE", root)  # plots land there, not in experiments/
-    return module.report(recipe, root, SEEDS)
+def report(module: ModuleType, recipe: DataRecipe, root: Path, jobs: list[StudyJob]) -> str:
+    """The study's report from the runs.csv its finished runs under ``root`` make; plots land
+    in ``root`` too, not in experiments/."""
+    write_runs_csv(root / "runs.csv", root, jobs)
+    return module.report(recipe, RunTable.read(root / "runs.csv"), root)
 
 
 def test_the_study_recipe_is_the_documented_one():
@@ -56,36 +60,46 @@ def test_the_study_recipe_is_the_documented_one():
     assert cfg.model.depth == 40 and cfg.model.growth_rate == 12
     assert (cfg.data.image_size, cfg.data.train_subset, cfg.data.augment) == (16, 10000, False)
     assert cfg.trainer.max_epochs == 1
-    assert (cfg.task.optimizer.lr, cfg.task.optimizer.nesterov) == (FASHION_MNIST.base_lr, True)
+    assert (cfg.task.optimizer.lr, cfg.task.optimizer.nesterov) == (0.1, True)
     assert FASHION_MNIST.lr(2) == pytest.approx(0.1 / 16)
 
 
-def test_norm_vs_batch_size_finds_bn_worse_at_batch_2_and_gn_flat(tmp_path, monkeypatch):
+def test_norm_vs_batch_size_finds_bn_worse_at_batch_2_and_gn_flat(tmp_path):
     jobs = norm_vs_batch_size.jobs(FASHION_MNIST, SEEDS)
-    # bn and gn at 2, 4, 8, 32; ln and in at 2 and 32; no cuda_bn (on a CPU it is bn).
-    assert len(jobs) == (4 + 4 + 2 + 2) * 3
+    # bn and gn at 2, 4, 8, 32; ln and in at 2 and 32; ghost_bn virtual 2 and 8 inside 32; no
+    # cuda_bn (on a CPU it is bn).
+    assert len(jobs) == (4 + 4 + 2 + 2 + 1 + 1) * 3
     assert "task.optimizer.lr=0.00625" in jobs[0].overrides  # batch 2: 0.1 · 2/32
+    ghost = next(job for job in jobs if job.name == "ghost_bn_v2_b32_seed42")
+    assert {"norm=ghost_bn", "norm.virtual_batch_size=2", "data.batch_size=32"} <= set(
+        ghost.overrides
+    )
 
     def error(job: StudyJob) -> float:
         norm, batch = override(job, "norm"), int(override(job, "data.batch_size"))
         rise = 8.0 if norm == "bn" and batch == 2 else 0.0
+        rise += 5.0 if norm == "gn" and batch == 8 else 0.0  # gn not flat at 8
+        rise += 5.0 if "norm.virtual_batch_size=2" in job.overrides else 0.0
         return 10.0 + rise + seed_noise(job) + (70.0 if norm == "ln" and batch == 32 else 0)
 
     fake_runs(tmp_path, jobs, error)
-    text = report(norm_vs_batch_size, FASHION_MNIST, tmp_path, monkeypatch)
+    text = report(norm_vs_batch_size, FASHION_MNIST, tmp_path, jobs)
     assert "| bn | 18.0 ± 0.1 | 10.0 ± 0.1 | 10.0 ± 0.1 | 10.0 ± 0.1 |" in text
     assert "| ln | 10.0 ± 0.1 | — | — | 80.0 ± 0.1 |" in text
+    assert "| ghost_bn v2 | — | — | — | 15.0 ± 0.1 |" in text
     assert "| bn | 23.6 → 34.7 % (+11.1) | 10.0 → 18.0 % (+8.0) |" in text
-    assert re.search(r"bn 2 − bn 32 = \+8\.0 points.*worse than at 32.*\*\*agrees\*\*", text)
-    assert re.search(r"- gn stays flat.*\*\*agrees\*\*", text)
-    assert re.search(
-        r"- ln stays flat across batches: some seeds did not train at batch 32.*disagrees", text
-    )
+    # Std 0.1 in every cell, n = 3: Welch's df = 4, the interval ±2.776 · sqrt(2 · 0.01 / 3).
+    assert "bn 2 − bn 32 = +8.0 [95 % CI +7.8, +8.2] — **agrees**" in text
+    assert "gn 2 − gn 32 = +0.0 [95 % CI -0.2, +0.2] — **agrees**" in text
+    assert "gn 8 − gn 32 = +5.0 [95 % CI +4.8, +5.2] — **disagrees**" in text  # margin ±2
+    assert "ghost_bn v2 32 − bn 32 = +5.0 [95 % CI +4.8, +5.2] — **agrees**" in text
+    assert "ln stays flat" not in text and "ln 2 − ln 32" not in text  # no paper claims it
     assert "cuda_bn" not in text
+    assert "Per-run values: `runs.csv`" in text
     assert (tmp_path / "error_vs_batch.png").is_file()
 
 
-def test_accumulation_vs_batch_gives_bn_its_micro_batch(tmp_path, monkeypatch):
+def test_accumulation_vs_batch_gives_bn_its_micro_batch(tmp_path):
     jobs = accumulation_vs_batch.jobs(FASHION_MNIST, SEEDS)
     assert {job.name.rsplit("_seed", 1)[0] for job in jobs} == {
         "bn_2x16_accumulated",
@@ -98,26 +112,34 @@ def test_accumulation_vs_batch_gives_bn_its_micro_batch(tmp_path, monkeypatch):
 
     def error(job: StudyJob) -> float:
         accumulated = "trainer.accumulate_grad_batches=16" in job.overrides
+        if "norm=syncbn" in job.overrides:  # seeds far apart: nothing can be decided
+            return 10.0 + {"42": 0.0, "1": 3.0, "2": -3.0}[override(job, "seed")]
         return 10.0 + seed_noise(job) + (5.0 if accumulated and "norm=bn" in job.overrides else 0)
 
     fake_runs(tmp_path, jobs, error)
-    text = report(accumulation_vs_batch, FASHION_MNIST, tmp_path, monkeypatch)
-    assert "| bn 2×16 (accumulated) | 2 | 85.0 | 84.9 | 85.1 | **85.0** | 1.0 |" in text
-    assert re.search(r"bn 32 − bn 2×16 \(accumulated\) = \+5\.0 points.*\*\*agrees", text)
-    assert re.search(r"GN is indifferent.*= \+0\.0 points.*\*\*agrees", text)
-    assert (tmp_path / "test_acc.png").is_file()
+    text = report(accumulation_vs_batch, FASHION_MNIST, tmp_path, jobs)
+    assert "| bn 2×16 (accumulated) | 2 | 15.0 | 15.1 | 14.9 | **15.0 ± 0.1** | 1.0 |" in text
+    assert "bn 2×16 (accumulated) − bn 32 = +5.0 [95 % CI +4.8, +5.2] — **agrees**" in text
+    assert "gn 2×16 (accumulated) − gn 32 = +0.0 [95 % CI -0.2, +0.2] — **agrees**" in text
+    # std 3 against 0.1: Welch's df ≈ 2.004, so about ±4.30 · sqrt(9/3 + 0.01/3) = ±7.4.
+    assert "syncbn 2×16 − bn 32 = +0.0 [95 % CI -7.4, +7.4] — **inconclusive**" in text
+    assert (tmp_path / "test_error.png").is_file()
 
 
 @pytest.mark.parametrize(
     ("brn_extra_at_2", "brn_claim"),
     [
-        (2.0, r"brn at 2 is 6\.0 points better.*75 % of the loss — \*\*agrees"),
-        (11.0, r"brn at 2 is 3\.0 points worse than bn at 2 \(noise .*\) — \*\*disagrees"),
+        (2.0, "brn at 2 − bn at 2 = -6.0 [95 % CI -6.2, -5.8] — **agrees** (the gain is 75 % of"),
+        (11.0, "brn at 2 − bn at 2 = +3.0 [95 % CI +2.8, +3.2] — **disagrees**"),
+    ],
+    # The ids from when the expected claims were regular expressions: the collected test list
+    # stays the same.
+    ids=[
+        r"2.0-brn at 2 is 6\.0 points better.*75 % of the loss — \*\*agrees",
+        r"11.0-brn at 2 is 3\.0 points worse than bn at 2 \(noise .*\) — \*\*disagrees",
     ],
 )
-def test_small_batch_norms_checks_each_papers_claim(
-    tmp_path, monkeypatch, brn_extra_at_2, brn_claim
-):
+def test_small_batch_norms_checks_each_papers_claim(tmp_path, brn_extra_at_2, brn_claim):
     jobs = small_batch_norms.jobs(FASHION_MNIST, SEEDS)
     assert len(jobs) == (8 * 2 + 1) * 3
     brn = next(j for j in jobs if j.name == "brn_b2_seed42")
@@ -130,25 +152,38 @@ def test_small_batch_norms_checks_each_papers_claim(
         norm, batch = override(job, "norm"), int(override(job, "data.batch_size"))
         extra = {"bn": 8.0, "brn": brn_extra_at_2}.get(norm, 0.0) if batch == 2 else 0.0
         if norm == "frn" and batch == 32:
-            extra = 6.0  # worse than bn at 32 and not flat
+            extra = 6.0  # worse than bn at 32, and better at batch 2 than at 32
         return 10.0 + extra + seed_noise(job)
 
     fake_runs(tmp_path, jobs, error)
-    text = report(small_batch_norms, FASHION_MNIST, tmp_path, monkeypatch)
+    text = report(small_batch_norms, FASHION_MNIST, tmp_path, jobs)
     assert "| bn | 18.0 ± 0.1 | 10.0 ± 0.1 | +8.0 | 1.00 | 1.00 |" in text
     assert "| ghost_bn (virtual 4) | — | 10.0 ± 0.1 | — | — | 1.00 |" in text
     assert re.search(r"gn: .*\*\*agrees\*\*; gn\+ws: .*\*\*agrees\*\*", text)
-    assert re.search(brn_claim, text)
-    assert re.search(r"frn: batch 2 − batch 32 = -6\.0 points.*\*\*disagrees\*\*; evonorm_s0", text)
-    assert re.search(r"frn at 32 vs bn at 32: \+6\.0 points.*\*\*disagrees", text)
+    assert brn_claim in text
+    # Better at batch 2 is "not worse at small batch", as the FRN paper claims it.
+    assert "frn: batch 2 − batch 32 = -6.0 [95 % CI -6.2, -5.8] — **agrees**; evonorm_s0" in text
+    assert "frn at 32 − bn at 32 = +6.0 [95 % CI +5.8, +6.2] — **disagrees**" in text
+    assert "ghost_bn (virtual 4) at 32 − bn at 32 = +0.0 [95 % CI -0.2, +0.2] — **agrees**" in text
     assert (tmp_path / "error_by_norm.png").is_file()
+
+
+def test_a_study_of_one_seed_decides_nothing(tmp_path):
+    jobs = small_batch_norms.jobs(FASHION_MNIST, [42])
+    fake_runs(tmp_path, jobs, lambda job: 30.0 if "norm=bn" in job.overrides else 10.0)
+    text = report(small_batch_norms, FASHION_MNIST, tmp_path, jobs)
+    findings = [line for line in text.splitlines() if line.startswith("- **")]
+    assert len(findings) == 5
+    assert all("(no CI: n = 1) — **inconclusive**" in line for line in findings)
+    assert "**agrees**" not in text and "**disagrees**" not in text
 
 
 @pytest.mark.parametrize("study", [small_batch_norms, norm_vs_batch_size, accumulation_vs_batch])
 def test_collect_before_the_runs_finish_stops_with_one_line(
     study: ModuleType, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(study_lib, "study_root", lambda name: tmp_path / name)
+    monkeypatch.setattr(command_line, "study_root", lambda name: tmp_path / name)
+    monkeypatch.setattr(command_line, "study_dir", lambda name: tmp_path / "experiments" / name)
     monkeypatch.setattr(sys, "argv", ["run.py", "--collect"])
     with pytest.raises(SystemExit) as stop:
         study.main()
@@ -156,6 +191,47 @@ def test_collect_before_the_runs_finish_stops_with_one_line(
     assert "\n" not in message
     assert re.fullmatch(
         rf"--collect: (\d+) of \1 runs have not finished under {re.escape(str(tmp_path))}/\w+ "
-        r"\(first: \w+\); run the study without --collect to train them",
+        rf"\(first: \w+\) and {re.escape(str(tmp_path))}/experiments/\w+/runs\.csv does not "
+        r"list them all; run the study without --collect to train them",
         message,
     )
+
+
+def test_collect_renders_the_report_from_runs_csv_alone(tmp_path, monkeypatch):
+    """A committed runs.csv is enough: no run dir is needed to re-render results.md."""
+    jobs = accumulation_vs_batch.jobs(FASHION_MNIST, SEEDS)
+    fake_runs(tmp_path / "runs", jobs, lambda job: 12.0 + seed_noise(job))
+    here = tmp_path / "experiments" / "accumulation_vs_batch"
+    here.mkdir(parents=True)
+    write_runs_csv(here / "runs.csv", tmp_path / "runs", jobs)
+    monkeypatch.setattr(command_line, "study_root", lambda name: tmp_path / "no runs" / name)
+    monkeypatch.setattr(command_line, "study_dir", lambda name: tmp_path / "experiments" / name)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--collect"])
+    accumulation_vs_batch.main()
+    text = (here / "results.md").read_text()
+    assert "| gn 32 | 1 | 12.0 | 12.1 | 11.9 | **12.0 ± 0.1** | 1.0 |" in text
+    assert (here / "test_error.png").is_file()
+
+
+# Each study recipe that moved from an override tuple in run.py into conf/experiment/: its yaml,
+# and the earlier command line.
+MOVED_RECIPES = {
+    "densenet_digits_study": "experiment=densenet_digits model=densenet_bc_40 data.image_size=16 "
+    "trainer.max_epochs=5 task.optimizer.lr=0.01",
+    "convnext_digits_study": "experiment=convnext_digits trainer.max_epochs=5",
+    "pix2pix_digits_study": "experiment=pix2pix_digits data.num_train=300 task.n_epochs=2 "
+    "task.n_epochs_decay=2 trainer.max_epochs=4 task.test_mode=train",
+    "retinanet_digits_study": "experiment=retinanet_digits trainer.max_epochs=4",
+}
+
+
+@pytest.mark.parametrize("experiment", MOVED_RECIPES)
+def test_the_digits_versions_train_what_their_committed_results_came_from(experiment):
+    """The recipes moved from override tuples into conf/experiment/*.yaml: each composes to the
+    config the earlier command line gave (results_digits.md and the others stay producible)."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        now = compose("config", [f"experiment={experiment}", "norm=gn", "seed=1"])
+        then = compose("config", [*MOVED_RECIPES[experiment].split(), "norm=gn", "seed=1"])
+    now.experiment_name = then.experiment_name  # names the run dir only
+    assert now == then
+    assert SMALL_DENSENET_DIGITS.lr(2) == pytest.approx(0.01 * 2 / 32)

@@ -10,23 +10,31 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from experiments.lib.study import (
+from experiments.lib.jobs import (
     Configuration,
     StudyJob,
-    collect,
     configuration_jobs,
     job_finished,
     job_identity,
-    mean_and_spread,
-    results_table,
     run_study,
     saved_overrides,
     slug,
+)
+from experiments.lib.results import (
+    RunTable,
+    results_table,
     study_code_line,
     study_time_line,
+    write_runs_csv,
 )
 
 QUICK = ("model=densenet_bc_40", "data.image_size=16", "debug=fdr")
+
+
+def table_of(root, jobs) -> RunTable:
+    """The study's runs.csv, written from the run dirs under ``root`` and read back."""
+    write_runs_csv(root / "runs.csv", root, jobs)
+    return RunTable.read(root / "runs.csv")
 
 
 @pytest.mark.slow
@@ -40,12 +48,13 @@ def test_runs_missing_jobs_once_and_resumes(tmp_path):
     assert job_finished(tmp_path / "bn") and job_finished(tmp_path / "gn")
     assert (tmp_path / "gn" / "config_resolved.yaml").is_file()
 
-    assert "the whole study took" in study_time_line(tmp_path, jobs)  # every job ran in this call
+    # Every job ran in this call. (debug=fdr logs no metrics: their rows hold time and code.)
+    assert "the whole study took" in study_time_line(table_of(tmp_path, jobs))
 
     marker = (tmp_path / "bn" / "study_job.json").stat().st_mtime_ns
     run_study(jobs, tmp_path, cores=2)  # nothing left to do: nothing is rerun
     assert (tmp_path / "bn" / "study_job.json").stat().st_mtime_ns == marker
-    assert "the whole study took" in study_time_line(tmp_path, jobs)
+    assert "the whole study took" in study_time_line(table_of(tmp_path, jobs))
 
 
 @pytest.mark.slow
@@ -76,20 +85,30 @@ def test_collect_and_tabulate_per_seed_results(tmp_path):
         "gn_seed2": 0.9,
     }
     for name, accuracy in accuracies.items():
-        (tmp_path / name / "csv").mkdir(parents=True)
+        finished_job(tmp_path, name, "a" * 40)
         (tmp_path / name / "csv" / "metrics.csv").write_text(
             f"epoch,step,val/acc,test/acc\n0,9,0.1,\n1,19,0.2,\n2,20,,{accuracy}\n"
         )
-    values = collect(tmp_path, list(configurations), [1, 2], "test/acc")
-    assert values == {"bn 2×2 (DDP)": [0.5, 0.7], "gn": [0.9, 0.9]}
-    assert mean_and_spread(values["bn 2×2 (DDP)"]) == pytest.approx((0.6, 0.1414213))
-    rows = results_table(values, [1, 2], digits=2)
-    assert rows[2] == "| bn 2×2 (DDP) | 0.50 | 0.70 | **0.60** ± 0.14 |"
+    table = table_of(tmp_path, jobs)
+    assert table.seeds == [1, 2]
+    assert table.rows[2]["norm"] == "bn" and table.rows[2]["seed"] == "2"
+    values = {name: table.cell(slug(name), "test/acc") for name in configurations}
+    assert {name: cell.values for name, cell in values.items()} == {
+        "bn 2×2 (DDP)": (0.5, 0.7),
+        "gn": (0.9, 0.9),
+    }
+    assert (values["bn 2×2 (DDP)"].mean, values["bn 2×2 (DDP)"].std) == pytest.approx(
+        (0.6, 0.1414213)
+    )
+    assert table.curves("gn", "val/acc") == [[(1, 0.1), (2, 0.2)]] * 2
+    rows = results_table(values, digits=2)
+    assert rows[2] == "| bn 2×2 (DDP) | 0.50 | 0.70 | 2 | **0.60 ± 0.14** |"
     assert slug("ln (ConvNeXt's)") == "ln_ConvNeXt_s"
 
 
 def finished_job(root, name, sha, seconds=60.0):
-    (root / name).mkdir(parents=True)
+    (root / name / "csv").mkdir(parents=True)
+    (root / name / "csv" / "metrics.csv").write_text("epoch,step,test/acc\n0,9,0.5\n")
     (root / name / "git_sha.txt").write_text(sha + "\n")
     record = {"seconds": seconds, "cpu_seconds": seconds}
     (root / name / "study_job.json").write_text(json.dumps(record))
@@ -100,14 +119,14 @@ def test_study_lines_say_which_code_trained_the_runs_and_how_long_they_took(tmp_
     clean, other = "0123456789abcdef" * 2 + "01234567", "fedcba9876543210" * 2 + "76543210"
     for job in jobs:
         finished_job(tmp_path, job.name, clean)
-    assert study_code_line(tmp_path, jobs) == "Code: commit 0123456"
-    assert study_time_line(tmp_path, jobs) == (
+    assert study_code_line(table_of(tmp_path, jobs)) == "Code: commit 0123456"
+    assert study_time_line(table_of(tmp_path, jobs)) == (
         "3 runs, 3 run-minutes of wall time, 3 CPU-minutes (≈ 2 min on 2 idle cores)"
     )
 
     (tmp_path / "b" / "git_sha.txt").write_text(other + "-dirty\n")
     (tmp_path / "c" / "git_sha.txt").unlink()
-    assert study_code_line(tmp_path, jobs) == (
+    assert study_code_line(table_of(tmp_path, jobs)) == (
         "Code: commit 0123456 (1 runs), commit fedcba9 with uncommitted changes (1 runs), "
         "an unknown commit (1 runs)"
     )
@@ -119,11 +138,11 @@ def test_only_a_study_trained_in_one_call_reports_its_whole_wall_time(tmp_path, 
         (run_dir / "study_job.json").write_text('{"seconds": 1.0}')
         return 1.0
 
-    monkeypatch.setattr("experiments.lib.study._run_job", pretend_to_train)
+    monkeypatch.setattr("experiments.lib.jobs._run_job", pretend_to_train)
     jobs = [StudyJob(name, "densenet_digits", ()) for name in ("a", "b")]
     run_study(jobs, tmp_path / "fresh", cores=2)
     assert "the whole study took 0 min of wall time in one go" in study_time_line(
-        tmp_path / "fresh", jobs
+        table_of(tmp_path / "fresh", jobs)
     )
 
     finished_job(tmp_path / "resumed", "a", "0" * 40)
@@ -149,7 +168,7 @@ def test_jobs_start_in_order_and_never_oversubscribe_the_cores(tmp_path, monkeyp
         (run_dir / "study_job.json").write_text('{"seconds": 1.0}')
         return 1.0
 
-    monkeypatch.setattr("experiments.lib.study._run_job", pretend_to_train)
+    monkeypatch.setattr("experiments.lib.jobs._run_job", pretend_to_train)
     # The 2-process jobs come after 1-process ones, which used to let later 1-process jobs take
     # every freed core first while a 2-process job waited.
     sizes = {"a": 1, "b": 2, "c": 1, "d": 1, "e": 2, "f": 1}
@@ -189,7 +208,7 @@ def test_identical_finished_runs_of_other_studies_are_copied_not_trained(
     tmp_path, monkeypatch, capsys
 ):
     commit = "c" * 40
-    monkeypatch.setattr("experiments.lib.study.git_sha", lambda directory=None: commit)
+    monkeypatch.setattr("experiments.lib.jobs.git_sha", lambda directory=None: commit)
     trained = []
 
     def pretend_to_train(job, run_dir, threads):
@@ -198,7 +217,7 @@ def test_identical_finished_runs_of_other_studies_are_copied_not_trained(
         (run_dir / "study_job.json").write_text('{"seconds": 60.0}')
         return 60.0
 
-    monkeypatch.setattr("experiments.lib.study._run_job", pretend_to_train)
+    monkeypatch.setattr("experiments.lib.jobs._run_job", pretend_to_train)
     studies = tmp_path / "studies"
     same = StudyJob("bn_b2_seed1", "fashion_norm_study", ("norm=bn", "data.batch_size=2", "seed=1"))
     # The same run under another name and with its overrides in another order: a twin.
@@ -220,14 +239,14 @@ def test_identical_finished_runs_of_other_studies_are_copied_not_trained(
     assert json.loads((copied / "study_job.json").read_text())["reused_from"] == str(
         studies / "other" / "bn_2"
     )
-    assert study_time_line(studies / "mine", jobs) == (
+    assert study_time_line(table_of(studies / "mine", jobs)) == (
         "3 runs, 4 run-minutes of wall time; 1 of the runs (2 run-minutes) are copies of "
         "identical runs of another study; the whole study took 0 min of wall time in one go "
         "(training the others)"
     )
 
     # Uncommitted code: nothing is reused, since what trained the twin cannot be told apart.
-    monkeypatch.setattr("experiments.lib.study.git_sha", lambda directory=None: commit + "-dirty")
+    monkeypatch.setattr("experiments.lib.jobs.git_sha", lambda directory=None: commit + "-dirty")
     trained.clear()
     capsys.readouterr()
     run_study([same], studies / "dirty", cores=2, reuse_from=studies)

@@ -140,7 +140,7 @@ CASES = {
     # 12. Values of the wrong type or range.
     "max_epochs_type": BadConfig(
         (*SMALL, "trainer.max_epochs=abc"),
-        "trainer.max_epochs must be an integer >= -1 (-1: no limit) or null, got 'abc'",
+        "trainer.max_epochs must be an integer >= 1, -1 (no limit) or null, got 'abc'",
     ),
     "accumulate_zero": BadConfig(
         (*SMALL, "trainer.accumulate_grad_batches=0"),

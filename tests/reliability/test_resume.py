@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from cli import offline_env, python_path_with, run_train, start_train
+from normlab.collect.wandb_runs import read_offline_run
 from normlab.errors import ConfigError
 from normlab.train import train
-from wandb_offline import read_offline_run
 
 ENV = offline_env(OMP_NUM_THREADS="1")
 # 6 batches × 2 epochs of the small DenseNet with dropout (the model's RNG) and augmentation (the

@@ -15,8 +15,8 @@ from cluster_helpers import Cluster
 from omegaconf import OmegaConf
 
 from cli import run_train, start_train
+from normlab.collect.wandb_runs import read_offline_run
 from test_ddp import HELPERS, SHORT, _assert_same_float64_weights
-from wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.slurm
 

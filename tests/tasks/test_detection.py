@@ -15,10 +15,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from normlab.collect.wandb_runs import read_offline_run
 from normlab.eval import evaluate
 from normlab.tasks.detection import MAP_BACKENDS, build_map_metric
 from normlab.train import train
-from wandb_offline import read_offline_run
 
 
 def _fixed_predictions_and_targets() -> tuple[list[dict], list[dict]]:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from normlab.collect.wandb_runs import read_offline_run
 from normlab.errors import ConfigError
 from normlab.eval import evaluate
 from normlab.tasks.pix2pix import GAN_MODES, Pix2PixModule, gan_loss, linear_decay
 from normlab.train import train
-from wandb_offline import read_offline_run
 
 
 def _module(**options) -> Pix2PixModule:

@@ -8,7 +8,13 @@ A seeded sampler would also start its sequence again and propose the first trial
 more, so a resumed study's sampler gets a seed that counts the stored trials.
 
 A failed trial (its job failed, or its metric was not finite) is stored as FAIL and the study goes
-on, as long as ``max_failure_rate`` allows (the hparams_search configs set 1.0: never stop).
+on, as long as ``max_failure_rate`` allows (the hparams_search configs set 1.0: never stop). A
+trial cut off by an interruption (left RUNNING) is stored as FAIL, marked interrupted, and its
+parameters run again first; it does not count against ``n_trials``.
+
+A study is one search: the command-line overrides that define it (all but logging and paths, see
+:func:`normlab.sweep.study_identity`) are stored with it, and a rerun with other overrides
+(``norm=gn`` on a bn study) stops in one line instead of adding its trials to the other search.
 """
 
 from __future__ import annotations
@@ -17,13 +23,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import optuna
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from normlab.sweep import SPENT_STATES, stored_trials
+from normlab.errors import ConfigError
+from normlab.runs import exit_on_config_error
+from normlab.sweep import check_study_identity, rerun_interrupted, stored_trials, study_identity
+from normlab.sweep import spent as spent_trial
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +65,20 @@ class ResumableOptunaSweeper(OptunaSweeper):
             # SQLAlchemy creates the database file but not its folder (the sweep dir, which the
             # launcher would only create with the first job).
             Path(storage.removeprefix(_SQLITE)).parent.mkdir(parents=True, exist_ok=True)
-        trials = stored_trials(storage, impl.study_name)
-        spent = sum(trial.state in SPENT_STATES for trial in trials)
+        study = optuna.create_study(
+            study_name=impl.study_name,
+            storage=storage,
+            directions=impl._get_directions(),
+            load_if_exists=True,
+        )
+        try:
+            check_study_identity(study, study_identity(arguments))
+        except ConfigError as error:
+            exit_on_config_error(error)
+        trials = study.get_trials(deepcopy=False)
+        if rerun_interrupted(study):
+            trials = study.get_trials(deepcopy=False)
+        spent = sum(map(spent_trial, trials))
         if trials:
             log.info(
                 "Resuming study %r from %s: %d of %d trials done",
@@ -66,19 +88,22 @@ class ResumableOptunaSweeper(OptunaSweeper):
                 impl.n_trials,
             )
         impl.n_trials = max(0, impl.n_trials - spent)
-        impl.job_idx = len(trials)
+        # Jobs are numbered after every stored trial, so no run dir is written twice (the
+        # reruns of interrupted trials were queued as new trials).
+        impl.job_idx = sum(trial.state != TrialState.WAITING for trial in trials)
         if impl.n_trials == 0:
             log.info("Study %r has all its trials; nothing to run", impl.study_name)
             return
         seed = self.sampler_config.get("seed")
         if trials and seed is not None:
             impl.sampler = instantiate(self.sampler_config, seed=seed + len(trials))
+        first_job = impl.job_idx
         try:
             super().sweep(arguments)
         except ValueError:
             # Optuna's study.best_trial, read after the last trial, fails when no trial
             # completed; the failed jobs are what SweepReport reports.
             after = stored_trials(storage, impl.study_name)
-            if len(after) == len(trials) or any(t.state == TrialState.COMPLETE for t in after):
+            if impl.job_idx == first_job or any(t.state == TrialState.COMPLETE for t in after):
                 raise
             log.warning("Study %r: no trial completed, no best parameters", impl.study_name)

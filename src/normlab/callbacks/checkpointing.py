@@ -17,7 +17,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from normlab.errors import ConfigError, TrainingError
+from normlab.errors import TrainingError
+from normlab.ranges import OPTIONAL_COUNT, checked_arguments
 from normlab.utils.writable_dirs import mebibytes
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def restart_validation(progress: dict[str, Any]) -> None:
     progress["is_last_batch"] = False
 
 
+@checked_arguments(every_n_train_steps=OPTIONAL_COUNT)
 class LastCheckpoint(pl.Callback):
     """Keeps one ``last.ckpt``, always the newest state: written every ``every_n_train_steps``
     optimizer steps, after each validation and when training ends (so a ``max_steps`` run that
@@ -178,11 +180,6 @@ class LastCheckpoint(pl.Callback):
     one that cannot be read."""
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ConfigError(
-                "callbacks.last_checkpoint.every_n_train_steps must be an integer >= 1 or null, "
-                f"got {every_n_train_steps!r}"
-            )
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1
@@ -206,6 +203,21 @@ class LastCheckpoint(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Always: the loop counters now say "finished", which a resume of this run relies on.
         self._save(trainer)
+
+
+class CheckpointPosition(pl.Callback):
+    """Tests a checkpoint at the step and epoch it was saved at: the metrics of an evaluation are
+    logged there (``csv/metrics.csv``'s step and epoch, wandb's step), not at step 0."""
+
+    def __init__(self, global_step: int, epoch: int) -> None:
+        self.global_step = global_step
+        self.epoch = epoch
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The counters Lightning's logger connector reads (a fit restores them from the
+        # checkpoint's loop state; a test alone does not).
+        trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
+        trainer.fit_loop.epoch_progress.current.completed = self.epoch
 
 
 class RunInfo(pl.Callback):

@@ -19,25 +19,31 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.instancenorm import _InstanceNorm
-from torchvision.ops import FrozenBatchNorm2d
 
-from normlab.norm.inspect import has_running_statistics
+from normlab.norm import has_running_statistics, is_norm, layer_traits
+from normlab.ops.bn_stats import unbiased_variance
 
 
 def running_statistics_layers(model: nn.Module, *, frozen: bool = False) -> dict[str, nn.Module]:
     """``{name: layer}`` for every layer of ``model`` with running statistics, each module once
-    (``frozen``: also ``FrozenBatchNorm2d``, whose statistics are fixed buffers)."""
+    (``frozen``: also norms whose statistics are fixed buffers, as ``FrozenBatchNorm2d``'s)."""
     return {
         name: module
         for name, module in model.named_modules()
-        if has_running_statistics(module) or (frozen and isinstance(module, FrozenBatchNorm2d))
+        if has_running_statistics(module) or (frozen and _has_fixed_statistics(module))
     }
 
 
+def _has_fixed_statistics(module: nn.Module) -> bool:
+    fixed = (getattr(module, name, None) for name in ("running_mean", "running_var"))
+    return is_norm(module) and all(isinstance(tensor, Tensor) for tensor in fixed)
+
+
 def per_sample_statistics(module: nn.Module) -> bool:
-    """True for InstanceNorm: its batch statistic is an average of per-instance statistics."""
-    return isinstance(module, _InstanceNorm)
+    """True for InstanceNorm: a norm that keeps running statistics but normalises with no batch
+    statistics tracks an average of per-instance statistics."""
+    traits = layer_traits(module)
+    return traits is not None and traits.running_statistics and not traits.batch_statistics
 
 
 @dataclass
@@ -73,7 +79,7 @@ def input_moments(module: nn.Module, x: Tensor) -> Moments:
         rows = values.reshape(1, values.shape[0] * channels, -1)
         mean, var = torch.batch_norm_update_stats(rows, None, None, 0.0)
         size = rows.shape[2]
-        unbiased = var.double() * size / max(size - 1, 1)
+        unbiased = unbiased_variance(var.double(), size)
         instances = values.shape[0]
         return Moments(
             instances,
@@ -82,4 +88,4 @@ def input_moments(module: nn.Module, x: Tensor) -> Moments:
         )
     count = values.numel() // channels
     mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
-    return Moments(count, mean.double(), var.double() * count / max(count - 1, 1))
+    return Moments(count, mean.double(), unbiased_variance(var.double(), count))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -26,7 +25,6 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from normlab.data.bad_samples import (
     BadSamples,
-    ReportsUndecodable,
     UndecodableSampleError,
     check_header,
     check_on_bad_sample,
@@ -34,9 +32,9 @@ from normlab.data.bad_samples import (
     guard_decoding,
     load_image,
 )
-from normlab.data.datamodule import SplitLoaders
+from normlab.data.datamodule import SplitDataModule
 from normlab.errors import ConfigError
-from normlab.ranges import ArgumentError, check_int, is_int
+from normlab.ranges import ArgumentError, check_int
 
 DIRECTIONS = ("AtoB", "BtoA")
 SPLITS = ("train", "val", "test")
@@ -154,7 +152,7 @@ class AlignedDataset(Dataset):
         return {"A": _to_tensor(a), "B": _to_tensor(b), "path": path}
 
 
-class AlignedDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule):
+class AlignedDataModule(SplitDataModule):
     """Paired A|B images under ``root`` (layout in the module docstring) for pix2pix-style tasks.
 
     ``direction``: ``"AtoB"`` (input = left half) or ``"BtoA"`` (input = right half).
@@ -171,6 +169,10 @@ class AlignedDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule
     Batches use the default collate: ``{"A": B×C×H×W, "B": B×C×H×W, "path": list[str]}``.
     """
 
+    batch_format = "image pairs"
+    # image_size is the crop's side (the size of a validation or test image too).
+    image_size_option = "crop_size"
+
     def __init__(
         self,
         root: str | os.PathLike[str],
@@ -186,7 +188,7 @@ class AlignedDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule
         seed: int = 0,
         on_bad_sample: str = "raise",
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, pin_memory, seed)
         if direction not in DIRECTIONS:
             raise ArgumentError(
                 "direction",
@@ -217,19 +219,9 @@ class AlignedDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.image_size = self.crop_size
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.num_workers = check_int("num_workers", num_workers, minimum=0)
-        if not is_int(seed):
-            raise ArgumentError("seed", seed, f"{{key}} must be an integer, got {seed!r}")
-        self.seed = seed
-        self.pin_memory = bool(pin_memory)
         self.on_bad_sample = check_on_bad_sample(on_bad_sample)
         self.bad_samples: dict[str, BadSamples] = {}
         self.root = os.path.expanduser(os.fspath(root))
-
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
         self._check_layout_early()
 
     # -- layout -----------------------------------------------------------------------------------

@@ -284,18 +284,3 @@ class SkipUndecodable(Dataset):
 def guard_decoding(dataset: FileDataset, split: str, policy: str) -> Dataset:
     """``dataset`` as read under ``policy``: wrapped in :class:`SkipUndecodable` for ``skip``."""
     return SkipUndecodable(dataset, split) if policy == "skip" else dataset  # type: ignore[return-value]
-
-
-class ReportsUndecodable:
-    """Data-module mixin: at teardown (the end of fit, validate or test) each split logs the
-    samples that failed to decode and were replaced (see :class:`SkipUndecodable`)."""
-
-    train_set: Dataset | None
-    val_set: Dataset | None
-    test_set: Dataset | None
-
-    def teardown(self, stage: str) -> None:
-        for dataset in (self.train_set, self.val_set, self.test_set):
-            if isinstance(dataset, SkipUndecodable):
-                dataset.report()
-        super().teardown(stage)  # type: ignore[misc]

@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -25,7 +24,6 @@ from torchvision.transforms import v2
 
 from normlab.data.bad_samples import (
     BadSamples,
-    ReportsUndecodable,
     UndecodableSampleError,
     check_on_bad_sample,
     guard_decoding,
@@ -38,7 +36,7 @@ from normlab.data.coco_format import (
     parse_categories,
     read_json,
 )
-from normlab.data.datamodule import SplitLoaders
+from normlab.data.datamodule import SplitDataModule
 from normlab.errors import ConfigError
 from normlab.ranges import ArgumentError, check_int, is_int, is_number
 
@@ -149,7 +147,7 @@ def _check_splits(splits: Mapping[str, Any] | None) -> dict[str, str]:
     return result
 
 
-class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningDataModule):
+class CocoDetectionDataModule(SplitDataModule):
     """COCO-format detection data under ``root`` (layout in the module docstring).
 
     ``splits`` maps the stages ``train`` / ``val`` / ``test`` to split folder names (default: the
@@ -173,6 +171,7 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
     """
 
     collate_fn = staticmethod(detection_collate)
+    batch_format = "images with boxes"
 
     in_channels = 3
 
@@ -190,13 +189,7 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
         on_bad_sample: str = "raise",
         on_bad_annotation: str | None = None,
     ) -> None:
-        super().__init__()
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.num_workers = check_int("num_workers", num_workers, minimum=0)
-        if not is_int(seed):
-            raise ArgumentError("seed", seed, f"{{key}} must be an integer, got {seed!r}")
-        self.seed = seed
-        self.pin_memory = bool(pin_memory)
+        super().__init__(batch_size, num_workers, pin_memory, seed)
         self.train_min_sizes = self._check_min_sizes(train_min_sizes)
         self.max_size = None if max_size is None else check_int("max_size", max_size, minimum=1)
         if self.max_size is not None and self.train_min_sizes is None:
@@ -221,10 +214,6 @@ class CocoDetectionDataModule(ReportsUndecodable, SplitLoaders, pl.LightningData
         self.category_ids = [cat_id for cat_id, _ in categories]
         self.class_names = [name for _, name in categories]
         self.num_classes = len(categories)
-
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     @staticmethod
     def _check_policy(on_bad_sample: Any, on_bad_annotation: Any) -> str:

@@ -1,13 +1,17 @@
 """The base of every data module: loaders over ``train_set`` / ``val_set`` / ``test_set``.
 
-- :class:`SplitLoaders`: the three Lightning loaders, the training one in an order that depends
-  only on the seed and the epoch (:mod:`normlab.data.samplers`), each split built on demand;
-- :class:`ImageClassificationDataModule`: that plus the loading arguments every classification
-  module takes (:class:`LoaderOptions`), checked with error messages naming their config keys.
+- :class:`SplitDataModule`: the loading arguments every data module takes (batch size, workers,
+  seed), checked once with error messages naming their config keys, and the three Lightning
+  loaders, the training one in an order that depends only on the seed and the epoch
+  (:mod:`normlab.data.samplers`), each split built on demand;
+- :class:`ImageClassificationDataModule`: that plus the arguments every classification module
+  takes (:class:`LoaderOptions`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -15,8 +19,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from normlab.data.bad_samples import SkipUndecodable
 from normlab.data.samplers import EpochSeededLoader, EpochSeededSampler, SeededSamples
 from normlab.ranges import ArgumentError, check_int, is_int
+
+log = logging.getLogger(__name__)
 
 # The splits each Lightning stage reads.
 STAGE_SPLITS = {
@@ -27,23 +34,58 @@ STAGE_SPLITS = {
 }
 
 
-class SplitLoaders:
-    """``train/val/test_dataloader`` over ``train_set`` / ``val_set`` / ``test_set``, shared by
-    the data modules: the training order depends only on ``seed`` and the epoch
-    (:class:`EpochSeededSampler`), and a split that is not set up yet is set up on demand.
-    Subclasses may set ``collate_fn``."""
+class SplitDataModule(pl.LightningDataModule):
+    """The base of every data module: ``train/val/test_dataloader`` over ``train_set`` /
+    ``val_set`` / ``test_set``. The training order depends only on ``seed`` and the epoch
+    (:class:`EpochSeededSampler`), a split that is not set up yet is set up on demand, and at
+    teardown (the end of fit, validate or test) each split read under ``on_bad_sample=skip`` logs
+    the samples that failed to decode and were replaced (:class:`SkipUndecodable`). Subclasses
+    may set ``collate_fn``."""
 
-    batch_size: int
     # Validation and test batch; None: batch_size. Only modules whose evaluation does not depend
     # on the batch (classification: every norm is in eval mode) offer it.
     eval_batch_size: int | None = None
-    num_workers: int
-    pin_memory: bool
-    seed: int
     collate_fn: Callable[[list[Any]], Any] | None = None
-    train_set: Dataset | None
-    val_set: Dataset | None
-    test_set: Dataset | None
+    # Why a training batch of a single image cannot be trained on (a norm's batch statistics
+    # over one value per channel), as the task's check_run found it; see drop_a_last_batch_of_one.
+    batch_of_one_fails: str | None = None
+
+    def __init__(
+        self, batch_size: int, num_workers: int = 0, pin_memory: bool = False, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        if not is_int(seed):
+            raise ArgumentError("seed", seed, f"{{key}} must be an integer, got {seed!r}")
+        self.seed = seed
+        self.pin_memory = bool(pin_memory)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def drop_a_last_batch_of_one(self, reason: str) -> None:
+        """The model cannot train on a batch of one image (``reason``): leave out an epoch's last
+        training batch when it would hold one image (per process, as DDP splits the data)."""
+        self.batch_of_one_fails = reason
+
+    def _drops_last(self, dataset: Dataset) -> bool:
+        if self.batch_of_one_fails is None:
+            return False
+        trainer = getattr(self, "trainer", None)
+        processes = trainer.world_size if trainer is not None else 1
+        # DDP's DistributedSampler pads the data to the same count on every process.
+        per_process = math.ceil(len(dataset) / processes)
+        if per_process % self.batch_size != 1:
+            return False
+        log.info(
+            "the last training batch of each epoch would hold 1 image (%d images per process, "
+            "data.batch_size=%d) and %s: it is left out",
+            per_process,
+            self.batch_size,
+            self.batch_of_one_fails,
+        )
+        return True
 
     def _dataset(self, split: str) -> Dataset:
         """Build one split (``train``, ``val`` or ``test``); for :meth:`setup_splits`."""
@@ -73,7 +115,7 @@ class SplitLoaders:
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
-            drop_last=False,
+            drop_last=train and self._drops_last(dataset),
             # Worker seeds come from this generator, not the global RNG, which then advances
             # only with what the model draws (dropout, drop path): a resumed run can restore it.
             generator=torch.Generator().manual_seed(self.seed),
@@ -94,6 +136,12 @@ class SplitLoaders:
             self.setup("test")
         return self._loader(self.test_set, train=False)
 
+    def teardown(self, stage: str) -> None:
+        for dataset in (self.train_set, self.val_set, self.test_set):
+            if isinstance(dataset, SkipUndecodable):
+                dataset.report()
+        super().teardown(stage)
+
 
 class LoaderOptions(TypedDict, total=False):
     """The loading arguments every data module takes; see :class:`ImageClassificationDataModule`."""
@@ -107,13 +155,17 @@ class LoaderOptions(TypedDict, total=False):
     seed: int
 
 
-class ImageClassificationDataModule(SplitLoaders, pl.LightningDataModule):
+class ImageClassificationDataModule(SplitDataModule):
     """Base class: subclasses set ``num_classes``, ``in_channels``, ``class_names`` in ``__init__``
     and ``train_set`` / ``val_set`` / ``test_set`` in :meth:`setup`."""
 
     num_classes: int
     in_channels: int
     class_names: list[str]
+    # What a batch holds (a task takes batches of one such kind: Task.batch_format), and the
+    # constructor argument that sets image_size.
+    batch_format = "labelled images"
+    image_size_option = "image_size"
 
     def __init__(
         self,
@@ -125,20 +177,11 @@ class ImageClassificationDataModule(SplitLoaders, pl.LightningDataModule):
         augment: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        super().__init__(batch_size, num_workers, pin_memory, seed)
         if eval_batch_size is not None:
             self.eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1)
-        self.num_workers = check_int("num_workers", num_workers, minimum=0)
         self.image_size = check_int("image_size", image_size, minimum=1)
-        if not is_int(seed):
-            raise ArgumentError("seed", seed, f"{{key}} must be an integer, got {seed!r}")
-        self.seed = seed
-        self.pin_memory = bool(pin_memory)
         self.augment = bool(augment)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     # -- subclasses -------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 
 from normlab.data.aligned import SPLITS, AlignedDataModule
 from normlab.data.digits import split_indices
-from normlab.data.generated import GeneratedData, atomic_folder, params_tag
+from normlab.data.generated import GeneratedData, atomic_folder
 from normlab.ranges import ArgumentError, check_int
 
 # Bump when the drawing code changes: the folder tag changes with it, so old pairs are not reused.
@@ -174,16 +174,14 @@ class DigitPairsDataModule(GeneratedData, AlignedDataModule):
                 )
             counts[split] = count
         # Counts are stored resolved, so `null` and the explicit pool size share one folder.
-        self.generation_params: dict[str, Any] = {
+        params = {
             "version": GENERATOR_VERSION,
             **{f"num_{split}": counts[split] for split in SPLITS},
             "image_size": check_int("image_size", image_size, minimum=16),
             "generation_seed": check_int("generation_seed", generation_seed, minimum=0),
         }
-        self.data_root = os.path.expanduser(os.fspath(root))
-        self.tag = params_tag(self.generation_params)
         super().__init__(
-            root=os.path.join(self.data_root, "digit_pairs", self.tag),
+            root=self.generated_root(root, "digit_pairs", params),
             direction=direction,
             load_size=load_size,
             crop_size=crop_size,

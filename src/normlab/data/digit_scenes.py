@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 
 from normlab.data.coco import CocoDetectionDataModule
 from normlab.data.digits import split_indices
-from normlab.data.generated import GeneratedData, atomic_folder, params_tag
+from normlab.data.generated import GeneratedData, atomic_folder
 from normlab.ranges import ArgumentError, check_int
 
 # Bump when the drawing code changes: the folder tag changes with it, so old scenes are not reused.
@@ -231,7 +231,7 @@ class DigitScenesDataModule(GeneratedData, CocoDetectionDataModule):
             raise ArgumentError(
                 "digit_size[1]", high, f"{{key}}={high} must be <= canvas_size={canvas_size}"
             )
-        self.generation_params: dict[str, Any] = {
+        params = {
             "version": GENERATOR_VERSION,
             "num_train": check_int("num_train", num_train, minimum=1),
             "num_val": check_int("num_val", num_val, minimum=1),
@@ -242,10 +242,8 @@ class DigitScenesDataModule(GeneratedData, CocoDetectionDataModule):
             "digit_size": [low, high],
             "generation_seed": check_int("generation_seed", generation_seed, minimum=0),
         }
-        self.data_root = os.path.expanduser(os.fspath(root))
-        self.tag = params_tag(self.generation_params)
         super().__init__(
-            root=os.path.join(self.data_root, "digit_scenes", self.tag),
+            root=self.generated_root(root, "digit_scenes", params),
             splits={split: split for split in SPLIT_NAMES},
             batch_size=batch_size,
             num_workers=num_workers,

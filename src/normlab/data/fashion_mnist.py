@@ -236,19 +236,9 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
                 self.val_images,
                 f"{{key}}={self.val_images} leaves no training images out of {len(labels)}",
             )
-        train, val = train_test_split(
-            np.arange(len(labels)),
-            test_size=self.val_images,
-            stratify=labels,
-            random_state=SPLIT_RANDOM_STATE,
-        )
+        train, val = self._stratified(np.arange(len(labels)), labels, test_size=self.val_images)
         if self.train_subset is not None and self.train_subset < len(train):
-            train, _ = train_test_split(
-                train,
-                train_size=self.train_subset,
-                stratify=labels[train],
-                random_state=SPLIT_RANDOM_STATE,
-            )
+            train, _ = self._stratified(train, labels, train_size=self.train_subset)
         elif self.train_subset is not None:
             raise ArgumentError(
                 "train_subset",
@@ -257,6 +247,23 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
                 f"left after val_images={self.val_images}",
             )
         return np.sort(train), np.sort(val)
+
+    def _stratified(
+        self, indices: np.ndarray, labels: np.ndarray, **size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``indices`` split in two with every class in both (sklearn's ``train_test_split``); a
+        DataError naming the label file when a class has fewer than 2 images to share."""
+        counts = np.bincount(labels[indices], minlength=len(CLASS_NAMES))
+        if counts.min() < 2:
+            rare = int(counts.argmin())
+            raise DataError(
+                f"data.root: {self.files['train'][1]} has {counts[rare]} training image(s) of "
+                f"class {rare} ({CLASS_NAMES[rare]}); the stratified split (data.val_images, "
+                "data.train_subset) needs at least 2 of every class"
+            )
+        return train_test_split(
+            indices, stratify=labels[indices], random_state=SPLIT_RANDOM_STATE, **size
+        )
 
     def _resized(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] == self.image_size:

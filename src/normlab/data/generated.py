@@ -60,6 +60,19 @@ class GeneratedData:
 
     root: str
     generation_params: dict[str, Any]
+    # The folder given as ``data.root``, and the tag naming these parameters' folder under it.
+    data_root: str
+    tag: str
+
+    def generated_root(
+        self, root: str | os.PathLike[str], dataset: str, params: dict[str, Any]
+    ) -> str:
+        """Keep ``params`` as this module's generation parameters and return the folder their
+        files go to, ``<root>/<dataset>/<tag>`` (the data module's ``root``)."""
+        self.generation_params = params
+        self.data_root = os.path.expanduser(os.fspath(root))
+        self.tag = params_tag(params)
+        return os.path.join(self.data_root, dataset, self.tag)
 
     def generate(self, directory: str, params: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -20,7 +20,6 @@ from typing_extensions import Unpack
 
 from normlab.data.bad_samples import (
     BadSamples,
-    ReportsUndecodable,
     check_header,
     check_on_bad_sample,
     convert_mode,
@@ -69,7 +68,7 @@ class RGBImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-class ImageFolderDataModule(ReportsUndecodable, ImageClassificationDataModule):
+class ImageFolderDataModule(ImageClassificationDataModule):
     """Images under ``root/train/<class>/`` and ``root/val/<class>/`` (and optionally
     ``root/test/<class>/``; without it the test split is the val split).
 
@@ -118,6 +117,11 @@ class ImageFolderDataModule(ReportsUndecodable, ImageClassificationDataModule):
                     f"data.root: class folders differ between {self.train_dir} and {d}: "
                     f"only in train: {only_train}, only in {os.path.basename(d)}: {only_other}"
                 )
+        if len(train_classes) < 2:
+            raise ConfigError(
+                f"data.root: {self.train_dir} has one class folder ({train_classes[0]}); a "
+                "classifier needs at least 2 classes"
+            )
         self.class_names = train_classes
         self.num_classes = len(train_classes)
 

@@ -3,7 +3,7 @@
 :class:`EpochSeededSampler` draws each epoch's permutation and a seed per sample,
 :class:`SeededSamples` loads each sample under its seed (so its augmentation does not depend on
 the workers or on a resume), and :class:`EpochSeededLoader` tells Lightning's fit loop how to
-resume it. :class:`~normlab.data.datamodule.SplitLoaders` puts the three together.
+resume it. :class:`~normlab.data.datamodule.SplitDataModule` puts the three together.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ selectable box loss (L1, smooth-L1, GIoU), each normalised per image by the numb
 anchors (at least one, so an image without boxes contributes only its background term) and then
 averaged over the batch, as torchvision does. With the defaults the losses equal torchvision's.
 
-One file per architecture, as torchvision keeps its own: backbone, FPN, heads and losses are
-read together when checking parity with the reference, so the file stays whole despite its length.
+This file assembles the detector from named parts (norms, pretrained weights, backbone with FPN,
+anchors, head); the parts that are torchvision's with a change (the fusable ResNet blocks, the
+head's losses, the weight loading) are in :mod:`normlab.models.retinanet_parts`.
 
 Image sizes: in eval mode the model resizes each image (shorter side ``min_size``, longer side at
 most ``max_size``) and maps detections back to the input's coordinates. In training it does the
@@ -27,31 +28,36 @@ augmentation in the data module would otherwise be undone by the model's own res
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
-import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from typing_extensions import Unpack
 
 from normlab.errors import ConfigError
+from normlab.models.retinanet_parts import (
+    BOX_LOSSES,
+    BoxLoss,
+    FocalLossHead,
+    download_weights,
+    freeze_resnet,
+    fusable_resnet,
+    load_detector_weights,
+    load_weights,
+    resolve_weights,
+    takes_batchnorm_weights,
+)
 from normlab.norm import (
     NormLayer,
     NormSpec,
-    activation_after,
-    fuse_norm_activations,
     get_norm_layer,
     norm_name,
+    norm_traits,
     standardize_conv_weights,
 )
 from normlab.ranges import (
@@ -74,177 +80,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BOX_LOSSES = ("l1", "smooth_l1", "giou")
-BoxLoss = Literal["l1", "smooth_l1", "giou"]
-
-# Norms whose statistics come from the batch: in a head shared by all FPN levels they mix the
-# statistics of five differently scaled feature maps (detectron2 keeps one norm per level).
-_BATCH_STAT_NORMS = {"bn", "syncbn", "cuda_bn", "brn", "ghost_bn", "evonorm_b0"}
-
 _RESNET_C5_CHANNELS = {18: 512, 34: 512, 50: 2048}
-
-
-class _FusableBasicBlock(BasicBlock):
-    """torchvision's BasicBlock with a ReLU module of its own after bn1, so that bn1 can absorb it.
-
-    torchvision's block calls one shared ``relu`` after bn1 and after the residual add, which no
-    module swap can fuse. ``relu`` stays for the add (no norm output alone feeds it); parameter
-    and buffer names are torchvision's.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.relu1 = activation_after(self.bn1, nn.ReLU(inplace=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class _FusableBottleneck(Bottleneck):
-    """torchvision's Bottleneck with ReLU modules of its own after bn1 and bn2 (see
-    :class:`_FusableBasicBlock`); the shared ``relu`` stays for the residual add."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.relu1 = activation_after(self.bn1, nn.ReLU(inplace=True))
-        self.relu2 = activation_after(self.bn2, nn.ReLU(inplace=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-_RESNET_LAYOUTS: dict[int, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
-    18: (_FusableBasicBlock, [2, 2, 2, 2]),
-    34: (_FusableBasicBlock, [3, 4, 6, 3]),
-    50: (_FusableBottleneck, [3, 4, 6, 3]),
-}
-
-
-def _resnet(depth: int, norm_layer: NormLayer) -> ResNet:
-    """torchvision's ``resnet{depth}(norm_layer=...)`` (same modules, names and init) in which
-    every ReLU that follows a norm alone can be absorbed by it."""
-    block, layers = _RESNET_LAYOUTS[depth]
-    resnet = ResNet(block, layers, norm_layer=norm_layer)
-    # ResNet calls its own `relu` once, right after the stem's bn1.
-    resnet.relu = activation_after(resnet.bn1, resnet.relu)
-    return resnet
-
-
-class FocalLossHead(RetinaNetHead):
-    """torchvision's RetinaNet head (same submodules and names) with configurable losses.
-
-    ``focal_alpha`` / ``focal_gamma``: the focal loss's class balance and focusing parameter
-    (``alpha=None`` disables balancing). ``box_loss``: ``l1`` or ``smooth_l1`` on the encoded
-    box deltas (``smooth_l1_beta`` is the switch point), or ``giou`` on the decoded boxes.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        num_anchors: int,
-        num_classes: int,
-        norm_layer: NormLayer | None = None,
-        *,
-        prior_probability: float = 0.01,
-        focal_alpha: float | None = 0.25,
-        focal_gamma: float = 2.0,
-        box_loss: BoxLoss = "l1",
-        smooth_l1_beta: float = 1.0 / 9.0,
-    ) -> None:
-        super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
-        # The towers are conv-norm-ReLU Sequentials: a norm that can apply the ReLU itself does.
-        fuse_norm_activations(self)
-        if box_loss not in BOX_LOSSES:
-            raise ArgumentError(
-                "box_loss", box_loss, f"{{key}}={box_loss!r} is not one of {', '.join(BOX_LOSSES)}"
-            )
-        if not 0.0 < prior_probability < 1.0:
-            raise ArgumentError(
-                "prior_probability",
-                prior_probability,
-                f"{{key}} must be in (0, 1), got {prior_probability}",
-            )
-        # The parent initialises the class bias for its own default prior (0.01).
-        nn.init.constant_(
-            self.classification_head.cls_logits.bias,
-            -math.log((1 - prior_probability) / prior_probability),
-        )
-        self.focal_alpha = -1.0 if focal_alpha is None else float(focal_alpha)
-        self.focal_gamma = float(focal_gamma)
-        self.box_loss = box_loss
-        self.smooth_l1_beta = float(smooth_l1_beta)
-
-    def compute_loss(
-        self,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-        matched_idxs: list[Tensor],
-    ) -> dict[str, Tensor]:
-        cls_losses, box_losses = [], []
-        box_coder = self.regression_head.box_coder
-        for target, logits, deltas, image_anchors, matched in zip(
-            targets,
-            head_outputs["cls_logits"],
-            head_outputs["bbox_regression"],
-            anchors,
-            matched_idxs,
-            strict=True,
-        ):
-            foreground = torch.where(matched >= 0)[0]
-            # Never divide by zero: an image without boxes keeps its background term as is.
-            normaliser = max(1, foreground.numel())
-            gt_index = matched[foreground]
-
-            # Anchors between the two IoU thresholds are ignored by the classification loss.
-            valid = matched != self.classification_head.BETWEEN_THRESHOLDS
-            cls_target = torch.zeros_like(logits)
-            cls_target[foreground, target["labels"][gt_index]] = 1.0
-            cls_losses.append(
-                sigmoid_focal_loss(
-                    logits[valid],
-                    cls_target[valid],
-                    alpha=self.focal_alpha,
-                    gamma=self.focal_gamma,
-                    reduction="sum",
-                )
-                / normaliser
-            )
-
-            gt_boxes = target["boxes"][gt_index]
-            box_losses.append(
-                self._box_loss(deltas[foreground], image_anchors[foreground], gt_boxes, box_coder)
-                / normaliser
-            )
-        num_images = max(1, len(targets))
-        return {
-            "classification": torch.stack(cls_losses).sum() / num_images,
-            "bbox_regression": torch.stack(box_losses).sum() / num_images,
-        }
-
-    def _box_loss(
-        self, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor, box_coder: Any
-    ) -> Tensor:
-        if self.box_loss == "giou":
-            predicted = box_coder.decode_single(deltas, anchors)
-            return generalized_box_iou_loss(predicted, gt_boxes, reduction="sum")
-        target_deltas = box_coder.encode_single(gt_boxes, anchors)
-        if self.box_loss == "l1":
-            return F.l1_loss(deltas, target_deltas, reduction="sum")
-        return F.smooth_l1_loss(deltas, target_deltas, beta=self.smooth_l1_beta, reduction="sum")
 
 
 class DenseRetinaNet(nn.Module):
@@ -273,41 +109,137 @@ def _octave_anchor_sizes(base_sizes: Sequence[int]) -> tuple[tuple[int, ...], ..
     return tuple((size, int(size * 2 ** (1 / 3)), int(size * 2 ** (2 / 3))) for size in base_sizes)
 
 
-def _takes_batchnorm_weights(norm_layer: NormLayer) -> bool:
-    """Whether a norm layer has BatchNorm's parameters and buffers (so BN checkpoints load)."""
-    keys = set(norm_layer(8).state_dict())
-    return {"weight", "bias", "running_mean", "running_var"} <= keys
+class _NormLayers(NamedTuple):
+    """The layers a spec of each of the detector's three norms builds (None: no norm there)."""
+
+    backbone: NormLayer
+    head: NormLayer | None
+    fpn: NormLayer | None
 
 
-def _resolve_weights(name: str | None, enum: type, key: str) -> Any:
-    """A torchvision weights enum member from ``"COCO_V1"`` or ``"<EnumClass>.COCO_V1"``."""
-    if name is None:
-        return None
-    try:
-        if "." in name:
-            return torchvision.models.get_weight(name)
-        return enum[name]
-    except (KeyError, ValueError, AttributeError) as error:
-        allowed = ", ".join(f"{enum.__name__}.{member.name}" for member in enum)
-        raise ConfigError(
-            f"model.{key}={name!r} is not a torchvision weight; for this model: {allowed}"
-        ) from error
-
-
-def _freeze_resnet(resnet: nn.Module, trainable_layers: int) -> None:
-    """Freeze all but the last ``trainable_layers`` stages (5 = everything trains)."""
-    if not 0 <= trainable_layers <= 5:
-        raise ArgumentError(
-            "trainable_layers",
-            trainable_layers,
-            f"{{key}} must be in 0..5, got {trainable_layers}",
+def _norm_layers(
+    norm: NormSpec, head_norm: NormSpec | None, fpn_norm: NormSpec | None
+) -> _NormLayers:
+    """Resolve (and so validate) the three norm specs before anything is built."""
+    # A head norm that does not normalise (none) means no norm, so the convolutions keep their
+    # biases (v1 heads).
+    head_traits = norm_traits(head_norm)
+    normalises = head_traits is None or head_traits.normalises
+    head_layer = head_norm if head_norm is not None and normalises else None
+    norms = _NormLayers(
+        get_norm_layer(norm),
+        None if head_layer is None else get_norm_layer(head_layer),
+        None if fpn_norm is None else get_norm_layer(fpn_norm),
+    )
+    # A norm with batch statistics in a head shared by all FPN levels mixes the statistics of five
+    # differently scaled feature maps (detectron2 keeps one norm per level).
+    if head_traits is not None and head_traits.batch_statistics:
+        log.warning(
+            "head_norm=%s: the head is shared by all FPN levels, so its batch statistics mix "
+            "five feature scales; gn is the usual choice for heads",
+            norm_name(head_norm),
         )
-    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        stages.append("bn1")
-    for name, parameter in resnet.named_parameters():
-        if not any(name.startswith(stage) for stage in stages):
-            parameter.requires_grad_(False)
+    return norms
+
+
+class _PretrainedWeights(NamedTuple):
+    """The torchvision weights a detector starts from: COCO weights of the whole detector, or
+    ImageNet weights of its ResNet, or neither (None)."""
+
+    detector: Any
+    backbone: Any
+
+    @property
+    def given(self) -> bool:
+        return self.detector is not None or self.backbone is not None
+
+
+def _pretrained_weights(
+    depth: int,
+    norm: NormSpec,
+    norm_layer: NormLayer,
+    weights: str | None,
+    weights_backbone: str | None,
+) -> _PretrainedWeights:
+    """Resolve ``weights`` / ``weights_backbone`` (the detector's hold its backbone's too) and
+    refuse a backbone norm that cannot take their BatchNorm tensors."""
+    detector_weights = None
+    if weights is not None:
+        if depth != 50:
+            raise ArgumentError(
+                "weights",
+                weights,
+                f"{{key}}: torchvision has COCO RetinaNet weights for ResNet-50 only, not "
+                f"ResNet-{depth}; use weights_backbone for ImageNet weights",
+            )
+        detector_weights = resolve_weights(
+            weights, torchvision.models.detection.RetinaNet_ResNet50_FPN_Weights, "weights"
+        )
+        weights_backbone = None  # the detector checkpoint holds the backbone too
+    backbone_enum = getattr(torchvision.models, f"ResNet{depth}_Weights")
+    backbone_weights = resolve_weights(weights_backbone, backbone_enum, "weights_backbone")
+    pretrained = _PretrainedWeights(detector_weights, backbone_weights)
+    if pretrained.given and not takes_batchnorm_weights(norm_layer):
+        raise ConfigError(
+            f"norm={norm_name(norm) or norm!r} cannot take the BatchNorm weights of "
+            f"{detector_weights or backbone_weights}; use a BatchNorm-like norm (bn, syncbn, "
+            "frozen_bn, cuda_bn) or train from scratch (weights=null, weights_backbone=null)"
+        )
+    return pretrained
+
+
+def _resnet_fpn_backbone(
+    depth: int,
+    norms: _NormLayers,
+    fpn_channels: int,
+    p6p7_from: Literal["p5", "c5"],
+    trainable_layers: int,
+    weights: Any,
+    progress: bool,
+) -> BackboneWithFPN:
+    """The ResNet (ImageNet ``weights`` loaded if given, the first stages frozen) under an FPN
+    over C3..C5 with P6/P7 computed from ``p6p7_from``."""
+    resnet = fusable_resnet(depth, norms.backbone)
+    if weights is not None:
+        load_weights(resnet, download_weights(weights, progress), "backbone")
+    freeze_resnet(resnet, trainable_layers)
+
+    stage_channels = _RESNET_C5_CHANNELS[depth] // 8
+    extra_in = fpn_channels if p6p7_from == "p5" else _RESNET_C5_CHANNELS[depth]
+    extra_blocks = LastLevelP6P7(extra_in, fpn_channels)
+    # torchvision infers the source from the channel counts; state it so that equal counts
+    # (e.g. ResNet-18's 512-channel C5 with a 512-channel FPN) cannot flip it.
+    extra_blocks.use_P5 = p6p7_from == "p5"
+    return BackboneWithFPN(
+        resnet,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[stage_channels * 2, stage_channels * 4, stage_channels * 8],
+        out_channels=fpn_channels,
+        extra_blocks=extra_blocks,
+        norm_layer=norms.fpn,
+    )
+
+
+def _check_levels(
+    p6p7_from: str, anchor_sizes: Sequence[int], fg_iou_thresh: float, bg_iou_thresh: float
+) -> None:
+    """The options that must agree with the five pyramid levels P3..P7 and with each other."""
+    if p6p7_from not in ("p5", "c5"):
+        raise ArgumentError(
+            "p6p7_from", p6p7_from, f"{{key}} must be 'p5' or 'c5', got {p6p7_from!r}"
+        )
+    if len(anchor_sizes) != 5:
+        raise ArgumentError(
+            "anchor_sizes",
+            anchor_sizes,
+            f"{{key}} needs one size per level P3..P7, got {anchor_sizes}",
+        )
+    if not bg_iou_thresh <= fg_iou_thresh:
+        raise ArgumentError(
+            "bg_iou_thresh",
+            bg_iou_thresh,
+            f"{{key}} ({bg_iou_thresh}) must not exceed fg_iou_thresh ({fg_iou_thresh})",
+        )
 
 
 class RetinaNetOptions(TypedDict, total=False):
@@ -372,80 +304,18 @@ def _retinanet_resnet_fpn(
     weights_backbone: str | None = None,
     progress: bool = True,
 ) -> RetinaNet:
-    if p6p7_from not in ("p5", "c5"):
-        raise ArgumentError(
-            "p6p7_from", p6p7_from, f"{{key}} must be 'p5' or 'c5', got {p6p7_from!r}"
-        )
-    if len(anchor_sizes) != 5:
-        raise ArgumentError(
-            "anchor_sizes",
-            anchor_sizes,
-            f"{{key}} needs one size per level P3..P7, got {anchor_sizes}",
-        )
-    if not bg_iou_thresh <= fg_iou_thresh:
-        raise ArgumentError(
-            "bg_iou_thresh",
-            bg_iou_thresh,
-            f"{{key}} ({bg_iou_thresh}) must not exceed fg_iou_thresh ({fg_iou_thresh})",
-        )
-    norm_layer = get_norm_layer(norm)
-    # "none" in a head means "no norm", so the convolutions keep their biases (v1 heads).
-    head_layer = None if head_norm is None or norm_name(head_norm) == "none" else head_norm
-    head_norm_layer = None if head_layer is None else get_norm_layer(head_layer)
-    fpn_norm_layer = None if fpn_norm is None else get_norm_layer(fpn_norm)
-    if norm_name(head_norm) in _BATCH_STAT_NORMS:
-        log.warning(
-            "head_norm=%s: the head is shared by all FPN levels, so its batch statistics mix "
-            "five feature scales; gn is the usual choice for heads",
-            norm_name(head_norm),
-        )
-
-    backbone_enum = getattr(torchvision.models, f"ResNet{depth}_Weights")
-    detector_weights = None
-    if weights is not None:
-        if depth != 50:
-            raise ArgumentError(
-                "weights",
-                weights,
-                f"{{key}}: torchvision has COCO RetinaNet weights for ResNet-50 only, not "
-                f"ResNet-{depth}; use weights_backbone for ImageNet weights",
-            )
-        detector_weights = _resolve_weights(
-            weights, torchvision.models.detection.RetinaNet_ResNet50_FPN_Weights, "weights"
-        )
-        weights_backbone = None  # the detector checkpoint holds the backbone too
-    backbone_weights = _resolve_weights(weights_backbone, backbone_enum, "weights_backbone")
-    pretrained = detector_weights is not None or backbone_weights is not None
-    if pretrained and not _takes_batchnorm_weights(norm_layer):
-        raise ConfigError(
-            f"norm={norm_name(norm) or norm!r} cannot take the BatchNorm weights of "
-            f"{detector_weights or backbone_weights}; use a BatchNorm-like norm (bn, syncbn, "
-            "frozen_bn, cuda_bn) or train from scratch (weights=null, weights_backbone=null)"
-        )
+    """The detector of the ``retinanet_resnet*_fpn`` constructors, taking every option a config
+    can set (torchvision's defaults). The parts are built in a fixed order (backbone, FPN, head),
+    so a seed initialises the same parameters."""
+    _check_levels(p6p7_from, anchor_sizes, fg_iou_thresh, bg_iou_thresh)
+    norms = _norm_layers(norm, head_norm, fpn_norm)
+    pretrained = _pretrained_weights(depth, norm, norms.backbone, weights, weights_backbone)
     if trainable_layers is None:
         # torchvision's rule: fine-tune the last three stages of a pretrained backbone.
-        trainable_layers = 3 if pretrained else 5
-
-    resnet = _resnet(depth, norm_layer)
-    if backbone_weights is not None:
-        _load_state_dict(resnet, _download(backbone_weights, progress), "backbone")
-    _freeze_resnet(resnet, trainable_layers)
-
-    stage_channels = _RESNET_C5_CHANNELS[depth] // 8
-    extra_in = fpn_channels if p6p7_from == "p5" else _RESNET_C5_CHANNELS[depth]
-    extra_blocks = LastLevelP6P7(extra_in, fpn_channels)
-    # torchvision infers the source from the channel counts; state it so that equal counts
-    # (e.g. ResNet-18's 512-channel C5 with a 512-channel FPN) cannot flip it.
-    extra_blocks.use_P5 = p6p7_from == "p5"
-    backbone = BackboneWithFPN(
-        resnet,
-        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
-        in_channels_list=[stage_channels * 2, stage_channels * 4, stage_channels * 8],
-        out_channels=fpn_channels,
-        extra_blocks=extra_blocks,
-        norm_layer=fpn_norm_layer,
+        trainable_layers = 3 if pretrained.given else 5
+    backbone = _resnet_fpn_backbone(
+        depth, norms, fpn_channels, p6p7_from, trainable_layers, pretrained.backbone, progress
     )
-
     anchor_generator = AnchorGenerator(
         _octave_anchor_sizes(anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes)
     )
@@ -453,7 +323,7 @@ def _retinanet_resnet_fpn(
         fpn_channels,
         anchor_generator.num_anchors_per_location()[0],
         num_classes,
-        norm_layer=head_norm_layer,
+        norm_layer=norms.head,
         prior_probability=prior_probability,
         focal_alpha=focal_alpha,
         focal_gamma=focal_gamma,
@@ -477,51 +347,10 @@ def _retinanet_resnet_fpn(
         topk_candidates=topk_candidates,
         _skip_resize=not resize_in_training,
     )
-    if detector_weights is not None:
-        _load_detector_weights(model, detector_weights, num_classes, progress)
+    if pretrained.detector is not None:
+        load_detector_weights(model, pretrained.detector, num_classes, progress)
     standardize_conv_weights(model)  # norm.weight_standardization=true (any of the three norms)
     return model
-
-
-def _download(weights: Any, progress: bool) -> dict[str, Tensor]:
-    """A torchvision weights file, hash-checked and unpickled as tensors only: a tampered file
-    cannot run code on load (torch.hub's default is a full unpickle)."""
-    return weights.get_state_dict(progress=progress, check_hash=True, weights_only=True)
-
-
-def _load_state_dict(module: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise ConfigError(f"the {what} weights do not fit this model: {error}") from error
-
-
-def _load_detector_weights(
-    model: RetinaNet, weights: Any, num_classes: int, progress: bool
-) -> None:
-    """Load COCO weights; with another class count, every layer but the class logits."""
-    state_dict = _download(weights, progress)
-    coco_classes = len(weights.meta["categories"])
-    if num_classes != coco_classes:
-        logits = "head.classification_head.cls_logits."
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(logits)}
-        log.info(
-            "%s has %d classes, this model %d: class logits keep their initialisation",
-            weights,
-            coco_classes,
-            num_classes,
-        )
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        bad = [k for k in missing if not k.startswith(logits)] + list(unexpected)
-        if bad:
-            raise ConfigError(f"the weights {weights} do not fit this model: {bad[:8]}")
-    else:
-        _load_state_dict(model, state_dict, str(weights))
-    if weights.name == "COCO_V1" and "V2" not in type(weights).__name__:
-        # The v1 checkpoint was trained with eps=0 in its frozen BatchNorms (torchvision does so).
-        for module in model.backbone.body.modules():
-            if hasattr(module, "running_var") and hasattr(module, "eps"):
-                module.eps = 0.0
 
 
 # The numeric options of the retinanet_resnet*_fpn constructors.

@@ -7,23 +7,28 @@ for float64 input, take 4-D input only, have no learnable FRN epsilon, no cumula
 momentum and no fixed group count for EvoNorm-S0 other than 32; so these are our own.
 
 ``BatchRenorm2d`` and ``GhostBatchNorm2d`` are ``nn.BatchNorm2d`` subclasses: same buffers and
-state dict, BN's eval-mode forward (so they fold into convolutions), only training differs.
-
-A norm here may declare ``why_not_folded``: None if its eval-mode forward is BN's affine map of
-its running statistics, else the reason ``normlab.norm.fold.fold_norms`` reports for leaving it.
+state dict, BN's eval-mode forward (so they fold into convolutions), only training differs; their
+statistics stay per process under ``trainer.sync_batchnorm`` (their traits do not sync). They
+and EvoNorm-B0 keep their running statistics with ``normlab.ops.bn_stats``, as every BatchNorm
+here does (same step count, Bessel correction and running-average update).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor, nn
 
-from normlab.errors import ConfigError
-from normlab.norm.builtin import resolve_num_groups
+from normlab.norm.builtin import GROUP_RANGES, resolve_num_groups
 from normlab.norm.registry import register_norm
-from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ArgumentError, ValueRange
+from normlab.norm.traits import NormTraits
+from normlab.ops.bn_stats import (
+    count_training_step,
+    step_momentum,
+    unbiased_variance,
+    update_running_average,
+    update_running_stats,
+)
+from normlab.ranges import COUNT, NON_NEGATIVE, ArgumentError, ValueRange
 
 # Activations an EvoNorm or FRN + TLU takes the place of. These layers are norm *and*
 # activation in one (their papers replace BN + ReLU with them), so a model's ReLU after them
@@ -37,27 +42,7 @@ def _per_channel(tensor: Tensor, ndim: int) -> Tensor:
     return tensor.view(1, -1, *([1] * (ndim - 2)))
 
 
-def _running_average_factor(norm: nn.modules.batchnorm._NormBase) -> float:
-    """BN's update weight for this step (call after incrementing ``num_batches_tracked``):
-    ``momentum``, or 1/steps for a cumulative average (``momentum=None``)."""
-    if norm.momentum is None:
-        return 1.0 / float(norm.num_batches_tracked)
-    return norm.momentum
-
-
-class _PerProcessStatistics:
-    """For ``nn.BatchNorm2d`` subclasses whose training is not BN's: ``trainer.sync_batchnorm``
-    (``normlab.norm.layer_sync.NormSync``) would turn them into a synchronised plain BN. These
-    hooks keep them as they are, with each process's own batch statistics."""
-
-    def to_synchronised(self, group_size: int | None = None) -> nn.Module:
-        return self
-
-    def to_unsynchronised(self) -> nn.Module:
-        return self
-
-
-class BatchRenorm2d(_PerProcessStatistics, nn.BatchNorm2d):
+class BatchRenorm2d(nn.BatchNorm2d):
     """Batch Renormalization (Ioffe, 2017).
 
     Training: ``x̂ = (x − μ_B)/σ_B · r + d`` with ``r = clip(σ_B/σ, 1/r_max, r_max)`` and
@@ -72,8 +57,6 @@ class BatchRenorm2d(_PerProcessStatistics, nn.BatchNorm2d):
     ``warmup_steps``). So the first ``warmup_steps`` steps are plain BN (r = 1, d = 0), and the
     limits reach their final values ``ramp_steps`` steps later.
     """
-
-    why_not_folded: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -111,21 +94,16 @@ class BatchRenorm2d(_PerProcessStatistics, nn.BatchNorm2d):
             running_std = torch.sqrt(self.running_var + self.eps)
             r = (std / running_std).clamp(1.0 / r_max, r_max)
             d = ((mean - self.running_mean) / running_std).clamp(-d_max, d_max)
-            self._update_running_statistics(mean, var, x.numel() // x.shape[1])
+            unbiased = unbiased_variance(var, x.numel() // x.shape[1])
+            update_running_stats(
+                self.running_mean, self.running_var, mean, unbiased, step_momentum(self)
+            )
         # γ·((x − μ_B)/σ_B·r + d) + β as one scale and shift per channel; r and d are constants.
         scale = r / std
         shift = d - mean * scale
         if self.affine:
             scale, shift = scale * self.weight, shift * self.weight + self.bias
         return torch.addcmul(_per_channel(shift, x.dim()), x, _per_channel(scale, x.dim()))
-
-    @torch.no_grad()
-    def _update_running_statistics(self, mean: Tensor, biased_var: Tensor, count: int) -> None:
-        self.num_batches_tracked.add_(1)
-        factor = _running_average_factor(self)
-        unbiased = biased_var * (count / max(count - 1, 1))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
     def extra_repr(self) -> str:
         return (
@@ -134,7 +112,7 @@ class BatchRenorm2d(_PerProcessStatistics, nn.BatchNorm2d):
         )
 
 
-class GhostBatchNorm2d(_PerProcessStatistics, nn.BatchNorm2d):
+class GhostBatchNorm2d(nn.BatchNorm2d):
     """Ghost Batch Normalization (Hoffer et al., 2017).
 
     Training: the batch is split into consecutive chunks of ``virtual_batch_size`` samples (the
@@ -146,8 +124,6 @@ class GhostBatchNorm2d(_PerProcessStatistics, nn.BatchNorm2d):
     ``n_k`` values per channel in chunk k), the unbiased estimate of the variance each chunk is
     normalised with. With one chunk (``virtual_batch_size`` ≥ batch) this is exactly BN. Eval: BN's.
     """
-
-    why_not_folded: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -196,13 +172,10 @@ class GhostBatchNorm2d(_PerProcessStatistics, nn.BatchNorm2d):
     def _update_running_statistics(
         self, means: list[Tensor], variances: list[Tensor], counts: list[int]
     ) -> None:
-        self.num_batches_tracked.add_(1)
-        factor = _running_average_factor(self)
         total = sum(counts)
         mean = sum(n * m for n, m in zip(counts, means, strict=True)) / total
         pooled = sum(n * v for n, v in zip(counts, variances, strict=True)) / (total - len(counts))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(pooled.to(self.running_var.dtype), factor)
+        update_running_stats(self.running_mean, self.running_var, mean, pooled, step_momentum(self))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
@@ -219,14 +192,13 @@ class FilterResponseNorm2d(nn.Module):
     takes over a following ReLU / LeakyReLU (:meth:`absorb_activation`) instead of stacking one.
     """
 
-    why_not_folded: ClassVar[str | None] = (
-        "FRN normalises each sample with its own statistics (and TLU is a max), even at inference"
-    )
-
     def __init__(
         self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False, tlu: bool = True
     ) -> None:
         super().__init__()
+        if eps == 0 and not learnable_eps:
+            raise ArgumentError("eps", eps, "frn: {key}=0 divides by zero on an all-zero map; use "
+                                "eps > 0 or learnable_eps=true")  # fmt: skip
         self.num_features, self.eps = num_features, eps
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
@@ -262,10 +234,6 @@ class EvoNormB0(nn.Module):
     biased variance over the spatial axes per sample and channel. It is a norm and an activation
     in one and takes over the ReLU / LeakyReLU / SiLU a model puts after it."""
 
-    why_not_folded: ClassVar[str | None] = (
-        "EvoNorm-B0 divides by a per-sample max of two statistics, not an affine map at inference"
-    )
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
@@ -280,7 +248,11 @@ class EvoNormB0(nn.Module):
         spatial = tuple(range(2, ndim))
         if self.training:
             batch_var = x.var(dim=(0, *spatial), correction=0)
-            self._update_running_var(batch_var.detach(), x.numel() // x.shape[1])
+            update_running_average(
+                self.running_var,
+                unbiased_variance(batch_var.detach(), x.numel() // x.shape[1]),
+                count_training_step(self.num_batches_tracked, self.momentum),
+            )
         else:
             batch_var = self.running_var
         instance_std = torch.sqrt(x.var(dim=spatial, correction=0, keepdim=True) + self.eps)
@@ -289,13 +261,6 @@ class EvoNormB0(nn.Module):
         return torch.addcmul(
             _per_channel(self.bias, ndim), x / denominator, _per_channel(self.weight, ndim)
         )
-
-    @torch.no_grad()
-    def _update_running_var(self, biased_var: Tensor, count: int) -> None:
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = biased_var * (count / max(count - 1, 1))
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
     def absorb_activation(self, activation: nn.Module) -> bool:
         return isinstance(activation, _EVONORM_REPLACES)
@@ -306,21 +271,25 @@ class EvoNormB0(nn.Module):
 
 class EvoNormS0(nn.Module):
     """EvoNorm-S0 (Liu et al., 2020): ``y = x·sigmoid(v⊙x) / sqrt(var_group(x) + eps) · γ + β``,
-    ``var_group`` the biased variance of each sample's group of channels (groups as GroupNorm's)
-    over the group's channels and the spatial axes. No batch dependence. A norm and an activation
-    in one: takes over the ReLU / LeakyReLU / SiLU a model puts after it."""
+    ``var_group`` the biased variance of each sample's group of channels over the group's channels
+    and the spatial axes. The groups are chosen as ``gn`` chooses them (``num_groups``, or
+    ``group_size``, or the largest divisor of the channels up to ``max_groups``). No batch
+    dependence. A norm and an activation in one: takes over the ReLU / LeakyReLU / SiLU a model
+    puts after it."""
 
-    why_not_folded: ClassVar[str | None] = (
-        "EvoNorm-S0 normalises each sample with its own group statistics, even at inference"
-    )
-
-    def __init__(self, num_features: int, num_groups: int, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = None,
+        group_size: int | None = None,
+        max_groups: int = 32,
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
-        if num_features % num_groups:
-            raise ConfigError(
-                f"evonorm_s0: {num_features} channels are not divisible by {num_groups} groups"
-            )
-        self.num_features, self.num_groups, self.eps = num_features, num_groups, eps
+        self.num_features, self.eps = num_features, eps
+        self.num_groups = resolve_num_groups(
+            num_features, num_groups, group_size, max_groups, norm="evonorm_s0"
+        )
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.v = nn.Parameter(torch.ones(num_features))
@@ -347,88 +316,61 @@ class RMSNorm2d(nn.RMSNorm):
     ``y = x / sqrt(mean_C(x²) + eps) · γ``. The channels-first counterpart of ``nn.RMSNorm`` as
     ``LayerNorm2d`` is of ``nn.LayerNorm``; same parameter name (``weight``)."""
 
-    why_not_folded: ClassVar[str | None] = (
-        "RMSNorm normalises each position with its own statistics, even at inference"
-    )
-
-    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True) -> None:
-        super().__init__(num_channels, eps=eps, elementwise_affine=affine)
+    def __init__(self, num_features: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__(num_features, eps=eps, elementwise_affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
-# -- registry entries (defaults equal conf/norm/<name>.yaml) ---------------------------------------
+# -- registry entries: the classes (their defaults equal conf/norm/<name>.yaml) -------------------
 
 _STEPS = ValueRange(low=0, integer=True)
-
-
-@register_norm(
+# BN's statistics and eval-mode forward, so they fold; training is not BN's, so syncing them as BN
+# would change what they compute: they stay per process.
+_BN_IN_EVAL = NormTraits(batch_statistics=True, running_statistics=True, why_not_folded=None)
+register_norm(
     "brn",
     ranges={"r_max": ValueRange(low=1), "d_max": NON_NEGATIVE, "warmup_steps": _STEPS,
             "ramp_steps": _STEPS},
-)  # fmt: skip
-def batch_renorm(
-    num_features: int,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-    r_max: float = 3.0,
-    d_max: float = 5.0,
-    warmup_steps: int = 100,
-    ramp_steps: int = 400,
-) -> nn.Module:
-    return BatchRenorm2d(
-        num_features, eps, momentum, affine, r_max, d_max, warmup_steps, ramp_steps
-    )
-
-
-@register_norm("ghost_bn", ranges={"virtual_batch_size": COUNT})
-def ghost_batch_norm(
-    num_features: int,
-    virtual_batch_size: int = 32,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    affine: bool = True,
-) -> nn.Module:
-    return GhostBatchNorm2d(num_features, virtual_batch_size, eps, momentum, affine)
-
-
-# FRN takes |eps|, so any eps is allowed but a NaN; 0 only with a learned epsilon on top.
-@register_norm("frn", ranges={"eps": ValueRange()})
-def filter_response_norm(
-    num_features: int, eps: float = 1e-6, learnable_eps: bool = False, tlu: bool = True
-) -> nn.Module:
-    if eps == 0 and not learnable_eps:
-        raise ArgumentError("eps", eps, "frn: {key}=0 divides by zero on an all-zero map; use "
-                            "eps > 0 or learnable_eps=true")  # fmt: skip
-    return FilterResponseNorm2d(num_features, eps, learnable_eps, tlu)
-
-
-@register_norm("evonorm_b0")
-def evonorm_b0(num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> nn.Module:
-    return EvoNormB0(num_features, eps, momentum)
-
-
-@register_norm(
-    "evonorm_s0",
-    ranges={"num_groups": OPTIONAL_COUNT, "group_size": OPTIONAL_COUNT, "max_groups": COUNT},
+    traits=_BN_IN_EVAL,
+)(BatchRenorm2d)  # fmt: skip
+register_norm("ghost_bn", ranges={"virtual_batch_size": COUNT}, traits=_BN_IN_EVAL)(
+    GhostBatchNorm2d
 )
-def evonorm_s0(
-    num_features: int,
-    num_groups: int | None = None,
-    group_size: int | None = None,
-    max_groups: int = 32,
-    eps: float = 1e-5,
-) -> nn.Module:
-    try:
-        groups = resolve_num_groups(num_features, num_groups, group_size, max_groups)
-    except ArgumentError as error:  # its messages name gn, whose group options these are
-        message = error.message.replace("gn:", "evonorm_s0:", 1)
-        raise ArgumentError(error.argument, error.value, message) from None
-    return EvoNormS0(num_features, groups, eps)
-
-
-@register_norm("rms")
-def rms_norm(num_features: int, eps: float = 1e-6, affine: bool = True) -> nn.Module:
-    return RMSNorm2d(num_features, eps, affine)
+# FRN takes |eps|, so any eps is allowed but a NaN; 0 only with a learned epsilon on top.
+register_norm(
+    "frn",
+    ranges={"eps": ValueRange()},
+    traits=NormTraits(
+        why_not_folded="FRN normalises each sample with its own statistics (and TLU is a max), "
+        "even at inference",
+        absorbs_activation=True,
+    ),
+)(FilterResponseNorm2d)
+register_norm(
+    "evonorm_b0",
+    traits=NormTraits(
+        batch_statistics=True,
+        why_not_folded="EvoNorm-B0 divides by a per-sample max of two statistics, not an affine "
+        "map at inference",
+        absorbs_activation=True,
+    ),
+)(EvoNormB0)
+register_norm(
+    "evonorm_s0",
+    ranges=GROUP_RANGES,
+    traits=NormTraits(
+        why_not_folded="EvoNorm-S0 normalises each sample with its own group statistics, even "
+        "at inference",
+        absorbs_activation=True,
+    ),
+)(EvoNormS0)
+register_norm(
+    "rms",
+    traits=NormTraits(
+        channels="normalized_shape",
+        why_not_folded="RMSNorm normalises each position with its own statistics, even at "
+        "inference",
+    ),
+)(RMSNorm2d)

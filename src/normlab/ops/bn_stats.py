@@ -1,7 +1,8 @@
 """BatchNorm's statistics bookkeeping in plain PyTorch, one copy for every BatchNorm here
-(syncbn, and cuda_bn's native, reference and synchronised paths): the running-average factor of
-a training step, the running-statistics update, and the refusal of a synchronised batch too
-small to have a variance."""
+(syncbn, cuda_bn's native, reference and synchronised paths, and the small-batch norms brn,
+ghost_bn and evonorm_b0): the running-average factor of a training step, the unbiased variance
+and the running-statistics update, and the refusal of a synchronised batch too small to have a
+variance."""
 
 from __future__ import annotations
 
@@ -12,12 +13,22 @@ from torch import Tensor, nn
 def step_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
     """Count a training step of ``bn`` and return the running-statistics factor for it, as
     ``nn.BatchNorm2d`` does (``momentum=None``: a cumulative average over the steps)."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    return momentum
+        return count_training_step(bn.num_batches_tracked, bn.momentum)
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
+def count_training_step(num_batches_tracked: Tensor, momentum: float | None) -> float:
+    """Add one training step to ``num_batches_tracked`` and return the running-average factor
+    for it: ``momentum``, or 1/steps for a cumulative average (``momentum=None``)."""
+    num_batches_tracked.add_(1)
+    return 1.0 / float(num_batches_tracked) if momentum is None else momentum
+
+
+def unbiased_variance(biased_var: Tensor, count: int) -> Tensor:
+    """The unbiased variance of ``count`` values from their biased one (Bessel's correction;
+    a single value keeps its variance of 0), the estimate BatchNorm keeps as ``running_var``."""
+    return biased_var * (count / max(count - 1, 1))
 
 
 @torch.no_grad()
@@ -30,8 +41,14 @@ def update_running_stats(
 ) -> None:
     """Move the running estimates towards a batch's mean and unbiased variance (if tracked)."""
     if running_mean is not None and running_var is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+        update_running_average(running_mean, mean, momentum)
+        update_running_average(running_var, unbiased_var, momentum)
+
+
+@torch.no_grad()
+def update_running_average(running: Tensor, batch: Tensor, momentum: float) -> None:
+    """Move one running estimate towards a batch's value, in the estimate's dtype."""
+    running.lerp_(batch.to(running.dtype), momentum)
 
 
 def require_two_values(total: int) -> None:

@@ -14,9 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from normlab.errors import ConfigError
-from normlab.norm.inspect import norm_channels
-from normlab.norm.layers import NoNorm
-from normlab.norm.sync import SyncBatchNorm
+from normlab.norm import is_norm, norm_channels, training_input_problem
 
 log = logging.getLogger(__name__)
 
@@ -40,50 +38,21 @@ class _NormInputProblem(Exception):
     """Raised from a forward pre-hook to stop the probe at the first norm that cannot work."""
 
 
-def _norm_problem(module: nn.Module, shape: tuple[int, ...]) -> str | None:
-    """Why ``module`` cannot normalise an input of ``shape`` in training (torch's own checks,
-    stated for the user), or None if it can."""
-    if len(shape) != 4:
-        return (
-            f"it is a 2-D norm, which needs N×C×H×W input, but gets a {len(shape)}-D tensor "
-            "(no H, W axes, as after pooling and flattening)"
-        )
-    batch, channels, height, width = shape
-    pixels = height * width
-    if isinstance(module, nn.InstanceNorm2d) and pixels == 1:
-        return "instance norm takes each channel's statistics over one image's H×W pixels, here 1"
-    if isinstance(module, nn.GroupNorm) and channels // module.num_groups * pixels == 1:
-        return "each of its groups holds a single value per image (1 channel × 1 pixel)"
-    batch_statistics = isinstance(module, nn.modules.batchnorm._BatchNorm) and not (
-        isinstance(module, SyncBatchNorm) or getattr(module, "sync", False)
-    )
-    if batch_statistics and batch * pixels == 1:
-        return "its batch statistics would be a single value per channel (1 image × 1 pixel)"
-    return None
-
-
-def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: str) -> None:
-    """Raise ConfigError if a norm layer of ``network`` cannot train on the tensor it gets from
-    an input batch of ``input_shape`` (``where`` names the config keys that set that shape).
-
-    The network runs once on the meta device (shapes only: no memory, no arithmetic, well under a
-    second for RetinaNet-R50 at 800 px), with a hook on every 2-D norm layer. This catches what
-    otherwise stops the first training step with a traceback after the data is loaded: instance
-    norm on 1×1 maps (small images, a pooled head), BatchNorm on one image of 1×1, a 2-D norm
-    given features without H and W. A forward the probe cannot run (a model that needs real
-    values) is skipped: this check must never refuse a run that would work.
-    """
+def _norm_input_problem(network: nn.Module, input_shape: Sequence[int]) -> str | None:
+    """Run ``network`` on the meta device with a hook on every 2-D norm layer: the first layer
+    that cannot train on what it gets from an input of ``input_shape``, as one sentence, or
+    None."""
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], torch.Tensor):
             shape = tuple(args[0].shape)
-            if (reason := _norm_problem(module, shape)) is not None:
+            if (reason := training_input_problem(module, shape)) is not None:
                 raise _NormInputProblem(names[module], type(module).__name__, shape, reason)
 
     names = {
         module: name
         for name, module in network.named_modules()
-        if norm_channels(module) is not None and not isinstance(module, NoNorm)  # takes anything
+        if is_norm(module) and norm_channels(module) is not None
     }
     hooks = [module.register_forward_pre_hook(pre_hook) for module in names]
     meta_state = {
@@ -97,11 +66,10 @@ def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: 
             functional_call(network, meta_state, (torch.empty(*input_shape, device="meta"),))
     except _NormInputProblem as problem:
         layer, kind, shape, reason = problem.args
-        raise ConfigError(
-            f"{where}: norm layer {layer} ({kind}) gets input of shape {tuple(shape)}, which it "
-            f"cannot normalise in training: {reason}. Use larger images or another norm for that "
-            "layer (norm=..., or model.head_norm=... for a head)"
-        ) from None
+        return (
+            f"norm layer {layer} ({kind}) gets input of shape {tuple(shape)}, which it cannot "
+            f"normalise in training: {reason}"
+        )
     except Exception as error:  # best effort: a model may need real values to run
         log.debug("norm input check skipped (%s: %s)", type(error).__name__, error)
     finally:
@@ -109,3 +77,34 @@ def check_norm_inputs(network: nn.Module, input_shape: Sequence[int], *, where: 
             hook.remove()
         for module, training in modes.items():
             module.training = training
+    return None
+
+
+def check_norm_inputs(
+    network: nn.Module, input_shape: Sequence[int], *, where: str, datamodule: object = None
+) -> None:
+    """Raise ConfigError if a norm layer of ``network`` cannot train on the tensor it gets from
+    an input batch of ``input_shape`` (``where`` names the config keys that set that shape).
+
+    The network runs once on the meta device (shapes only: no memory, no arithmetic, well under a
+    second for RetinaNet-R50 at 800 px), with a hook on every 2-D norm layer. This catches what
+    otherwise stops the first training step with a traceback after the data is loaded: instance
+    norm on 1×1 maps (small images, a pooled head), BatchNorm on one image of 1×1, a 2-D norm
+    given features without H and W. A forward the probe cannot run (a model that needs real
+    values) is skipped: this check must never refuse a run that would work.
+
+    ``datamodule``: if a batch of one image cannot be trained on (BatchNorm after global
+    pooling), the data module is told (``drop_a_last_batch_of_one``), so that an epoch whose
+    last batch would hold a single image leaves it out instead of failing at its end.
+    """
+    problem = _norm_input_problem(network, input_shape)
+    if problem is not None:
+        raise ConfigError(
+            f"{where}: {problem}. Use larger images or another norm for that layer (norm=..., "
+            "or model.head_norm=... for a head)"
+        )
+    drop = getattr(datamodule, "drop_a_last_batch_of_one", None)
+    if drop is not None and input_shape[0] > 1:
+        problem = _norm_input_problem(network, (1, *input_shape[1:]))
+        if problem is not None:
+            drop(problem.replace(", which it cannot", " for one image, which it cannot"))

@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from normlab.ranges import FRACTION, checked_arguments
 from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs, check_num_classes
 from normlab.tasks.optim import configure_optimization
@@ -24,6 +25,7 @@ def _top_k(num_classes: int) -> int:
     return min(5, num_classes)
 
 
+@checked_arguments(label_smoothing=FRACTION, max_nonfinite_fraction=FRACTION)
 class ClassificationModule(Task):
     """Cross-entropy classification with top-1/top-5 accuracy and visual diagnostics.
 
@@ -31,6 +33,8 @@ class ClassificationModule(Task):
     ``_partial_``), stored in the checkpoint's hyperparameters so that
     ``ClassificationModule.load_from_checkpoint(path)`` rebuilds everything on its own.
     """
+
+    batch_format = "labelled images"
 
     def __init__(
         self,
@@ -44,8 +48,9 @@ class ClassificationModule(Task):
         num_misclassified: int = 32,
         channels_last: bool = False,
         on_nonfinite_loss: str = "stop",
+        max_nonfinite_fraction: float = 0.25,
     ) -> None:
-        super().__init__(on_nonfinite_loss)
+        super().__init__(on_nonfinite_loss, max_nonfinite_fraction)
         self.model: nn.Module = instantiate(self.hparams.model)
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -86,11 +91,14 @@ class ClassificationModule(Task):
         image_size = getattr(datamodule, "image_size", None)
         in_channels = getattr(datamodule, "in_channels", None)
         batch_size = getattr(datamodule, "batch_size", None)
+        if image_size and in_channels:
+            self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
         if image_size and in_channels and batch_size:
             check_norm_inputs(
                 self.model,
                 (batch_size, in_channels, image_size, image_size),
                 where=f"data.image_size={image_size}, data.batch_size={batch_size}",
+                datamodule=datamodule,
             )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 
 from normlab.models.retinanet import DenseRetinaNet
-from normlab.ranges import ArgumentError
+from normlab.ranges import FRACTION, check_choice, checked_arguments
 from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs, check_num_classes
 from normlab.tasks.optim import configure_optimization
@@ -49,9 +50,7 @@ COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
 
 def build_map_metric(backend: str = "faster_coco_eval") -> MeanAveragePrecision:
     """COCO box mAP exactly as COCOeval computes it (areas from the targets' ``area`` if given)."""
-    if backend not in MAP_BACKENDS:
-        message = f"{{key}}={backend!r} is not one of {', '.join(MAP_BACKENDS)}"
-        raise ArgumentError("map_backend", backend, message)
+    check_choice("map_backend", backend, MAP_BACKENDS)
     return MeanAveragePrecision(
         box_format="xyxy",
         iou_type="bbox",
@@ -92,6 +91,7 @@ def _eval_targets(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor
     return [{k: t[k] for k in keys if k in t} for t in targets]
 
 
+@checked_arguments(max_nonfinite_fraction=FRACTION)
 class DetectionModule(Task):
     """Train a detector on its own loss dict; evaluate COCO mAP; show boxes in wandb.
 
@@ -100,6 +100,8 @@ class DetectionModule(Task):
     ``num_logged_images`` validation images are logged each epoch with predicted boxes scoring
     at least ``display_score_thresh`` and the ground truth.
     """
+
+    batch_format = "images with boxes"
 
     def __init__(
         self,
@@ -113,8 +115,9 @@ class DetectionModule(Task):
         num_logged_images: int = 8,
         display_score_thresh: float = 0.3,
         on_nonfinite_loss: str = "stop",
+        max_nonfinite_fraction: float = 0.25,
     ) -> None:
-        super().__init__(on_nonfinite_loss)
+        super().__init__(on_nonfinite_loss, max_nonfinite_fraction)
         self.model: nn.Module = instantiate(self.hparams.model)
         self.val_map = build_map_metric(map_backend)
         self.test_map = build_map_metric(map_backend)
@@ -136,12 +139,16 @@ class DetectionModule(Task):
         categories, or a norm that cannot train on the smallest FPN maps of these images."""
         check_num_classes(self.hparams.num_classes, datamodule, what="categories")
         side, batch_size = self._probe_side(datamodule), getattr(datamodule, "batch_size", None)
+        if side:
+            # forward takes one list of images.
+            self.example_input_array = ([torch.zeros(3, side, side)],)
         if side and batch_size:
             check_norm_inputs(
                 DenseRetinaNet(self.model),
                 (batch_size, 3, side, side),
                 where=f"{side}-px images (model.min_size, data sizes), "
                 f"data.batch_size={batch_size}",
+                datamodule=datamodule,
             )
 
     def _probe_side(self, datamodule: pl.LightningDataModule | None) -> int | None:

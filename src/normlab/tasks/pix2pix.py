@@ -26,7 +26,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from normlab.errors import ConfigError
 from normlab.models.pix2pix import check_image_size
-from normlab.ranges import ArgumentError
+from normlab.ranges import FRACTION, ArgumentError, check_choice, checked_arguments
 from normlab.tasks.base import Task
 from normlab.tasks.checks import check_norm_inputs
 from normlab.tasks.optim import build_optimizer
@@ -71,6 +71,7 @@ def linear_decay(n_epochs: int, n_epochs_decay: int):
     return factor
 
 
+@checked_arguments(max_nonfinite_fraction=FRACTION)
 class Pix2PixModule(Task):
     """pix2pix: U-Net generator, PatchGAN discriminator, cGAN + λ·L1.
 
@@ -83,6 +84,7 @@ class Pix2PixModule(Task):
     """
 
     # In the order configure_optimizers returns them (callbacks name curves after these).
+    batch_format = "image pairs"
     optimizer_names = ("generator", "discriminator")
 
     def __init__(
@@ -97,14 +99,11 @@ class Pix2PixModule(Task):
         test_mode: str = "eval",
         num_logged_images: int = 8,
         on_nonfinite_loss: str = "stop",
+        max_nonfinite_fraction: float = 0.25,
     ) -> None:
-        super().__init__(on_nonfinite_loss)
-        if gan_mode not in GAN_MODES:
-            message = f"{{key}}={gan_mode!r} is not one of {', '.join(GAN_MODES)}"
-            raise ArgumentError("gan_mode", gan_mode, message)
-        if test_mode not in TEST_MODES:
-            message = f"{{key}}={test_mode!r} is not one of {', '.join(TEST_MODES)}"
-            raise ArgumentError("test_mode", test_mode, message)
+        super().__init__(on_nonfinite_loss, max_nonfinite_fraction)
+        check_choice("gan_mode", gan_mode, GAN_MODES)
+        check_choice("test_mode", test_mode, TEST_MODES)
         for argument, epochs in (("n_epochs", n_epochs), ("n_epochs_decay", n_epochs_decay)):
             if epochs < 0:
                 raise ArgumentError(argument, epochs, f"{{key}} must be >= 0, got {epochs}")
@@ -152,7 +151,7 @@ class Pix2PixModule(Task):
             except ConfigError as error:
                 # The aligned data modules give every image crop_size² pixels: name that key too.
                 raise ConfigError(f"data.crop_size={image_size}: {error}") from None
-            self._check_norm_inputs(image_size, getattr(datamodule, "batch_size", 1))
+            self._check_norm_inputs(image_size, datamodule)
         if trainer.gradient_clip_val:
             raise ConfigError(
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val}: Lightning cannot clip "
@@ -173,13 +172,19 @@ class Pix2PixModule(Task):
                 total,
             )
 
-    def _check_norm_inputs(self, image_size: int | Sequence[int], batch_size: int) -> None:
+    def _check_norm_inputs(
+        self, image_size: int | Sequence[int], datamodule: pl.LightningDataModule
+    ) -> None:
+        batch_size = getattr(datamodule, "batch_size", 1)
         generator = self.hparams.model["generator"]
         inputs, outputs = generator["in_channels"], generator["out_channels"]
         where = f"data image size {image_size}, data.batch_size={batch_size}"
         size = tuple(image_size) if isinstance(image_size, Sequence) else (image_size, image_size)
-        check_norm_inputs(self.generator, (batch_size, inputs, *size), where=where)
-        check_norm_inputs(self.discriminator, (batch_size, inputs + outputs, *size), where=where)
+        # The summary's FLOPs are the generator's (forward), the network that inference runs.
+        self.example_input_array = torch.zeros(1, inputs, *size)
+        for network, channels in ((self.generator, inputs), (self.discriminator, inputs + outputs)):
+            shape = (batch_size, channels, *size)
+            check_norm_inputs(network, shape, where=where, datamodule=datamodule)
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -254,6 +259,7 @@ class Pix2PixModule(Task):
         self.log("train/loss_g", loss_g, prog_bar=True, batch_size=size)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         # Manual optimization: Lightning does not step schedulers itself.
         for scheduler in self.lr_schedulers():
             scheduler.step()

@@ -71,7 +71,10 @@ def resume_checkpoint(
       scratch when it finds no ``last.ckpt``, a missing or unreadable one is an error.
     - ``resume=auto``: the run dir's checkpoint with the highest recorded step, skipping (with a
       warning) any that cannot be read, else a fresh start: one command for a first start and
-      every restart (SLURM requeues).
+      every restart (SLURM requeues). Whether that checkpoint is this run's (the same config) is
+      checked by the entry point (:func:`normlab.utils.run_identity.check_same_run`).
+    - neither: a fresh start, refused in a run dir that already holds checkpoints (another run's
+      state, which the new run would mix with its own).
 
     ``mode``: ``continue`` (the exact state: weights, optimizer, schedule, loops, RNG) or
     ``weights`` (the model's weights and norm buffers only, for a new run in its own dir; needs
@@ -130,6 +133,12 @@ def resume_checkpoint(
             return None
         log.info("resume=auto: continuing from %s (step %d)", *found)
         return Resume(*found, mode)
+    if any(checkpoints.glob("*.ckpt")):
+        raise ConfigError(
+            f"this command starts a new run, but {checkpoints} already holds a run's checkpoints: "
+            "continue that run with resume=auto (or ckpt_path=last), or give the new run its own "
+            "dir (another hydra.run.dir, or none)"
+        )
     return None
 
 

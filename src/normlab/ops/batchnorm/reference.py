@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.ops.bn_stats import update_running_stats
+from normlab.ops.bn_stats import unbiased_variance, update_running_stats
 
 
 def activate(z: Tensor, activation: str | None, negative_slope: float) -> Tensor:
@@ -50,7 +50,7 @@ def batch_norm_reference(
     if use_batch_stats and count > 0:
         mean = acc.mean(reduce_dims)
         var = acc.var(reduce_dims, unbiased=False)
-        unbiased = var.detach() * count / max(count - 1, 1)
+        unbiased = unbiased_variance(var.detach(), count)
         update_running_stats(running_mean, running_var, mean.detach(), unbiased, momentum)
     elif use_batch_stats:  # an empty batch: nothing to normalise, statistics untouched
         mean, var = acc.new_zeros(channels), acc.new_ones(channels)

@@ -5,8 +5,8 @@ wandb no longer ships a Python reader for its ``run-<id>.wandb`` transaction log
 (masked CRC32C, little-endian length, type) and whole records are protobuf ``Record`` messages,
 possibly split across blocks as FIRST/MIDDLE/LAST chunks.
 
-Only the tests read runs back; they import this as ``wandb_offline`` (tests/ is on sys.path, as
-the directory of the root conftest.py).
+``python -m normlab.collect`` reads offline runs with it, and the tests read back what a run
+logged.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class OfflineRun:
     # True once the run's final `exit` record is on disk: wandb's core process writes the log
     # asynchronously, and may still be writing after `wandb.finish()` has returned.
     complete: bool = False
+    # The exit record's code: 0 for a run that ended normally.
+    exit_code: int | None = None
 
     @property
     def history_keys(self) -> set[str]:
@@ -122,4 +124,5 @@ def _read_once(run_dir: Path) -> OfflineRun:
             run.job_type = record.run.job_type
         elif kind == "exit":
             run.complete = True
+            run.exit_code = record.exit.exit_code
     return run
