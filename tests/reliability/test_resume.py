@@ -265,31 +265,35 @@ import lightning.pytorch as pl
 
 class SignalIn(pl.Callback):
     '''Send `name` to this process in the first batch of `phase` (train: the batch that makes
-    step `step`; validation, sanity: in epoch `epoch`).'''
+    step `step`; validation, sanity: in epoch `epoch`); not in a resumed run (the same command
+    with ckpt_path=last).'''
 
     def __init__(self, name, phase, step=0, epoch=0):
         self.signum = signal.Signals[name]
         self.phase, self.step, self.epoch = phase, step, epoch
         self.sent = False
 
-    def _send(self):
-        if not self.sent:
+    def _send(self, trainer):
+        if not self.sent and not trainer.ckpt_path:
             self.sent = True
             os.kill(os.getpid(), self.signum)
 
     def on_train_batch_start(self, trainer, *args):
         if self.phase == "train" and trainer.global_step + 1 == self.step:
-            self._send()
+            self._send(trainer)
 
     def on_validation_batch_start(self, trainer, *args):
         wanted = self.phase == ("sanity" if trainer.sanity_checking else "validation")
         if wanted and trainer.current_epoch == self.epoch:
-            self._send()
+            self._send(trainer)
 """
 
 
-def run_stopped(run_dir: Path, name: str, phase: str, **where: int) -> subprocess.CompletedProcess:
-    """The digits run without periodic checkpoints, sent signal ``name`` in ``phase``."""
+def run_stopped(
+    run_dir: Path, name: str, phase: str, *more: str, **where: int
+) -> subprocess.CompletedProcess:
+    """The digits run without periodic checkpoints, sent signal ``name`` in ``phase`` (unless
+    ``more`` makes it a resumed run)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir.parent / "stop_for_test.py").write_text(STOP_IN)
     recipe = [o for o in DIGITS if not o.startswith("callbacks.last_checkpoint")]
@@ -300,6 +304,7 @@ def run_stopped(run_dir: Path, name: str, phase: str, **where: int) -> subproces
         "logger=csv",
         "callbacks.last_checkpoint.every_n_train_steps=1000",
         f"+callbacks.stop={{_target_:stop_for_test.SignalIn,name:{name},phase:{phase}{injected}}}",
+        *more,
         env={**ENV, "PYTHONPATH": python_path_with(run_dir.parent)},
         timeout=300,
     )
@@ -330,11 +335,13 @@ def test_a_stop_in_training_or_validation_saves_the_last_step_and_resumes_exactl
     # Periodic checkpoints are off: this one was written by the stop, at the last finished step.
     assert saved_step(run_dir / "checkpoints" / "last.ckpt") == step
 
-    resumed = finish(start(run_dir, *DIGITS, "logger=csv", "ckpt_path=last"))
+    # The same command continues (a resumed run is the run it started as).
+    resumed = run_stopped(run_dir, name, phase, "ckpt_path=last", **where)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_identical(final_state(run_dir), uninterrupted_digits)
     # The interrupted validation was run again: every value the uninterrupted run logged
     # (validation metrics, the epoch's train/acc) is there once, equal.
-    assert csv_rows(run_dir) == csv_rows(uninterrupted_digits_dir), resumed[-3000:]
+    assert csv_rows(run_dir) == csv_rows(uninterrupted_digits_dir), resumed.stderr[-3000:]
 
 
 def test_a_stop_in_the_sanity_check_saves_nothing_and_says_so(tmp_path):
