@@ -67,3 +67,30 @@ def start_train(*args: str, env: dict[str, str], cwd: Path = REPO_ROOT) -> subpr
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def run_train_with(
+    directory: Path, module: str, source: str, *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """``run_train(*args)`` with wandb offline and ``source`` written to ``directory/module.py``,
+    importable by the run: the callbacks a test injects by ``_target_``."""
+    (directory / f"{module}.py").write_text(source)
+    env = offline_env(PYTHONPATH=python_path_with(directory))
+    return run_train(*args, env=env, timeout=timeout)
+
+
+# The small DenseNet at 16 px, 3 batches of 8 and one validation batch: a whole run in seconds.
+TINY_DIGITS_RUN = (
+    "experiment=densenet_digits",
+    "model=densenet_bc_40",
+    "data.image_size=16",
+    "data.batch_size=8",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "test=false",
+    "logger=csv",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+)

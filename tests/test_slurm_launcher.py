@@ -1,26 +1,17 @@
 """The Slurm launcher's pieces that need no scheduler (the live tests are in tests/slurm/):
-reading squeue, the overrides each job gets, the one-line refusal without Slurm, and the stop at a
-step boundary on the pre-emption signal."""
+reading squeue, the overrides each job gets and the one-line refusal without Slurm. (The stop at a
+batch boundary on the pre-emption signal: tests/reliability/test_interrupts.py.)"""
 
 from __future__ import annotations
 
-import os
-import signal
-
-import lightning.pytorch as pl
-import pytest
-import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
-from torch import nn
 
 from hydra_plugins.normlab_launchers.slurm import (
     SchedulerStates,
     _with_slurm_overrides,
     slurm_problem,
 )
-from normlab.callbacks.preemption import StopOnSignal
 from normlab.train import _build_trainer
 
 
@@ -50,42 +41,6 @@ def test_each_job_resumes_automatically_unless_the_command_line_chose():
 def test_no_sbatch_on_path_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert slurm_problem().startswith("sbatch, squeue, scontrol not found on PATH")
-
-
-class _Steps(pl.LightningModule):
-    """A linear model that sends itself the pre-emption signal during step ``signal_at``."""
-
-    def __init__(self, signal_at: int) -> None:
-        super().__init__()
-        self.layer = nn.Linear(4, 1)
-        self.signal_at = signal_at
-
-    def training_step(self, batch, batch_idx):
-        if self.global_step == self.signal_at:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return self.layer(batch).square().mean()
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=4)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def test_the_preemption_signal_stops_training_after_the_current_step(tmp_path):
-    trainer = pl.Trainer(
-        max_epochs=1,
-        callbacks=[StopOnSignal("SIGUSR2")],
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with pytest.raises(SIGTERMException):
-        trainer.fit(_Steps(signal_at=3))
-    # Step 3 (the fourth) completed, then the loop stopped as on SIGTERM.
-    assert trainer.global_step == 4
 
 
 def test_what_the_launcher_adds_stays_out_of_the_run_name():

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from normlab.utils.startup_interrupt import exit_on_interrupt, exit_quietly_on_sigint
+
+if __name__ == "__main__":
+    # Ctrl-C during the imports below (seconds): one line, not their traceback.
+    exit_quietly_on_sigint()
+
 import functools
 import logging
 import math
@@ -20,7 +26,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import ResumeRecord
-from normlab.callbacks.checkpointing import AtomicCheckpointIO, RunInfo, SaveOnSigterm
+from normlab.callbacks.checkpointing import (
+    AtomicCheckpointIO,
+    RunInfo,
+    SaveOnSigterm,
+    checkpoint_size_estimate,
+    remove_stale_partial_saves,
+)
+from normlab.callbacks.preemption import StopOnSignal, report_stop
 from normlab.errors import ConfigError, JobFailed, TrainingError
 from normlab.group_options import refuse_unknown_options
 from normlab.norm.lightning_sync_plugin import NormSync
@@ -54,9 +67,10 @@ from normlab.utils.logs import continue_logs
 from normlab.utils.resume_selection import Resume, load_weights, resume_checkpoint
 from normlab.utils.run_identity import check_same_run, requested_config
 from normlab.utils.run_info import git_sha, save_run_info
+from normlab.utils.run_lock import hold_run_dir
 from normlab.utils.secrets import mask_secrets, mask_secrets_in_logs, masked_config
 from normlab.utils.wandb_logger import attach_wandb_run
-from normlab.utils.writable_dirs import check_writable
+from normlab.utils.writable_dirs import check_free_space, check_writable
 from normlab.validation import name_config_keys, validate_config
 
 log = logging.getLogger("normlab.train")
@@ -141,6 +155,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     continuing = resume if resume is not None and resume.mode == "continue" else None
     # Now, not after an epoch of training (or in Hydra's log setup, for the run dir itself).
     check_writable(output_dir / "checkpoints", "hydra.run.dir")
+    if is_rank_zero():  # the processes Lightning starts for other ranks share rank 0's dir
+        hold_run_dir(output_dir)
+        remove_stale_partial_saves(output_dir / "checkpoints")
 
     split_global_batch(cfg)
     continued = None
@@ -158,6 +175,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"task._target_={task['_target_']} is not a normlab.tasks.Task")
     if resume is not None and resume.mode == "weights":
         load_weights(module, resume.path)
+    check_free_space(
+        output_dir / "checkpoints",
+        checkpoint_size_estimate(module),
+        "hydra.run.dir",
+        "a checkpoint of this model",
+    )
 
     resume_from = continuing and continuing.path
     wandb_id = attach_wandb_run(cfg, output_dir, resume_from, write=is_rank_zero())
@@ -168,10 +191,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if is_rank_zero():
         publish_run_config(run_record.config_file)
     record = ResumeRecord()
+    saver = SaveOnSigterm(output_dir / "checkpoints")
     callbacks = [
         *instantiate_group(cfg.get("callbacks")),
         RunInfo(info),
-        SaveOnSigterm(output_dir / "checkpoints"),
+        StopOnSignal("SIGINT"),  # Ctrl-C: stop at the next batch and save, as for SIGTERM
+        saver,
         record,
     ]
     if continuing is not None:
@@ -192,10 +217,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         metrics = _fit_and_test(cfg, trainer, module, datamodule, continuing, record)
     except SIGTERMException:
-        # Pre-empted: last.ckpt was written (SaveOnSigterm). Exit as a killed process would, not
-        # with 0, so a scheduler does not count the run as finished.
-        log.warning("stopped by SIGTERM; continue with hydra.run.dir=%s ckpt_path=last", output_dir)
-        raise SystemExit(128 + signal.SIGTERM) from None
+        # Pre-empted or interrupted: last.ckpt was written (SaveOnSigterm) if there was a step to
+        # save. Exit as a killed process would, not with 0, so a scheduler does not count the run
+        # as finished.
+        raise SystemExit(report_stop(trainer, saver, output_dir)) from None
     except BaseException:
         _stop_other_ranks(trainer)
         raise
@@ -245,6 +270,9 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry; returns ``cfg.optimized_metric`` for sweepers (Optuna). A single run that
     fails exits (see :func:`exit_on_config_error`); a multirun job that fails is recorded as
     failed and the sweep goes on (see :func:`fail_sweep_job`)."""
+    # From here on Ctrl-C is KeyboardInterrupt again: stopped at once before training, saved
+    # and stopped at the next batch once a Trainer runs (StopOnSignal).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         metrics = train(cfg)
         name = cfg.get("optimized_metric")
@@ -258,6 +286,8 @@ def main(cfg: DictConfig) -> float | None:
         if name in metrics and sweeper_reads_metric() and not math.isfinite(metrics[name]):
             # Optuna cannot store a NaN value: the trial is a failure, not a result.
             raise TrainingError(f"optimized_metric {name}={metrics[name]}")
+    except KeyboardInterrupt:
+        exit_on_interrupt("before training started")
     except Exception as error:
         if in_multirun():
             fail_sweep_job(error)

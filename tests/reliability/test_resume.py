@@ -257,3 +257,101 @@ def test_sixty_step_run_killed_at_a_random_step_ends_like_the_uninterrupted_one(
     print(f"killed at logged step {kill_step}")  # shown when the test fails
     assert_identical(final_state(killed), expected)
     assert csv_rows(killed) == csv_rows(uninterrupted), f"killed at step {kill_step}"
+
+
+STOP_IN = """
+import os, signal
+import lightning.pytorch as pl
+
+class SignalIn(pl.Callback):
+    '''Send `name` to this process in the first batch of `phase` (train: the batch that makes
+    step `step`; validation, sanity: in epoch `epoch`); not in a resumed run (the same command
+    with ckpt_path=last).'''
+
+    def __init__(self, name, phase, step=0, epoch=0):
+        self.signum = signal.Signals[name]
+        self.phase, self.step, self.epoch = phase, step, epoch
+        self.sent = False
+
+    def _send(self, trainer):
+        if not self.sent and not trainer.ckpt_path:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, *args):
+        if self.phase == "train" and trainer.global_step + 1 == self.step:
+            self._send(trainer)
+
+    def on_validation_batch_start(self, trainer, *args):
+        wanted = self.phase == ("sanity" if trainer.sanity_checking else "validation")
+        if wanted and trainer.current_epoch == self.epoch:
+            self._send(trainer)
+"""
+
+
+def run_stopped(
+    run_dir: Path, name: str, phase: str, *more: str, **where: int
+) -> subprocess.CompletedProcess:
+    """The digits run without periodic checkpoints, sent signal ``name`` in ``phase`` (unless
+    ``more`` makes it a resumed run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir.parent / "stop_for_test.py").write_text(STOP_IN)
+    recipe = [o for o in DIGITS if not o.startswith("callbacks.last_checkpoint")]
+    injected = "".join(f",{key}:{value}" for key, value in where.items())
+    return run_train(
+        f"hydra.run.dir={run_dir}",
+        *recipe,
+        "logger=csv",
+        "callbacks.last_checkpoint.every_n_train_steps=1000",
+        f"+callbacks.stop={{_target_:stop_for_test.SignalIn,name:{name},phase:{phase}{injected}}}",
+        *more,
+        env={**ENV, "PYTHONPATH": python_path_with(run_dir.parent)},
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "phase", "where", "step"),
+    [
+        # Ctrl-C in the middle of epoch 0: the step it was in is finished and saved.
+        pytest.param("SIGINT", "train", {"step": 4}, 4, id="sigint-training"),
+        # In the validation at the end of epoch 0 (after step 6) and of the last epoch (12).
+        pytest.param("SIGTERM", "validation", {"epoch": 0}, 6, id="sigterm-validation"),
+        pytest.param("SIGINT", "validation", {"epoch": 1}, 12, id="sigint-last-validation"),
+    ],
+)
+def test_a_stop_in_training_or_validation_saves_the_last_step_and_resumes_exactly(
+    tmp_path, uninterrupted_digits, uninterrupted_digits_dir, name, phase, where, step
+):
+    run_dir = tmp_path / "run"
+    stopped = run_stopped(run_dir, name, phase, **where)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 128 + signal.Signals[name], output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    expected = f"stopped by {name} in {'training' if phase == 'train' else phase}: saved "
+    assert expected in output, output[-3000:]
+    assert f"at step {step}; continue with hydra.run.dir={run_dir} ckpt_path=last" in output
+    # Periodic checkpoints are off: this one was written by the stop, at the last finished step.
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == step
+
+    # The same command continues (a resumed run is the run it started as).
+    resumed = run_stopped(run_dir, name, phase, "ckpt_path=last", **where)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_identical(final_state(run_dir), uninterrupted_digits)
+    # The interrupted validation was run again: every value the uninterrupted run logged
+    # (validation metrics, the epoch's train/acc) is there once, equal.
+    assert csv_rows(run_dir) == csv_rows(uninterrupted_digits_dir), resumed.stderr[-3000:]
+
+
+def test_a_stop_in_the_sanity_check_saves_nothing_and_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    stopped = run_stopped(run_dir, "SIGTERM", "sanity")
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert (
+        "stopped by SIGTERM in the sanity check, before the first training step: nothing to"
+        in output
+    )
+    assert "ckpt_path=last" not in output  # no hint that would fail
+    assert not list((run_dir / "checkpoints").glob("*.ckpt"))

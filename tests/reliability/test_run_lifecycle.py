@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cli import TINY_DIGITS_RUN as TINY
 from normlab.errors import ConfigError
 from normlab.train import main, train
 from normlab.utils.hydra_run import CONFIG_DIR
@@ -23,22 +24,6 @@ from normlab.utils.logs import continue_logs
 from normlab.utils.resume_selection import load_weights, resume_checkpoint
 from normlab.utils.run_identity import changed_keys, is_trajectory_neutral
 from normlab.utils.writable_dirs import WritableRunDir
-
-# 3 batches an epoch of the small DenseNet at 16 px: a whole run takes seconds.
-TINY = (
-    "experiment=densenet_digits",
-    "model=densenet_bc_40",
-    "data.image_size=16",
-    "data.batch_size=8",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-    "test=false",
-    "logger=csv",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-)
 
 
 def fake_checkpoint(path: Path, step: int, mtime: float) -> Path:

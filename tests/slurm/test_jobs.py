@@ -173,7 +173,7 @@ def test_a_signalled_job_is_requeued_and_ends_as_if_never_interrupted(cluster: C
     assert cluster.job_states(job) == {job: "COMPLETED"}
     assert cluster.job_field(job, "Restarts") == "1"
     log = "".join(p.read_text() for p in (sweep / ".submitit" / job).glob("*_log.*"))
-    assert "SIGUSR2: stopping after this training step" in log
+    assert "SIGUSR2: stopping after this batch" in log
     assert "requeueing the job" in log
 
     assert_identical(final_state(sweep / "0"), final_state(tmp_path / "reference"))

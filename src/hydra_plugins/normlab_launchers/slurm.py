@@ -14,7 +14,9 @@ Inside each job it
 - adds ``resume=auto`` (unless the command line chose ``resume`` or ``ckpt_path``), so a requeued
   job continues from its run dir's checkpoint, with the same wandb run;
 - adds :class:`~normlab.callbacks.preemption.StopOnSignal`: submitit's pre-emption/time-limit
-  signal (USR2) stops training at a step boundary and writes ``last.ckpt``;
+  signal (USR2) stops the run at the end of the current batch, as SIGTERM does, and writes
+  ``last.ckpt`` with the last completed training step (before the Trainer runs, submitit's own
+  handler requeues the job);
 - after such a stop (exit 143, also after a plain SIGTERM), requeues the job through submitit,
   which counts time-outs against ``max_num_timeout``;
 - turns a failed run into a failed Slurm job (Hydra would otherwise return the error as a value

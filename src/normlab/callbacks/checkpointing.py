@@ -1,27 +1,81 @@
-"""Checkpoints that survive interruptions and say where they came from: atomic writes, one
-always-current ``last.ckpt``, a save on SIGTERM, and the run's record inside every checkpoint."""
+"""Checkpoints that survive interruptions and say where they came from: atomic writes that
+check the disk first, one always-current ``last.ckpt``, a save when a run is stopped (SIGTERM,
+SIGINT, USR2) in any phase of fit, and the run's record inside every checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from normlab.errors import TrainingError
 from normlab.ranges import OPTIONAL_COUNT, checked_arguments
+from normlab.utils.writable_dirs import mebibytes
 
 log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (nested dicts, lists and tuples): what a checkpoint of
+    it takes on disk, give or take its small metadata."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+def checkpoint_size_estimate(module: torch.nn.Module) -> int:
+    """About the size of one full checkpoint of ``module``: its parameters and buffers, and twice
+    the parameters again for the optimizer's state (Adam's two moments; SGD's momentum is less)."""
+    parameters = sum(p.nbytes for p in module.parameters())
+    buffers = sum(b.nbytes for b in module.buffers())
+    return 3 * parameters + buffers
+
+
+def remove_stale_partial_saves(directory: Path) -> None:
+    """Delete the temporary files of saves that were killed before they finished (only while no
+    other run writes to ``directory``: the run-dir lock is held)."""
+    stale = sorted(directory.glob(f".*{PARTIAL_SUFFIX}"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info(
+            "removed %d unfinished checkpoint write(s) of an earlier run from %s: %s",
+            len(stale),
+            directory,
+            ", ".join(path.name for path in stale),
+        )
+
+
+def _disk_full_error(path: Path, needed: int) -> TrainingError:
+    free = shutil.disk_usage(path.parent).free
+    return TrainingError(
+        f"cannot write {path}: {path.parent} has {mebibytes(free)} free, the checkpoint needs "
+        f"about {mebibytes(needed)}; the previous {path.name} (if any) is kept. Free space there "
+        "and continue with ckpt_path=last or resume=auto"
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside its destination, flushes it to disk and
     renames it into place: a kill during a save leaves the previous ``last.ckpt`` intact, never a
-    truncated one.
+    truncated one. A disk without room for the checkpoint stops the run with one line naming the
+    directory and its free space (checked before writing, and when a write fails), and the
+    previous checkpoint stays.
 
     Lightning's own atomic save (an fsspec transaction) writes its temporary file to the system
     temp dir, and moving that onto another filesystem is a copy, without fsync: not atomic."""
@@ -33,34 +87,89 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        needed = tensor_bytes(checkpoint)
+        if shutil.disk_usage(path.parent).free < needed:
+            raise _disk_full_error(path, needed)
+        partial = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
         try:
             with partial.open("wb") as handle:
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, path)
+        except (OSError, RuntimeError) as error:
+            # torch's C++ writer reports a full disk as "enforce fail ... unexpected pos".
+            disk_full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            if disk_full or shutil.disk_usage(path.parent).free < needed:
+                raise _disk_full_error(path, needed) from error
+            raise
         finally:
             partial.unlink(missing_ok=True)
 
 
 class SaveOnSigterm(pl.Callback):
-    """On SIGTERM (SLURM pre-emption, ``kill``), Lightning stops after the current batch; this
-    writes ``last.ckpt`` at that point so the run resumes from there, not from the last periodic
-    checkpoint.
+    """When a run is stopped through Lightning's SIGTERM path (SLURM pre-emption, ``kill``, and
+    SIGINT or USR2 through :class:`~normlab.callbacks.preemption.StopOnSignal`), Lightning stops
+    after the current batch; this writes ``last.ckpt`` with the last completed training step, in
+    every phase of ``fit``:
+
+    - in training, the state after the batch just finished;
+    - in a validation, the state before it, marked as a validation interrupted before its first
+      batch: a resume runs the whole validation again, then goes on as the uninterrupted run
+      (:class:`~normlab.callbacks.ExactResume` supplies that moment's RNG and metric states);
+    - in the sanity check, nothing: no step was taken since the run (re)started, and whatever it
+      resumed from is still on disk.
+
+    ``saved_step`` (None when nothing was saved) and ``phase`` tell the entry point what to report.
 
     Not Lightning's ``OnExceptionCheckpoint``: that one saves on any exception (after a NaN step
     too, over the last good ``last.ckpt``) and deletes its file when the run ends."""
 
     def __init__(self, dirpath: str | Path) -> None:
         self.path = Path(dirpath) / "last.ckpt"
+        self.saved_step: int | None = None
+        self.phase = ""
+        self._in_validation = False
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.training:
+        if not isinstance(exception, SIGTERMException):
+            return
+        if trainer.state.fn != TrainerFn.FITTING:
+            self.phase = "testing" if trainer.state.fn == TrainerFn.TESTING else "evaluating"
+            return
+        if trainer.sanity_checking:
+            self.phase = "the sanity check"
+            return
+        self._in_validation = trainer.validating
+        self.phase = "validation" if self._in_validation else "training"
+        try:
             trainer.save_checkpoint(self.path, weights_only=False)  # optimizer state too
-            log.warning("SIGTERM: saved %s at step %d", self.path, trainer.global_step)
+        finally:
+            self._in_validation = False
+        self.saved_step = trainer.global_step
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._in_validation:
+            validation = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+            restart_validation(validation)
+
+
+def restart_validation(progress: dict[str, Any]) -> None:
+    """Rewrite a validation loop's stored progress, taken during a validation, as that of a
+    validation interrupted in its first batch: Lightning's restart then runs the validation again
+    from its first batch (and counts it once)."""
+    current, total = progress["current"], progress["total"]
+    for key in ("ready", "started", "processed", "completed"):
+        total[key] -= current[key]
+        current[key] = 0
+    for counter in (current, total):
+        counter["ready"] += 1
+        counter["started"] += 1
+    progress["is_last_batch"] = False
 
 
 @checked_arguments(every_n_train_steps=OPTIONAL_COUNT)

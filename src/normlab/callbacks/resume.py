@@ -4,6 +4,7 @@ checkpoint ends with the weights an uninterrupted run ends with, bit for bit (on
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -46,9 +47,9 @@ def metric_states(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """The accumulated states of the torchmetrics metrics in ``module``, by module name. They are
     not in its state_dict (torchmetrics keeps them out by default), so a run resumed in the
     middle of an epoch would compute that epoch's metrics over the batches after the resume
-    only."""
+    only. With each state its number of updates, which says whether it has any to compute."""
     return {
-        name: dict(metric.metric_state)
+        name: {**metric.metric_state, "_update_count": metric.update_count}
         for name, metric in module.named_modules()
         if isinstance(metric, Metric)
     }
@@ -74,20 +75,41 @@ class ExactResume(pl.Callback):
     uninterrupted run did at another point), just before training continues. (Lightning calls no
     ``on_train_epoch_start`` for an epoch it resumes in the middle.) Mid-epoch resumes are exact with normlab's data modules on one process; under DDP
     (Lightning's DistributedSampler) the resumed epoch restarts its data order from the top.
+
+    A checkpoint written during a validation inside fit (on a stop: see
+    :class:`~normlab.callbacks.checkpointing.SaveOnSigterm`) stands for the moment before that
+    validation, which a resume runs again: it stores the RNG and metric states of that moment.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+        self._before_validation: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
         return "ExactResume"
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # Copies: validation updates the metric states in place. (Small: the validation
+            # metrics were reset at the end of the last validation.)
+            self._before_validation = {
+                "rng_states": rng_states(),
+                "metric_states": copy.deepcopy(metric_states(pl_module)),
+            }
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Checkpoints written from here on (after validation) are of the state after it.
+        self._before_validation = None
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint["rng_states"] = rng_states()
-        checkpoint["metric_states"] = metric_states(pl_module)
+        if self._before_validation is not None:
+            checkpoint.update(self._before_validation)
+        else:
+            checkpoint["rng_states"] = rng_states()
+            checkpoint["metric_states"] = metric_states(pl_module)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -130,8 +130,15 @@ class ClassificationModule(Task):
             return None  # Lightning skips the backward pass and the optimizer step
         self.train_metrics.update(logits, targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(targets))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # From the metric states rather than logged in training_step: an epoch whose batches all
+        # ran before a resume (ExactResume restores the states) still logs its value, and the
+        # states are reset for the next epoch.
+        if any(metric.update_called for metric in self.train_metrics.values()):
+            self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
 
     def on_validation_epoch_start(self) -> None:
         self._misclassified.clear()

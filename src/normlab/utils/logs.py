@@ -50,11 +50,15 @@ class ResumableCSVLogger(CSVLogger):
 def first_logged_step(checkpoint: dict[str, Any]) -> int:
     """The logging step (Lightning counts batches that stepped) at which a run resumed from
     ``checkpoint`` logs its first value: one more than stored when the checkpoint was written at
-    the end of a training batch, before that batch's values were logged."""
+    the end of a training batch, before that batch's values were logged, or during a validation
+    (which the resumed run does again, logging its values at the end, after the training
+    batch's)."""
     loop = checkpoint["loops"]["fit_loop"]
     progress = loop["epoch_loop.batch_progress"]["current"]
+    validation = loop.get("epoch_loop.val_loop.batch_progress", {}).get("total", {})
     stepped = loop["epoch_loop.state_dict"]["_batches_that_stepped"]
-    return stepped + int(progress["processed"] > progress["completed"])
+    in_validation = validation.get("started", 0) > validation.get("processed", 0)
+    return stepped + int(progress["processed"] > progress["completed"] or in_validation)
 
 
 def continue_logs(logger_cfg: DictConfig | None, checkpoint: Path) -> None:
