@@ -74,6 +74,32 @@ def forward_backward(name: str, x: torch.Tensor, grad: torch.Tensor):
     return call
 
 
+def saved_bytes(name: str, x: torch.Tensor) -> int:
+    """Bytes a forward keeps for its backward: the unique storages autograd saves (the input
+    counts once however many times it is saved; a fresh activation counts in full)."""
+    layer = build(name, x.shape).train()
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x.detach().requires_grad_(True))
+    return sum(storages.values())
+
+
+def with_memory_column(table: str, saved: dict[str, int]) -> str:
+    """``table`` (a :func:`markdown_table`) with each norm's saved bytes relative to bn's."""
+    header, rule, *rows = table.splitlines()
+    lines = [f"{header} saved for backward × bn |", f"{rule}---:|"]
+    for row in rows:
+        name = row.split(" | ")[0].removeprefix("| ")
+        lines.append(f"{row} {saved[name] / saved['bn']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=4, default=[32, 256, 28, 28])
@@ -110,6 +136,10 @@ def main(argv: list[str] | None = None) -> str:
         ]
         for layout in MEMORY_FORMATS
     }
+    saved = {
+        layout: {name: saved_bytes(name, x.contiguous(memory_format=fmt)) for name in names}
+        for layout, fmt in MEMORY_FORMATS.items()
+    }
     bn_ratio = by_format["channels_last"][0].ratio_to(by_format["NCHW"][0])
     shape = "×".join(map(str, args.shape))
     return write_report(
@@ -122,7 +152,12 @@ def main(argv: list[str] | None = None) -> str:
         "and `cuda_bn` on CPU tensors (backend auto) run PyTorch's BatchNorm; `ghost_bn` splits "
         "the batch into 4 virtual batches.",
         f"bn on channels_last input / bn on NCHW input = {bn_ratio:.3f}",
-        *(f"## {layout} input\n\n{markdown_table(rows)}" for layout, rows in by_format.items()),
+        "The last column: bytes autograd keeps for the backward pass (unique storages, input "
+        f"included), relative to bn's ({saved['NCHW']['bn'] / 2**20:.1f} MiB).",
+        *(
+            f"## {layout} input\n\n{with_memory_column(markdown_table(rows), saved[layout])}"
+            for layout, rows in by_format.items()
+        ),
     )
 
 
