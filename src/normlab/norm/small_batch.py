@@ -264,21 +264,17 @@ class EvoNormB0(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
-        batch_mean = None
-        if self.training:
-            with torch.no_grad():
-                stats_input = x.to(compute_dtype(x))
-                batch_var, batch_mean = variance_mean(stats_input, (0, *range(2, x.dim())))
-                update_running_average(
-                    self.running_var,
-                    unbiased_variance(batch_var, x.numel() // x.shape[1]),
-                    count_training_step(self.num_batches_tracked, self.momentum),
-                )
-        else:
-            batch_var = self.running_var
-        return EvoNormB0Function.apply(
-            x, self.weight, self.bias, self.v, batch_var, batch_mean, self.eps
+        running_var = None if self.training else self.running_var
+        y, batch_var = EvoNormB0Function.apply(
+            x, self.weight, self.bias, self.v, running_var, self.eps
         )
+        if self.training:
+            update_running_average(
+                self.running_var,
+                unbiased_variance(batch_var, x.numel() // x.shape[1]),
+                count_training_step(self.num_batches_tracked, self.momentum),
+            )
+        return y
 
     def absorb_activation(self, activation: nn.Module) -> bool:
         return isinstance(activation, _EVONORM_REPLACES)

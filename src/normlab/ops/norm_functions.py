@@ -238,9 +238,10 @@ class ChannelRMSNorm(torch.autograd.Function):
 
 
 class EvoNormB0Function(torch.autograd.Function):
-    """``y = x / max(σ_B, v·x + σ_I)·γ + β``: ``σ_B = sqrt(batch_var + eps)`` per channel
-    (``batch_var`` differentiable when ``batch_mean`` is given, a constant otherwise),
-    ``σ_I = sqrt(var_spatial(x) + eps)`` per sample and channel."""
+    """``y = x / max(σ_B, v·x + σ_I)·γ + β``, ``σ_I = sqrt(var_spatial(x) + eps)`` per sample and
+    channel, ``σ_B = sqrt(var_B + eps)`` per channel: ``var_B`` the batch's biased variance
+    (differentiable), or ``running_var`` (a constant) when given. Also returns the batch's
+    ``var_B`` (no gradient; None with ``running_var``) for the running average."""
 
     @staticmethod
     def forward(
@@ -249,27 +250,33 @@ class EvoNormB0Function(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor,
         v: Tensor,
-        batch_var: Tensor,
-        batch_mean: Tensor | None,
+        running_var: Tensor | None,
         eps: float,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
         xc = _upcast(x)
         ndim = x.dim()
         instance_var, instance_mean = variance_mean(xc, tuple(range(2, ndim)), keepdim=True)
+        batch_mean = batch_var = None
+        if running_var is None:
+            # The batch's statistics from the instances' (law of total variance): no more passes.
+            batch_mean = instance_mean.mean(0, keepdim=True)
+            spread = (instance_mean - batch_mean).square_()
+            batch_var = (instance_var.mean(0) + spread.mean(0)).flatten()
+            batch_std = _channel_view(torch.sqrt(batch_var + eps), ndim)
+            ctx.mark_non_differentiable(batch_var)
+        else:
+            batch_std = _channel_view(torch.sqrt(running_var + eps), ndim)
         instance_std = instance_var.add_(eps).sqrt_()
-        batch_std = _channel_view(torch.sqrt(batch_var + eps), ndim)
         denominator = _evonorm_b0_denominator(xc, v, instance_std, batch_std)
-        y = (
-            denominator.reciprocal_()
-            .mul_(xc)
-            .mul_(_channel_view(weight, ndim))
-            .add_(_channel_view(bias, ndim))
+        # x·γ/D + β in one op: D/γ is computed after the max, so a negative γ is no problem.
+        y = torch.addcdiv(
+            _channel_view(bias, ndim), xc, denominator.div_(_channel_view(weight, ndim))
         )
         ctx.save_for_backward(x, weight, v, instance_mean, instance_std, batch_std, batch_mean)
-        return y.to(x.dtype)
+        return y.to(x.dtype), batch_var
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
         x, weight, v, instance_mean, instance_std, batch_std, batch_mean = ctx.saved_tensors
         xc, g = _upcast(x), _upcast(grad)
         ndim = x.dim()
@@ -297,8 +304,7 @@ class EvoNormB0Function(torch.autograd.Function):
             offset = offset + batch_coefficient * _channel_view(batch_mean, ndim)
         x_grad = direct.addcmul_(d_instance, _channel_view(v, ndim))
         x_grad = x_grad.addcmul_(xc, coefficient).sub_(offset)
-        batch_var_grad = None  # flows through x_grad: batch_var is x's, recomputed here
-        return x_grad, weight_grad, g.sum(channel_sum), v_grad, batch_var_grad, None, None
+        return x_grad, weight_grad, g.sum(channel_sum), v_grad, None, None
 
 
 def _evonorm_b0_denominator(x: Tensor, v: Tensor, instance_std: Tensor, batch_std: Tensor):
