@@ -48,7 +48,10 @@ def test_bf16_autocast_step_keeps_float32_statistics_and_buffers(name):
         dict(layer.named_buffers()), dict(reference.named_buffers()), rtol=1e-6, atol=1e-6
     )
     torch.testing.assert_close(
-        y.float(), expected, rtol=OUTPUT_TOLERANCE, atol=OUTPUT_TOLERANCE * float(expected.abs().max())
+        y.float(),
+        expected,
+        rtol=OUTPUT_TOLERANCE,
+        atol=OUTPUT_TOLERANCE * float(expected.abs().max()),
     )
     assert x.grad.dtype == torch.bfloat16
     scale = float(x_float.grad.abs().max())
