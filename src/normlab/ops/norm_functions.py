@@ -43,6 +43,17 @@ def variance_mean(
     return var, mean if keepdim else mean.squeeze(dims)
 
 
+def _mean_square(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """The mean of x² over ``dims`` (kept). ``linalg.vector_norm`` reads x once without a
+    temporary, but on CPU it is fast only when the last reduced dim is x's innermost in memory
+    (measured on 32×256×28×28: 0.7 ms, against 9-14 ms otherwise, where squaring into a new
+    tensor and summing takes ~4 ms)."""
+    values = math.prod(x.shape[d] for d in dims)
+    if x.stride(dims[-1]) == 1:
+        return torch.linalg.vector_norm(x, dim=dims, keepdim=True).square_().div_(values)
+    return x.square().mean(dims, keepdim=True)
+
+
 def _channel_view(vector: Tensor, ndim: int, axis: int = 1) -> Tensor:
     """A per-channel vector shaped to broadcast along ``axis`` of an ``ndim``-dimensional tensor."""
     shape = [1] * ndim
@@ -165,9 +176,7 @@ class FilterResponseNorm(torch.autograd.Function):
     ) -> Tensor:
         xc = _upcast(x)
         spatial = tuple(range(2, x.dim()))
-        values = math.prod(x.shape[2:])
-        mean_square = torch.linalg.vector_norm(xc, dim=spatial, keepdim=True).square_()
-        invrms = torch.rsqrt(mean_square.div_(values) + eps)
+        invrms = torch.rsqrt(_mean_square(xc, spatial) + eps)
         y = torch.addcmul(_channel_view(bias, x.dim()), xc, invrms * _channel_view(weight, x.dim()))
         if tau is not None:
             y = y.clamp_(min=_channel_view(tau, x.dim()))
@@ -186,7 +195,7 @@ class FilterResponseNorm(torch.autograd.Function):
         if tau is not None:
             passed = torch.addcmul(_channel_view(bias, ndim), xc, scale) > _channel_view(tau, ndim)
             tau_grad = g.sum(channel_sum)
-            g = g * passed
+            g = torch.where(passed, g, 0.0)  # not g·passed: bool → float is a slow copy on CPU
             tau_grad = tau_grad - g.sum(channel_sum)
         # P = Σ_spatial g·x per sample and channel: ∂L/∂r = γ·P, ∂r/∂x = −r³·x/values.
         products = g * xc
@@ -208,9 +217,7 @@ class ChannelRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
         xc = _upcast(x)
-        channels = x.shape[1]
-        mean_square = torch.linalg.vector_norm(xc, dim=1, keepdim=True).square_()
-        invrms = torch.rsqrt(mean_square.div_(channels).add_(eps))
+        invrms = torch.rsqrt(_mean_square(xc, (1,)).add_(eps))
         y = xc * invrms
         if weight is not None:
             y.mul_(_channel_view(weight, x.dim()))
