@@ -39,7 +39,7 @@ def variance_mean(
     and on CPU 3-5× faster than ``torch.var_mean``'s Welford reduction (measured on a
     32×256×28×28 tensor: ~36 ms against ~7 ms, in either memory format)."""
     mean = x.mean(dims, keepdim=True)
-    var = (x - mean).square_().mean(dims, keepdim=keepdim)
+    var = x.clone().sub_(mean).square_().mean(dims, keepdim=keepdim)  # clone: see _product
     return var, mean if keepdim else mean.squeeze(dims)
 
 
@@ -48,10 +48,17 @@ def _mean_square(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     temporary, but on CPU it is fast only when the last reduced dim is x's innermost in memory
     (measured on 32×256×28×28: 0.7 ms, against 9-14 ms otherwise, where squaring into a new
     tensor and summing takes ~4 ms)."""
-    values = math.prod(x.shape[d] for d in dims)
+    values = math.prod([x.shape[d] for d in dims])  # a list: dynamo cannot trace a generator here
     if x.stride(dims[-1]) == 1:
         return torch.linalg.vector_norm(x, dim=dims, keepdim=True).square_().div_(values)
     return x.square().mean(dims, keepdim=True)
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """a·b, laid out in memory as ``a``. (For ``b`` of shape N×1×H×W, ``a * b`` lets ATen pick an
+    output layout in which it runs 6× slower: 12 ms against 2 ms on 32×256×28×28. Not ``out=``:
+    torch.compile cannot trace it inside an autograd.Function's forward.)"""
+    return a.clone().mul_(b)
 
 
 def _channel_view(vector: Tensor, ndim: int, axis: int = 1) -> Tensor:
@@ -222,7 +229,7 @@ class ChannelRMSNorm(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
         xc = _upcast(x)
         invrms = torch.rsqrt(_mean_square(xc, (1,)).add_(eps))
-        y = xc * invrms
+        y = _product(xc, invrms)
         if weight is not None:
             y.mul_(_channel_view(weight, x.dim()))
         ctx.save_for_backward(x, weight, invrms)
@@ -233,7 +240,7 @@ class ChannelRMSNorm(torch.autograd.Function):
         x, weight, invrms = ctx.saved_tensors
         xc, g = _upcast(x), _upcast(grad)
         ndim, channels = x.dim(), x.shape[1]
-        scaled = g * invrms * xc  # g·x̂, x̂ = x·r
+        scaled = _product(xc, invrms).mul_(g)  # g·x̂, x̂ = x·r
         weight_grad = None
         if weight is not None:
             weight_grad = scaled.sum((0, *range(2, ndim)))
