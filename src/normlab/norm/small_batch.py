@@ -6,6 +6,11 @@ in float64). timm has FRN and EvoNorm layers, but they compute their statistics 
 for float64 input, take 4-D input only, have no learnable FRN epsilon, no cumulative-average
 momentum and no fixed group count for EvoNorm-S0 other than 32; so these are our own.
 
+Their training passes are as cheap as we could make them in eager PyTorch: brn runs ATen's
+BatchNorm kernel with its r and d folded into the affine weights, the others a hand-derived
+backward pass (``normlab.ops.norm_functions``) that saves only the input and its statistics.
+Statistics are float32 under bf16 autocast; every forward compiles as one graph.
+
 ``BatchRenorm2d`` and ``GhostBatchNorm2d`` are ``nn.BatchNorm2d`` subclasses: same buffers and
 state dict, BN's eval-mode forward (so they fold into convolutions), only training differs. They
 and EvoNorm-B0 keep their running statistics with ``normlab.ops.bn_stats``, as every BatchNorm
