@@ -7,8 +7,10 @@ ghost_bn with a virtual batch of a quarter of the batch, so that it splits the b
 map at batch 32): forward, then backward of a fixed upstream gradient. Every norm runs on that
 tensor in both memory formats (NCHW-contiguous and channels_last; a norm's cost can differ by 2×
 between them), and all of them alternate in every round. One table per format, each relative to
-bn in that format, and bn's channels_last time relative to its NCHW time. Writes norm_cost.md
-next to this file.
+bn in that format, and bn's channels_last time relative to its NCHW time. A last column gives
+the bytes each norm keeps for its backward pass relative to bn's (the activation memory a norm
+costs a network). The report names the commit and the machine's load while it ran. Writes
+norm_cost.md next to this file.
 
 ``ln`` is timm's LayerNorm2d: it permutes to channels-last, calls F.layer_norm and permutes back.
 The table also times the other way to write it, ``ln (reduce dim 1)``: mean and variance over the
@@ -19,13 +21,16 @@ agree to float32 rounding (checked here before timing).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from experiments.lib.benchmark import Timing, compare, markdown_table, write_report
+from experiments.lib.jobs import REPO_ROOT
 from normlab.norm import NORMS, build_norm
+from normlab.utils.run_info import git_sha
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=HERE / "norm_cost.md")
     args = parser.parse_args(argv)
 
+    commit, load_before = git_sha(REPO_ROOT), os.getloadavg()[0]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.shape, generator=generator)
     grad = torch.randn(args.shape, generator=generator)
@@ -147,6 +153,9 @@ def main(argv: list[str] | None = None) -> str:
         f"Norm cost: forward+backward on {shape}, relative to bn",
         f"python -m experiments.bench.norm_cost --shape {' '.join(map(str, args.shape))} "
         f"--repeats {args.repeats} --inner {args.inner}",
+        f"Code: commit {commit}. Machine load (1-minute load average): {load_before:.1f} "
+        f"before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; other work shares "
+        "them, so absolute times are noisy and the per-round ratios to bn are what to read.",
         f"Training mode, float32, CPU; each measurement averages {args.inner} calls, "
         f"{args.repeats} rounds in which every norm runs once. `syncbn` outside a process group "
         "and `cuda_bn` on CPU tensors (backend auto) run PyTorch's BatchNorm; `ghost_bn` splits "
