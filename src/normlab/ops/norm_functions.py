@@ -205,13 +205,14 @@ class FilterResponseNorm(torch.autograd.Function):
         scale = invrms * _channel_view(weight, ndim)
         tau_grad = None
         if tau is not None:
-            # A float mask, made in place: ops on bool tensors (where, masked_fill, a multiply
-            # by one) are 4-15× slower than a float multiply on CPU.
+            # A float mask, made in place and then turned into the masked gradient: ops on bool
+            # tensors (where, masked_fill, a multiply by one) are 4-15× slower on CPU.
             passed = torch.addcmul(_channel_view(bias, ndim), xc, scale)
-            passed.gt_(_channel_view(tau, ndim))
             tau_grad = g.sum(channel_sum)
-            g = g * passed
-            tau_grad = tau_grad - g.sum(channel_sum)
+            g = passed.gt_(_channel_view(tau, ndim)).mul_(g)
+        bias_grad = g.sum(channel_sum)
+        if tau_grad is not None:
+            tau_grad = tau_grad - bias_grad
         # P = Σ_spatial g·x per sample and channel: ∂L/∂r = γ·P, ∂r/∂x = −r³·x/values.
         products = g * xc
         summed = products.sum(spatial, keepdim=True)
@@ -220,7 +221,7 @@ class FilterResponseNorm(torch.autograd.Function):
         cubed = invrms.pow(3)
         x_grad = torch.mul(xc, r_grad * cubed / -values, out=products).addcmul_(g, scale)
         eps_grad = (r_grad * cubed).sum().mul(-0.5).view(1) if ctx.eps_is_tensor else None
-        return x_grad, weight_grad, g.sum(channel_sum), tau_grad, eps_grad
+        return x_grad, weight_grad, bias_grad, tau_grad, eps_grad
 
 
 # -- RMSNorm over the channels ---------------------------------------------------------------------
