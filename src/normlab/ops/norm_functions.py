@@ -253,7 +253,7 @@ class ChannelRMSNorm(torch.autograd.Function):
             scaled.mul_(_channel_view(weight, ndim))
         # dx = r·(g' − x̂·mean_C(g'·x̂)), g' = γ·g
         projection = scaled.sum(1, keepdim=True).div_(channels).mul_(invrms)
-        x_grad = torch.mul(xc, projection, out=scaled).neg_().add_(g).mul_(invrms)
+        x_grad = torch.mul(xc, -projection, out=scaled).add_(g).mul_(invrms)
         return x_grad, weight_grad, None
 
 
