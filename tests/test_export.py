@@ -8,18 +8,21 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 from normlab import models
 from normlab.errors import ConfigError
-from normlab.export import export
+from normlab.export import FORMATS, export
 from normlab.norm import is_norm
 from normlab.norm.fold import fold_norms
 from normlab.ops.batchnorm import CudaBatchNorm
 from normlab.tasks import ClassificationModule, DetectionModule, Pix2PixModule
 from normlab.train import train
+from tiny_runs import compose_run, tiny_checkpoint
 
 CUDA_BN = {"name": "cuda_bn", "backend": "reference"}
 
@@ -334,9 +337,68 @@ def test_export_onnx(compose_config, checkpoint, tmp_path):
     # onnxruntime ran the file: its outputs are those of the checkpoint's eval model.
     assert report["max_abs_difference_exported"] is not None
     assert report["max_abs_difference_exported"] < 1e-4
+    assert report["batch_size"] == "any"
+    _onnx_one_and_all(tmp_path / "model.onnx", report["example_input_shapes"][0])
 
 
 def test_cuda_bn_is_foldable_as_batchnorm():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), CudaBatchNorm(4, backend="reference"))
     _, report = _fold_and_compare(model, torch.randn(2, 3, 6, 6))
     assert [f.norm_type for f in report.folded] == ["CudaBatchNorm"]
+
+
+# -- pix2pix and RetinaNet checkpoints; ONNX files take any batch size -----------------------------
+
+
+@pytest.fixture(scope="module")
+def task_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export_tasks")
+    return {task: tiny_checkpoint(task, root / task) for task in ("pix2pix", "detection")}
+
+
+def _export_to(checkpoint: Path, directory: Path, export_format: str) -> dict:
+    cfg = compose_run(
+        [f"ckpt_path={checkpoint}", f"format={export_format}", f"output_dir={directory}"],
+        "export",
+        directory.parent / f"export_{export_format}",
+    )
+    try:
+        return export(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _onnx_one_and_all(path: Path, shape: list[int]) -> None:
+    """The file runs on one image and on the export's batch, and gives each image the same
+    outputs either way (the networks are exported in eval mode: per-image)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    images = np.random.default_rng(0).random(shape, dtype=np.float32)
+    whole = session.run(None, {name: images})
+    single = session.run(None, {name: images[:1]})
+    for batch_output, one_output in zip(whole, single, strict=True):
+        assert one_output.shape == (1, *batch_output.shape[1:])
+        np.testing.assert_allclose(one_output[0], batch_output[0], rtol=1e-4, atol=1e-5)
+
+
+def test_export_pix2pix_in_both_formats(task_checkpoints, tmp_path):
+    checkpoint = task_checkpoints["pix2pix"]
+    for export_format in FORMATS:
+        report = _export_to(checkpoint, tmp_path / export_format, export_format)
+        assert report["model"] == {
+            "generator": "normlab.models.pix2pix.UnetGenerator",
+            "discriminator": "normlab.models.pix2pix.PatchDiscriminator",
+        }
+        assert report["network"] == "UnetGenerator" and report["max_abs_difference_exported"] < 1e-4
+        markdown = (tmp_path / export_format / "report.md").read_text()
+        assert "generator `normlab.models.pix2pix.UnetGenerator`" in markdown
+    assert report["batch_size"] == "any"
+    _onnx_one_and_all(Path(report["exported_file"]), report["example_input_shapes"][0])
+
+
+def test_retinanet_onnx_takes_one_image(task_checkpoints, tmp_path):
+    report = _export_to(task_checkpoints["detection"], tmp_path, "onnx")
+    assert report["network"] == "DenseRetinaNet" and report["batch_size"] == "any"
+    _onnx_one_and_all(Path(report["exported_file"]), report["example_input_shapes"][0])

@@ -7,7 +7,7 @@ import pytest
 
 from normlab.errors import ConfigError
 from normlab.group_options import group_options, refuse_unknown_options
-from normlab.utils.hydra_run import CONFIG_DIR
+from normlab.utils.hydra_run import CONFIG_DIR, config_groups_help
 
 
 def test_options_are_the_group_files():
@@ -47,3 +47,12 @@ def test_an_unknown_option_is_named_with_the_group_options(arguments, group, opt
 )
 def test_known_options_and_what_conf_cannot_judge_pass(arguments):
     refuse_unknown_options(arguments)
+
+
+def test_help_lists_the_groups_to_choose_from_not_the_folders_of_config_parts():
+    lines = dict(line.split(": ", 1) for line in config_groups_help().splitlines())
+    assert "model/retinanet" not in lines  # retinanet/common.yaml: shared by the retinanet models
+    assert not any(group.startswith("hydra") for group in lines)
+    models = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
+    assert lines["model"] == ", ".join(models)
+    assert {"paths", "extras", "task/optimizer", "norm"} <= set(lines)

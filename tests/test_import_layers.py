@@ -11,6 +11,8 @@ a deferred import is still a dependency.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,16 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     source.write_text("def f():\n    from ..norm import sync\n    import normlab.train\n")
     found = _imports(source, "normlab.ops.probe")
     assert {"normlab.norm.sync", "normlab.train"} <= found
+
+
+@pytest.mark.parametrize("package", ["normlab.norm", "normlab.models"])
+def test_the_norm_and_model_layers_import_neither_lightning_nor_omegaconf(package: str) -> None:
+    """Building a norm or a model needs torch only: the run layer's libraries stay unloaded."""
+    probe = (
+        f"import sys, {package}; "
+        "print(sorted(m for m in ('lightning', 'omegaconf', 'hydra') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -1,11 +1,14 @@
 """A run's output holds what the user needs, not the dependencies' notices: no advertisements
 from Lightning, no hint to use srun on a machine that merely has Slurm's tools, no wandb warning
-about a setting nobody set, no log line per graph rewrite from the ONNX exporter."""
+about a setting nobody set (nor its banners, unless asked for), no Lightning lines that say
+nothing here, no log line per graph rewrite from the ONNX exporter; and the model summary counts
+real FLOPs."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 from torch import nn
@@ -16,6 +19,13 @@ NOISE = (
     "💡 Tip",  # Lightning's litlogger and litmodels advertisements
     "The `srun` command is available",  # Lightning, whenever srun is on the PATH
     "The anonymous setting has no effect",  # wandb, for the option Lightning always passes
+    # Lightning's lines that say nothing here: our RichModelSummary replaces its default one, the
+    # accelerators it looked for, that it reads the loader's length.
+    "Trainer already configured with model summary callbacks",
+    "GPU available:",
+    "TPU available:",
+    "Loading `train_dataloader` to estimate",
+    "v_num",  # the logger's version (wandb's run id) among the progress metrics
 )
 
 
@@ -26,7 +36,9 @@ def test_a_short_run_with_wandb_prints_none_of_the_dependency_notices(tmp_path):
     (tools / "srun").write_text("#!/bin/sh\nexit 0\n")
     (tools / "srun").chmod(0o755)
     env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
-    env.pop("WANDB_SILENT", None)  # wandb's warnings are what is checked
+    # wandb's own output back on (the entry point silences it by default): its warnings are what
+    # is checked.
+    env["WANDB_SILENT"] = "false"
     result = run_train(
         "model=densenet_bc_40",
         "data.image_size=16",
@@ -44,6 +56,20 @@ def test_a_short_run_with_wandb_prints_none_of_the_dependency_notices(tmp_path):
     assert "wandb" in output  # wandb did speak (its offline-sync hint), only not the noise
     for notice in NOISE:
         assert notice not in output, notice
+    # The model summary counts the model's FLOPs on one example input.
+    flops = re.search(r"Total FLOPs: ([\d.]+) ?([KMGT]?)", output)
+    assert flops and float(flops[1]) > 0, output[-3000:]
+
+
+def test_wandb_is_silent_unless_the_environment_says_otherwise(monkeypatch):
+    from normlab.utils.dependency_warnings import quiet_dependency_warnings
+
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    quiet_dependency_warnings()
+    assert os.environ["WANDB_SILENT"] == "true"
+    monkeypatch.setenv("WANDB_SILENT", "false")
+    quiet_dependency_warnings()
+    assert os.environ["WANDB_SILENT"] == "false"
 
 
 def test_onnx_export_logs_none_of_the_graph_passes(caplog, tmp_path):

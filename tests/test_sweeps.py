@@ -206,3 +206,43 @@ def test_submitit_local_launcher_runs_the_other_job_when_one_fails(tmp_path):
     assert [outcome(job)["status"] for job in jobs] == ["failed", "completed"]
     assert "Traceback" not in (jobs[0] / "train.log").read_text()
     assert summary_lines(result.stderr)[-1] == f"normlab:   job 0 (seed=abc): {SEED_ERROR}"
+
+
+# Jobs that stop after two steps of a four-batch epoch: before their first validation, so they
+# log no val/acc_best (the optimized_metric).
+BEFORE_VALIDATION = (
+    "trainer.max_steps=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+    "test=false",
+    "logger=csv",
+)
+
+
+def test_a_grid_of_runs_shorter_than_an_epoch_completes_and_lists_the_missing_metric(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        "-m", *QUICK[:3], *BEFORE_VALIDATION, "seed=1,2", f"hydra.sweep.dir={sweep_dir}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = job_dirs(sweep_dir)
+    assert [outcome(job)["status"] for job in jobs] == ["completed", "completed"]
+    assert [outcome(job)["missing_metric"] for job in jobs] == ["val/acc_best"] * 2
+    output = result.stdout + result.stderr
+    assert "sweep: jobs 0, 1 did not log val/acc_best" in output
+    assert "sweep finished: 2 of 2 jobs completed" in output
+
+
+def test_optuna_still_fails_a_trial_that_logged_no_metric(tmp_path):
+    sweep_dir = tmp_path / "optuna"
+    result = run_cli(
+        *QUICK[:3],
+        *BEFORE_VALIDATION,
+        "hparams_search=densenet_digits_optuna",
+        "hydra.sweeper.n_trials=1",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "optimized_metric='val/acc_best' was not logged" in summary_lines(result.stderr)[-1]
+    trials = stored_trials(f"sqlite:///{sweep_dir}/optuna.db", "lr_wd_smoothing")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]

@@ -63,7 +63,8 @@ def test_short_run_writes_csv_wandb_tensorboard_checkpoint_and_evaluates(compose
     rows = _read_csv(run_dir / "csv" / "metrics.csv")
     columns = set(rows[0])
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc"} <= columns
-    assert any(column.startswith("lr-AdamW") for column in columns)  # LearningRateMonitor
+    # LearningRateMonitor, one curve per named parameter group.
+    assert {"lr-AdamW/decay", "lr-AdamW/no_decay"} <= columns
     norms = [float(row["train/grad_norm"]) for row in rows if row.get("train/grad_norm")]
     assert len(norms) == 8 and all(n > 0 for n in norms)  # one per optimizer step
 

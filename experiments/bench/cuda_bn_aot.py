@@ -15,9 +15,11 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from experiments.lib.benchmark import write_report
+from normlab.callbacks.progress import time_left
 from normlab.ops.batchnorm.aot import TARGETS, compile_all, full_configs
 
 HERE = Path(__file__).resolve().parent
@@ -30,10 +32,26 @@ DESCRIPTION = (
 )
 
 
+def progress_printer(started: float, every_s: float = 60.0) -> Callable[[int, int], None]:
+    """``compile_all``'s ``on_layer``: a ``[k/N]`` line with the time left, at most once every
+    ``every_s`` seconds (and at the end): the whole matrix takes about an hour."""
+    last = started
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every_s or done == total:
+            last = now
+            left = time_left(done, total, now - started)
+            print(f"[{done}/{total}] layer configurations x targets compiled, {left}", flush=True)
+
+    return report
+
+
 def main() -> int:
     started = time.perf_counter()
     configs = full_configs()
-    rows = [compiled for compiled, _ in compile_all(configs)]
+    rows = [c for c, _ in compile_all(configs, on_layer=progress_printer(started))]
     minutes = (time.perf_counter() - started) / 60
     spilling = [c for c in rows if c.spills or c.stack]
     most: dict[tuple[str, int], int] = defaultdict(int)

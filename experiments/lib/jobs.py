@@ -4,6 +4,7 @@ resumes) and identical finished runs of other studies copied instead of trained 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from normlab.callbacks.progress import duration, time_left
 from normlab.utils.hydra_run import CONFIG_DIR
 from normlab.utils.run_info import git_sha
 
@@ -180,10 +182,13 @@ def run_study(
     if not pending:
         return
     start = time.perf_counter()
+    finished_jobs = itertools.count(1)  # next() is atomic: jobs finish on several threads
 
     def run(job: StudyJob) -> None:
         seconds = _run_job(job, root / job.name, threads=1)
-        print(f"{job.name}: {seconds / 60:.1f} min", flush=True)
+        done, elapsed = next(finished_jobs), time.perf_counter() - start
+        left = time_left(done, len(pending), elapsed)
+        print(f"[{done}/{len(pending)}] {job.name} done in {duration(seconds)}, {left}", flush=True)
 
     free = cores
     running: dict[Future[None], int] = {}  # job → the cores it holds

@@ -11,8 +11,10 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from normlab.callbacks.checkpointing import CheckpointPosition
 from normlab.runs import (
     check_data_fits,
+    check_required,
     exit_on_config_error,
     instantiate_data,
     instantiate_group,
@@ -21,6 +23,7 @@ from normlab.runs import (
 )
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
+from normlab.utils.run_info import git_sha, save_run_info
 from normlab.validation import name_config_keys
 
 log = logging.getLogger("normlab.eval")
@@ -44,19 +47,60 @@ def write_coco_detections(
     return path
 
 
+# Data options that change how fast the test set is read, not what it holds.
+_LOADING_ONLY = {"num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "batch_size"}
+
+
+def _yaml(value: object) -> str:
+    return "null" if value is None else str(value)
+
+
+def differences_from_training_test(
+    trained: DictConfig, data_cfg: DictConfig, cfg: DictConfig
+) -> list[str]:
+    """``key=value (training: value)`` for every setting by which the evaluated test set differs
+    from the one the training run tested on: the data's options and ``limit_test_batches``."""
+    evaluated = {"data": OmegaConf.to_container(data_cfg, resolve=True)}
+    evaluated["trainer"] = {"limit_test_batches": cfg.trainer.get("limit_test_batches")}
+    differences = []
+    for group, settings in evaluated.items():
+        for key, value in settings.items():
+            before = OmegaConf.select(trained, f"{group}.{key}", default=None)
+            if key not in _LOADING_ONLY and value != before:
+                differences.append(f"{group}.{key}={_yaml(value)} (training: {_yaml(before)})")
+    return differences
+
+
 @name_config_keys
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    check_required(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    info = load_run_info(cfg.ckpt_path)
+    info = load_run_info(cfg.ckpt_path, cfg.get("imports"))
     trained = OmegaConf.create(info["config"])
     data_cfg = cfg.data if cfg.get("data") else trained.data
     datamodule = instantiate_data(data_cfg)
     check_data_fits(cfg.ckpt_path, trained, datamodule)
     module = load_trained_module(cfg.ckpt_path, trained)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")))
-    log.info("evaluating %s (trained at git %s)", cfg.ckpt_path, info["git_sha"])
+    output_dir = Path(cfg.paths.output_dir)
+    # What training records too: the resolved (eval) config and the code's commit.
+    save_run_info(cfg, output_dir, git_sha())
+    position = CheckpointPosition(info["global_step"], info["epoch"])
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=instantiate_group(cfg.get("logger")), callbacks=[position]
+    )
+    log.info(
+        "evaluating %s (step %d, epoch %d; trained at git %s)",
+        cfg.ckpt_path,
+        info["global_step"],
+        info["epoch"],
+        info["git_sha"],
+    )
+    if differences := differences_from_training_test(trained, data_cfg, cfg):
+        # Its metrics are not the training run's test metrics: say why they may differ.
+        log.info("not the training run's test set: %s", "; ".join(differences))
     trainer.test(module, datamodule=datamodule)
-    if path := write_coco_detections(module, datamodule, Path(cfg.paths.output_dir)):
+    log.info("tested %s batches; results in %s", sum(trainer.num_test_batches), output_dir)
+    if path := write_coco_detections(module, datamodule, output_dir):
         log.info("detections in COCO results format: %s", path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 

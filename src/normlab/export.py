@@ -65,7 +65,12 @@ def _check_onnx_installed() -> None:
 
 
 def _export_onnx(network: nn.Module, example_inputs: tuple, path: Path) -> Any:
-    torch.onnx.export(network, example_inputs, str(path), external_data=False)
+    # The batch axis of every input is left free (AUTO: unless the network's code fixes it), so
+    # the file takes one image as well as the example batch; the report's batch_size says which.
+    batch_free = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
+    torch.onnx.export(
+        network, example_inputs, str(path), external_data=False, dynamic_shapes=batch_free
+    )
     if importlib.util.find_spec("onnxruntime") is None:
         log.warning("onnxruntime is not installed: the exported file's outputs are not checked")
         return None
@@ -79,12 +84,40 @@ def _export_onnx(network: nn.Module, example_inputs: tuple, path: Path) -> Any:
     return [torch.from_numpy(array) for array in session.run(None, feeds)]
 
 
+def _onnx_batch_size(path: Path) -> str | list[int | str]:
+    """The batch size an ONNX file takes, from its inputs' declared shapes: "any" when every
+    input's batch axis is free, else each input's ("any" or the one size it takes)."""
+    import onnx
+
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    # A free axis has a name (dim_param), a fixed one a value.
+    sizes = [
+        "any"
+        if node.type.tensor_type.shape.dim[0].dim_param
+        else node.type.tensor_type.shape.dim[0].dim_value
+        for node in inputs
+    ]
+    return "any" if all(size == "any" for size in sizes) else sizes
+
+
 def _output_dir(cfg: DictConfig) -> Path:
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     ckpt = Path(cfg.ckpt_path)
     # <run>/checkpoints/<name>.ckpt → <run>/export/<name>
     return ckpt.parent.parent / "export" / ckpt.stem
+
+
+def _model_targets(model_cfg: DictConfig) -> str | dict[str, str]:
+    """The model's ``_target_``; for a task of several networks (pix2pix's generator and
+    discriminator), each network's."""
+    if "_target_" in model_cfg:
+        return model_cfg._target_
+    return {
+        name: node._target_
+        for name, node in model_cfg.items()
+        if isinstance(node, DictConfig) and "_target_" in node
+    }
 
 
 def _first_batch(datamodule: pl.LightningDataModule) -> Any:
@@ -104,7 +137,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.format == "onnx":
         _check_onnx_installed()
     pl.seed_everything(cfg.seed, workers=True)
-    info = load_run_info(cfg.ckpt_path)
+    info = load_run_info(cfg.ckpt_path, cfg.get("imports"))
     trained = OmegaConf.create(info["config"])
     module = load_trained_module(cfg.ckpt_path, trained).eval()
     if not isinstance(module, Task):
@@ -136,12 +169,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "trained_at_git_sha": info["git_sha"],
         "task": trained.task._target_,
-        "model": trained.model._target_,
+        "model": _model_targets(trained.model),
         "norm": trained.norm.name,
         "network": type(network).__name__,
         "format": cfg.format,
         "exported_file": str(path.resolve()),
         "example_input_shapes": [list(t.shape) for t in example_inputs],
+        "batch_size": _onnx_batch_size(path) if cfg.format == "onnx" else None,
         "fold_norms": bool(cfg.fold_norms),
         "max_abs_difference_folded": folded_difference,
         "max_abs_difference_exported": (
@@ -157,13 +191,19 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 def _markdown(report: dict[str, Any], fold_report: FoldReport | None) -> str:
     exported = report["max_abs_difference_exported"]
+    model = report["model"]
+    if isinstance(model, dict):
+        model = ", ".join(f"{name} `{target}`" for name, target in model.items())
+    else:
+        model = f"`{model}`"
     lines = [
         f"# Export of `{Path(report['checkpoint']).name}`",
         "",
         f"- checkpoint: `{report['checkpoint']}` (trained at git {report['trained_at_git_sha']})",
-        f"- task: `{report['task']}`, model: `{report['model']}`, norm: `{report['norm']}`",
+        f"- task: `{report['task']}`, model: {model}, norm: `{report['norm']}`",
         f"- exported: `{report['exported_file']}` ({report['format']}, network "
-        f"`{report['network']}`, example input {report['example_input_shapes']})",
+        f"`{report['network']}`, example input {report['example_input_shapes']}"
+        + (f", batch size {report['batch_size']})" if report["batch_size"] else ")"),
         "- max |output − checkpoint model's eval output| on the example batch: "
         f"{report['max_abs_difference_folded']:.3g} after folding, "
         + (

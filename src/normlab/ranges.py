@@ -92,13 +92,26 @@ MOMENTUM = ValueRange(low=0, high=1, nullable=True)
 SEED = ValueRange(low=0, high=2**32 - 1, integer=True)
 
 
+@dataclass(frozen=True)
+class Switch:
+    """The values of an on/off argument: true or false (YAML's 1 and "yes" are neither)."""
+
+    def allows(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def __str__(self) -> str:
+        return "true or false"
+
+
+SWITCH = Switch()
+
+
 class ArgumentError(ConfigError):
     """A bad argument value, raised by library code that knows the argument but not the config
     key it was set under (``norm`` and ``model.head_norm`` build the same GroupNorm). ``str()``
     names the argument and, when given, its owner (``eps must be a number > 0, got -1 (norm
-    'bn')``); :meth:`at` names a config key instead, which the config layer does
-    (``normlab.runs.instantiate_data`` for data modules, ``normlab.validation.name_config_keys``
-    for the rest).
+    'bn')``); :meth:`at` names a config key instead, which the entry points do
+    (``normlab.utils.config_keys``).
 
     ``message`` says what is wrong, with ``{key}`` where the argument is to be named.
     """
@@ -147,7 +160,9 @@ def check_choice(
     return value
 
 
-def check_values(ranges: Mapping[str, ValueRange], values: Mapping[str, Any], owner: str) -> None:
+def check_values(
+    ranges: Mapping[str, ValueRange | Switch], values: Mapping[str, Any], owner: str
+) -> None:
     """Raise :class:`ArgumentError` for the first of ``values`` outside its declared range."""
     for argument, value in values.items():
         allowed = ranges.get(argument)

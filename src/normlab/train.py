@@ -23,7 +23,7 @@ from normlab.callbacks import ResumeRecord
 from normlab.callbacks.checkpointing import AtomicCheckpointIO, RunInfo, SaveOnSigterm
 from normlab.errors import ConfigError, JobFailed, TrainingError
 from normlab.group_options import refuse_unknown_options
-from normlab.norm.layer_sync import NormSync
+from normlab.norm.lightning_sync_plugin import NormSync
 from normlab.runs import (
     check_required,
     exit_on_config_error,
@@ -31,8 +31,8 @@ from normlab.runs import (
     import_user_modules,
     instantiate_data,
     instantiate_group,
-    load_run_info,
     one_line,
+    read_run_record,
     reported_error,
 )
 from normlab.tasks.base import Task
@@ -43,12 +43,18 @@ from normlab.utils.distributed import (
     publish_run_config,
     split_global_batch,
 )
-from normlab.utils.hydra_run import CONFIG_DIR, in_multirun, register_resolvers
+from normlab.utils.extras import apply_extras, print_config
+from normlab.utils.hydra_run import (
+    CONFIG_DIR,
+    in_multirun,
+    register_resolvers,
+    sweeper_reads_metric,
+)
 from normlab.utils.logs import continue_logs
 from normlab.utils.resume_selection import Resume, load_weights, resume_checkpoint
 from normlab.utils.run_identity import check_same_run, requested_config
 from normlab.utils.run_info import git_sha, save_run_info
-from normlab.utils.secrets import masked_config
+from normlab.utils.secrets import mask_secrets, mask_secrets_in_logs, masked_config
 from normlab.utils.wandb_logger import attach_wandb_run
 from normlab.utils.writable_dirs import check_writable
 from normlab.validation import name_config_keys, validate_config
@@ -122,8 +128,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics."""
     # In a process Lightning launched for another rank: run exactly rank 0's resolved config.
     cfg = inherited_run_config() or cfg
+    mask_secrets_in_logs()
     check_required(cfg)
     validate_config(cfg)
+    apply_extras(cfg)
     import_user_modules(cfg.get("imports"))
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -137,10 +145,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     split_global_batch(cfg)
     continued = None
     if continuing is not None:  # before anything is written: the checkpoint must be this run's
-        continued = load_run_info(str(continuing.path))
+        # Compared with the requested config, never built from: no target check needed here.
+        continued = read_run_record(str(continuing.path))
         check_same_run(continued["config"], requested_config(cfg, continued), continuing.path)
     datamodule = instantiate_data(cfg.data)
     fill_from_datamodule(cfg, datamodule)
+    print_config(cfg)
     # The model is built here, before any data is read, so a bad norm or model fails at once.
     task = OmegaConf.to_container(cfg.task, resolve=True)
     module = instantiate(task, _recursive_=False)
@@ -206,7 +216,7 @@ def fail_sweep_job(error: Exception) -> NoReturn:
     if reported is None:
         log.exception("job failed")
         first_line = next(iter(str(error).splitlines()), "")
-        line = f"{type(error).__name__}: {first_line}"
+        line = mask_secrets(f"{type(error).__name__}: {first_line}")
     else:
         line = one_line(reported)
         log.error("normlab: %s", line)
@@ -240,11 +250,12 @@ def main(cfg: DictConfig) -> float | None:
         name = cfg.get("optimized_metric")
         if name and name not in metrics:
             message = f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}"
-            if in_multirun():
-                raise ConfigError(message)  # the sweeper needs it: the job failed
-            # A run shorter than its first validation trained fine: not a failure.
+            if sweeper_reads_metric():
+                raise ConfigError(message)  # Optuna needs it: the job failed
+            # A run (or grid job) shorter than its first validation trained fine: not a failure;
+            # a grid's summary lists the jobs without the metric.
             log.warning(message)
-        if name and in_multirun() and not math.isfinite(metrics[name]):
+        if name in metrics and sweeper_reads_metric() and not math.isfinite(metrics[name]):
             # Optuna cannot store a NaN value: the trial is a failure, not a result.
             raise TrainingError(f"optimized_metric {name}={metrics[name]}")
     except Exception as error:

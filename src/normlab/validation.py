@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from hydra.utils import get_class, get_object
@@ -25,21 +25,21 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normlab.errors import ConfigError
-from normlab.norm import standardize
-from normlab.norm.registry import NORMS, argument_ranges
+from normlab.norm.registry import NORMS, check_arguments, norm_traits, norms_with
 from normlab.ranges import (
     COUNT,
     DROP_RATE,
     FRACTION,
     NON_NEGATIVE,
     SEED,
+    ArgumentError,
     ValueRange,
-    argument_error_behind,
     declared_ranges,
     is_int,
     is_number,
 )
 from normlab.tasks.base import Task
+from normlab.utils.config_keys import config_keys_named
 from normlab.utils.distributed import world_size
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,21 @@ def _check_trainer_values(trainer: DictConfig) -> None:
     for key, (valid, allowed) in _TRAINER_RULES.items():
         if key in trainer and not valid(trainer[key]):
             raise ConfigError(f"trainer.{key} must be {allowed}, got {trainer[key]!r}")
+    _check_accelerator(trainer.get("accelerator"))
+
+
+def _check_accelerator(name: Any) -> None:
+    """A GPU accelerator this machine lacks: one line, not Lightning's traceback."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    devices = {"cuda": "CUDA GPU", "mps": "Apple GPU (MPS)", "gpu": "CUDA or Apple (MPS) GPU"}
+    if name not in devices:
+        return
+    cuda, mps = CUDAAccelerator.is_available(), MPSAccelerator.is_available()
+    if not {"cuda": cuda, "mps": mps, "gpu": cuda or mps}[name]:
+        raise ConfigError(
+            f"trainer.accelerator={name}: this machine has no {devices[name]}; use trainer=cpu"
+        )
 
 
 # -- argument ranges ------------------------------------------------------------------------------
@@ -150,18 +165,16 @@ def _resolved(node: DictConfig, key: str) -> Any:
 
 
 def _check_norm_spec(spec: Any, key: str) -> None:
-    """The numeric arguments of a norm spec written as a mapping, against the ranges its norm
-    declares in the registry. Names not registered yet (``imports=``) are checked when built."""
+    """The arguments of a norm spec written as a mapping, checked by the registry as building it
+    would check them, but naming ``key``. Names not registered yet (``imports=``) are checked
+    when built."""
     if not isinstance(spec, DictConfig) or spec.get("name") not in NORMS:
         return
-    ranges = argument_ranges(spec.name)
-    for argument in spec:
-        value = _resolved(spec, argument)
-        if value is not _UNSET and argument in ranges and not ranges[argument].allows(value):
-            raise ConfigError(f"{key}.{argument} must be {ranges[argument]}, got {value!r}")
-    switch = _resolved(spec, standardize.SPEC_KEY) if standardize.SPEC_KEY in spec else False
-    if not isinstance(switch, bool) and switch is not _UNSET:
-        raise ConfigError(f"{key}.{standardize.SPEC_KEY} must be true or false, got {switch!r}")
+    given = {argument: _resolved(spec, argument) for argument in spec if argument != "name"}
+    try:
+        check_arguments(spec.name, {a: v for a, v in given.items() if v is not _UNSET})
+    except ArgumentError as error:
+        raise error.at(f"{key}.{error.argument}") from None
 
 
 def _target(node: DictConfig) -> Any:
@@ -302,10 +315,12 @@ def _sync_requests(cfg: DictConfig) -> list[str]:
     for key in _NORM_KEYS:
         spec = OmegaConf.select(cfg, key)
         name = spec.get("name") if isinstance(spec, DictConfig) else spec
-        if name == "syncbn":
-            requests.append(f"{key}=syncbn")
-        elif name == "cuda_bn" and isinstance(spec, DictConfig) and spec.get("sync"):
-            requests.append(f"{key}.sync=true")
+        traits = norm_traits(name) if isinstance(name, str) else None
+        switch = traits.syncs_itself if traits is not None else False
+        if switch is True:
+            requests.append(f"{key}={name}")
+        elif switch and isinstance(spec, DictConfig) and spec.get(switch):
+            requests.append(f"{key}.{switch}=true")
     return requests
 
 
@@ -324,13 +339,6 @@ def _warn_sync_in_one_process(cfg: DictConfig) -> None:
     )
 
 
-# What trainer.sync_batchnorm=true (normlab.norm.layer_sync.NormSync) turns into synchronised
-# layers; every other norm is left as it is.
-_SYNCED_NORMS = ("bn", "syncbn", "cuda_bn")
-# Norms with batch statistics that NormSync leaves per process.
-_UNSYNCED_BATCH_NORMS = ("brn", "ghost_bn", "evonorm_b0")
-
-
 def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
     """``trainer.sync_batchnorm=true`` with norms it does not synchronise: one line saying so."""
     if not OmegaConf.select(cfg, "trainer.sync_batchnorm"):
@@ -339,15 +347,16 @@ def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
     for key in _NORM_KEYS:
         spec = OmegaConf.select(cfg, key)
         name = spec.get("name") if isinstance(spec, DictConfig) else spec
-        if not isinstance(name, str) or name in _SYNCED_NORMS or name in left:
+        traits = norm_traits(name) if isinstance(name, str) else None
+        if traits is None or traits.syncs or name in left:
             continue
-        statistics = "per-process batch" if name in _UNSYNCED_BATCH_NORMS else "no batch"
+        statistics = "per-process batch" if traits.batch_statistics else "no batch"
         left[name] = f"{key}={name} ({statistics} statistics)"
     if left:
         log.info(
             "trainer.sync_batchnorm=true syncs only BatchNorm-family layers (%s); it leaves %s "
             "as they are",
-            ", ".join(_SYNCED_NORMS),
+            ", ".join(norms_with("syncs")),
             ", ".join(left.values()),
         )
 
@@ -357,22 +366,6 @@ def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
 _Result = TypeVar("_Result")
 
 
-def _keys_setting(node: Any, argument: str, value: Any, prefix: str = "") -> Iterator[str]:
-    """The keys under ``node`` that set ``argument`` to ``value``. Interpolations are passed
-    over: ``model.norm: ${norm}`` was set as ``norm``."""
-    if not isinstance(node, DictConfig):
-        return
-    for key in node:
-        if key == "hydra" or OmegaConf.is_interpolation(node, key):
-            continue
-        path = f"{prefix}.{key}" if prefix else str(key)
-        child = _resolved(node, key)
-        if key == argument and child == value:
-            yield path
-        elif isinstance(child, DictConfig):
-            yield from _keys_setting(child, argument, value, path)
-
-
 def name_config_keys(run: Callable[[DictConfig], _Result]) -> Callable[[DictConfig], _Result]:
     """Wrap an entry point so that an :class:`~normlab.ranges.ArgumentError` raised under it
     (``gn: 24 channels are not divisible by num_groups=7``) names the config key that set the
@@ -380,15 +373,7 @@ def name_config_keys(run: Callable[[DictConfig], _Result]) -> Callable[[DictConf
 
     @functools.wraps(run)
     def named(cfg: DictConfig) -> _Result:
-        try:
+        with config_keys_named(cfg):
             return run(cfg)
-        except Exception as error:
-            cause = argument_error_behind(error)
-            if cause is None:
-                raise
-            key = next(_keys_setting(cfg, cause.argument, cause.value), None)
-            if key is None:
-                raise
-            raise cause.at(key) from error
 
     return named

@@ -16,7 +16,7 @@ from normlab.errors import ConfigError
 from normlab.models import retinanet_resnet18_fpn, retinanet_resnet50_fpn
 from normlab.models.retinanet import _octave_anchor_sizes
 from normlab.norm import LayerNorm2d, convert_norms
-from normlab.norm.sync import SyncBatchNorm
+from normlab.norm.sync_batchnorm import SyncBatchNorm
 
 SIZE = {"min_size": 96, "max_size": 128}
 

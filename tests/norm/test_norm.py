@@ -16,7 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from normlab.errors import ConfigError
 from normlab.norm import NORMS, LayerNorm2d, build_norm, convert_norms, norm_channels, register_norm
-from normlab.norm.sync import SyncBatchNorm
+from normlab.norm.sync_batchnorm import SyncBatchNorm
 from normlab.ops.batchnorm import CudaBatchNorm
 
 EXPECTED_TYPES = {

@@ -29,7 +29,7 @@ from normlab.norm import (
     norm_and_activation,
     norm_channels,
 )
-from normlab.norm.layer_sync import NormSync
+from normlab.norm.lightning_sync_plugin import NormSync
 
 NEW_NORMS = {
     "brn": BatchRenorm2d,

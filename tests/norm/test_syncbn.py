@@ -246,7 +246,7 @@ def test_registry_syncbn_is_ours_and_takes_a_group_size():
 def test_norm_sync_plugin_converts_batchnorm_like_layers_and_reverts():
     from torchvision.ops import FrozenBatchNorm2d
 
-    from normlab.norm.layer_sync import NormSync
+    from normlab.norm.lightning_sync_plugin import NormSync
 
     class OwnSync(nn.Module):
         def to_synchronised(self, group_size):

@@ -11,7 +11,7 @@ from torch import nn
 
 from normlab.errors import ConfigError
 from normlab.norm import build_norm, get_norm_layer
-from normlab.norm.sync import SyncBatchNorm
+from normlab.norm.sync_batchnorm import SyncBatchNorm
 from normlab.ops.batchnorm import CudaBatchNorm, batch_norm, batch_norm_reference, kernels
 from normlab.ops.batchnorm import module as cuda_bn_module
 
@@ -329,7 +329,7 @@ def test_autocast_bf16_conv_output_goes_through_the_kernels():
 
 
 def test_lightning_sync_plugin_keeps_cuda_bn_and_turns_its_sync_on():
-    from normlab.norm.layer_sync import NormSync
+    from normlab.norm.lightning_sync_plugin import NormSync
 
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), CudaBatchNorm(4, activation="relu"), nn.BatchNorm2d(4)

@@ -8,10 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from cli import run_module
 
@@ -20,55 +18,21 @@ from data_files import make_cifar, write_png
 from normlab.eval import evaluate
 from normlab.export import export
 from normlab.runs import exit_on_config_error
-from normlab.train import train
-from normlab.utils.hydra_run import CONFIG_DIR
+from tiny_runs import compose_run, tiny_checkpoint
 
 ERROR = "normlab: configuration error: "
 ENTRY_POINTS = {"eval": evaluate, "export": export}
 
 
-def _compose(overrides: list[str], config_name: str, output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.runtime.cwd = str(output_dir.parent)
-        cfg.paths.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory) -> Path:
     """A DenseNet-BC-40 trained two steps on 1-channel, 16-px, 10-class digits."""
-    run_dir = tmp_path_factory.mktemp("digits") / "run"
-    cfg = _compose(
-        [
-            "model=densenet_bc_40",
-            "data.image_size=16",
-            "data.batch_size=8",
-            "logger=csv",
-            "callbacks.model_summary=null",
-            "callbacks.progress_bar=null",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-            "test=false",
-        ],
-        "config",
-        run_dir,
-    )
-    train(cfg)
-    GlobalHydra.instance().clear()
-    return run_dir / "checkpoints" / "last.ckpt"
+    return tiny_checkpoint("classification", tmp_path_factory.mktemp("digits") / "run")
 
 
 def _one_error_line(entry: str, overrides: list[str], tmp_path: Path, capsys) -> str:
     """Run an entry point in this process as its main() does; return its one error line."""
-    cfg = _compose(overrides, entry, tmp_path / entry)
+    cfg = compose_run(overrides, entry, tmp_path / entry)
     try:
         with pytest.raises(SystemExit) as exit_info:
             try:
@@ -159,3 +123,198 @@ def test_the_command_line_prints_one_line_for_a_truncated_checkpoint(digits_chec
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith(ERROR)]
     assert len(errors) == 1 and f"ckpt_path={path} cannot be read: truncated" in errors[0]
+
+
+# -- what a checkpoint may make eval and export build ----------------------------------------------
+
+
+def _with_payload(checkpoint: Path, path: Path, place: str, payload: dict) -> Path:
+    """A copy of ``checkpoint`` whose ``place`` (dotted keys into the checkpoint) is ``payload``."""
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    *parents, last = place.split(".")
+    node = stored
+    for key in parents:
+        node = node[key]
+    node[last] = payload
+    torch.save(stored, path)
+    return path
+
+
+# The stored training config and the hyperparameters Lightning rebuilds the task from; nested too.
+PLACES = {
+    "hyper_parameters.model": "hyper_parameters.model._target_",
+    "normlab.config.model.norm": "model.norm._target_",
+    "normlab.config.data": "data._target_",
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("place", PLACES)
+def test_a_checkpoint_cannot_run_code(entry, place, digits_checkpoint, tmp_path, capsys):
+    """torch.hub.load would run the hub dir's hubconf.py; builtins.open(..., "w") would empty a
+    file. Both are refused, naming the key and the target, before anything is built."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    marker = tmp_path / "hubconf_ran"
+    (hub / "hubconf.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "def entry(**kwargs):\n    return None\n"
+    )
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    payloads = {
+        "torch.hub.load": {
+            "_target_": "torch.hub.load",
+            "repo_or_dir": str(hub),
+            "model": "entry",
+            "source": "local",
+        },
+        "builtins.open": {"_target_": "builtins.open", "_args_": [str(victim), "w"]},
+    }
+    for target, payload in payloads.items():
+        path = _with_payload(digits_checkpoint, tmp_path / "payload.ckpt", place, payload)
+        line = _one_error_line(entry, [f"ckpt_path={path}"], tmp_path, capsys)
+        assert f"ckpt_path={path} {PLACES[place]}={target} is not a normlab target" in line
+        assert "imports=[...]" in line
+    assert not marker.exists() and victim.read_text() == "keep me"
+
+
+def test_lightnings_instantiator_and_a_task_class_of_another_kind_are_refused(
+    digits_checkpoint, tmp_path, capsys
+):
+    path = _with_payload(
+        digits_checkpoint, tmp_path / "i.ckpt", "hyper_parameters._instantiator", "os.system"
+    )
+    line = _one_error_line("eval", [f"ckpt_path={path}"], tmp_path, capsys)
+    assert "hyper_parameters._instantiator=os.system is not a normlab target" in line
+    # On the allow-list (conf/ names it), but not a task: refused before it is called.
+    path = _with_payload(
+        digits_checkpoint,
+        tmp_path / "t.ckpt",
+        "normlab.config.task._target_",
+        "lightning.pytorch.Trainer",
+    )
+    line = _one_error_line("export", [f"ckpt_path={path}"], tmp_path, capsys)
+    assert "task._target_=lightning.pytorch.Trainer is not a normlab task" in line
+
+
+def test_the_command_line_refuses_a_code_running_checkpoint_in_one_line(
+    digits_checkpoint, tmp_path
+):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    marker = tmp_path / "hubconf_ran"
+    (hub / "hubconf.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\ndef entry(**kwargs):\n    return None\n"
+    )
+    payload = {"_target_": "torch.hub.load", "repo_or_dir": str(hub), "model": "entry"}
+    payload["source"] = "local"
+    path = _with_payload(
+        digits_checkpoint, tmp_path / "hub.ckpt", "hyper_parameters.model", payload
+    )
+    result = run_module(
+        "normlab.export", f"ckpt_path={path}", f"hydra.run.dir={tmp_path}/x", cwd=tmp_path
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith(ERROR)]
+    assert len(errors) == 1 and "model._target_=torch.hub.load is not a normlab target" in errors[0]
+    assert not marker.exists()
+
+
+# -- a checkpoint on another task's data ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task_checkpoints(tmp_path_factory, digits_checkpoint) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tasks")
+    return {
+        "classification": digits_checkpoint,
+        "detection": tiny_checkpoint("detection", root / "detection"),
+        "pix2pix": tiny_checkpoint("pix2pix", root / "pix2pix"),
+    }
+
+
+SMALL_PAIRS = [f"data.num_{split}=4" for split in ("train", "val", "test")]
+
+
+@pytest.mark.parametrize(
+    ("task", "data", "expected"),
+    [
+        (
+            "detection",
+            ["data=digits"],
+            "its task (DetectionModule) takes images with boxes, the data (DigitsDataModule) "
+            "gives labelled images; data of its kind: data=coco|digit_scenes",
+        ),
+        (
+            "pix2pix",
+            ["data=digits", "data.image_size=64"],
+            "its task (Pix2PixModule) takes image pairs, the data (DigitsDataModule) gives "
+            "labelled images; data of its kind: data=aligned|digit_pairs|facades",
+        ),
+        (
+            "classification",
+            ["data=digit_pairs", *SMALL_PAIRS],
+            "its task (ClassificationModule) takes labelled images, the data "
+            "(DigitPairsDataModule) gives image pairs; data of its kind: "
+            "data=cifar10|cifar100|digits|fashion_mnist|imagefolder",
+        ),
+        (
+            # An aligned module's image size is its crop: the hint names data.crop_size.
+            "pix2pix",
+            ["data=digit_pairs", "data.crop_size=32", *SMALL_PAIRS],
+            "its model was trained with image size 64, the data (DigitPairsDataModule) has "
+            "image size 32; "
+            "set data.crop_size=64",
+        ),
+    ],
+    ids=["detection-on-digits", "pix2pix-on-digits", "classifier-on-pairs", "pix2pix-crop"],
+)
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_data_of_another_kind_names_the_task(
+    entry, task, data, expected, task_checkpoints, tmp_path, capsys
+):
+    checkpoint = task_checkpoints[task]
+    line = _one_error_line(entry, [f"ckpt_path={checkpoint}", *data], tmp_path, capsys)
+    assert f"ckpt_path={checkpoint} does not fit the data: {expected}" in line
+
+
+# -- a checkpoint trained with imports=[a user package] ---------------------------------------------
+
+USER_PACKAGE = "usernorms_for_eval"
+
+
+def test_a_user_packages_norm_and_callback_load_with_imports(tmp_path, capsys, monkeypatch):
+    """Its targets are allowed only when the package is named on the command line: the
+    checkpoint's own word imports nothing."""
+    (tmp_path / f"{USER_PACKAGE}.py").write_text(
+        "import lightning.pytorch as pl\nfrom torch import nn\n\n"
+        "from normlab.norm import register_norm\n\n\n"
+        '@register_norm("gn1_from_imports")\n'
+        "def group_norm_one_group(num_features, eps=1e-5):\n"
+        "    return nn.GroupNorm(1, num_features, eps=eps)\n\n\n"
+        "class Quiet(pl.Callback):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = tiny_checkpoint(
+        "classification",
+        tmp_path / "run",
+        f"imports=[{USER_PACKAGE}]",
+        "norm=none",
+        "norm.name=gn1_from_imports",
+        f"+callbacks.quiet._target_={USER_PACKAGE}.Quiet",
+    )
+    for entry in ENTRY_POINTS:
+        line = _one_error_line(entry, [f"ckpt_path={checkpoint}"], tmp_path, capsys)
+        assert (
+            f"was trained with imports=[{USER_PACKAGE}], and a checkpoint never imports code by "
+            f"itself: name them, imports=[{USER_PACKAGE}]"
+        ) in line
+    given = [f"ckpt_path={checkpoint}", f"imports=[{USER_PACKAGE}]"]
+    try:
+        metrics = evaluate(compose_run(given, "eval", tmp_path / "eval"))
+        report = export(compose_run(given, "export", tmp_path / "export"))
+    finally:
+        GlobalHydra.instance().clear()
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert Path(report["exported_file"]).is_file() and report["norm"] == "gn1_from_imports"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import warnings
 from collections.abc import Callable
@@ -232,6 +233,35 @@ def test_bad_sample(
     assert len(summaries) == 1 and f"skipped 1 of {total} train samples" in summaries[0]
     name, reason = case.named[0], case.named[-1]
     assert f"{reason}: 1 ({name})" in summaries[0], summaries[0]
+
+
+class _RunsCommand:
+    """What a malicious pickle holds: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize(
+    ("name", "key"), [("data_batch_3", "data"), ("batches.meta", "label_names")]
+)
+def test_a_cifar_file_that_would_run_code_is_refused_unrun(name: str, key: str, tmp_path: Path):
+    build_cifar(tmp_path)
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "cifar-10-batches-py" / name
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")  # the test's own fixture
+    entry[key] = _RunsCommand(f"touch {marker}")
+    dump_pickle(path, entry)
+    with pytest.raises(ConfigError) as info:
+        make_module("cifar", tmp_path).setup("fit")  # the meta file is read when it is built
+    message = str(info.value)
+    assert f"data.root: {path} is not a readable CIFAR-10" in message
+    assert f"it names {os.system.__module__}.system" in message and "\n" not in message
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------------------------------

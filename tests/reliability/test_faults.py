@@ -5,6 +5,9 @@ secrets from the environment reach no file of the run."""
 from __future__ import annotations
 
 import csv
+import io
+import json
+import logging
 import secrets
 import subprocess
 from pathlib import Path
@@ -14,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 
 from cli import offline_env, python_path_with, run_train
+from normlab.utils.secrets import mask_secrets_in_logs
 
 QUICK = (
     "experiment=densenet_digits",
@@ -121,3 +125,48 @@ def test_secrets_in_the_environment_reach_no_file_of_the_run(tmp_path):
     assert (
         api_key not in result.stdout + result.stderr and token not in result.stdout + result.stderr
     )
+
+
+def test_a_secret_quoted_by_an_error_is_masked_in_the_log_and_the_job_outcome(tmp_path):
+    token = secrets.token_urlsafe(16)
+    env = offline_env(OMP_NUM_THREADS="1", MY_SERVICE_TOKEN=token)
+    sweep_dir = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        "data=cifar10",
+        "data.root=/mnt/${oc.env:MY_SERVICE_TOKEN}",
+        "logger=csv",
+        "seed=1",
+        f"hydra.sweep.dir={sweep_dir}",
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    log, outcome = (sweep_dir / "0" / name for name in ("train.log", "job_outcome.json"))
+    masked = "data.root: /mnt/***/cifar-10-batches-py not found"
+    assert masked in log.read_text() and masked in json.loads(outcome.read_text())["error"]
+    assert masked in result.stderr
+    leaks = [
+        str(p) for p in sweep_dir.rglob("*") if p.is_file() and token.encode() in p.read_bytes()
+    ]
+    assert not leaks and token not in result.stdout + result.stderr
+
+
+def test_the_log_masks_secrets_in_messages_and_tracebacks(monkeypatch):
+    token = secrets.token_hex(12)
+    monkeypatch.setenv("MY_SERVICE_TOKEN", token)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        mask_secrets_in_logs()
+        try:
+            raise ValueError(f"no such dir /mnt/{token}")
+        except ValueError:
+            logging.getLogger("normlab.train").exception("job failed at %s", token)
+    finally:
+        root.removeHandler(handler)
+    text = stream.getvalue()
+    assert "job failed at ***" in text and "ValueError: no such dir /mnt/***" in text
+    assert token not in text

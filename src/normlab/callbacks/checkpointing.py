@@ -96,6 +96,21 @@ class LastCheckpoint(pl.Callback):
         self._save(trainer)
 
 
+class CheckpointPosition(pl.Callback):
+    """Tests a checkpoint at the step and epoch it was saved at: the metrics of an evaluation are
+    logged there (``csv/metrics.csv``'s step and epoch, wandb's step), not at step 0."""
+
+    def __init__(self, global_step: int, epoch: int) -> None:
+        self.global_step = global_step
+        self.epoch = epoch
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The counters Lightning's logger connector reads (a fit restores them from the
+        # checkpoint's loop state; a test alone does not).
+        trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
+        trainer.fit_loop.epoch_progress.current.completed = self.epoch
+
+
 class RunInfo(pl.Callback):
     """Stores the resolved config and git SHA inside every checkpoint under ``"normlab"``."""
 

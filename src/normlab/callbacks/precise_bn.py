@@ -56,6 +56,7 @@ from normlab.callbacks.statistics import (
     running_statistics_layers,
 )
 from normlab.errors import ConfigError
+from normlab.ops.sync_collectives import sync_group
 from normlab.ranges import check_int
 from normlab.tasks.base import Task
 
@@ -70,12 +71,6 @@ class PreciseStatistics:
     num_batches: int
     updated: list[str] = field(default_factory=list)
     not_called: list[str] = field(default_factory=list)
-
-
-def _process_group() -> Any:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
 
 
 def _all_have_a_batch(have: bool, group: Any, device: torch.device) -> bool:
@@ -163,7 +158,7 @@ def recompute_norm_statistics(
         for layer in layers
     ]
     device = layers[0].running_mean.device
-    group = _process_group()
+    group = sync_group()
     step_calls: list[list[Moments]] = [[] for _ in layers]
     sums: list[Tensor | None] = [None] * len(layers)
     num_calls = [0] * len(layers)

@@ -19,26 +19,31 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.instancenorm import _InstanceNorm
-from torchvision.ops import FrozenBatchNorm2d
 
-from normlab.norm.inspect import has_running_statistics
+from normlab.norm import has_running_statistics, is_norm, layer_traits
 from normlab.ops.bn_stats import unbiased_variance
 
 
 def running_statistics_layers(model: nn.Module, *, frozen: bool = False) -> dict[str, nn.Module]:
     """``{name: layer}`` for every layer of ``model`` with running statistics, each module once
-    (``frozen``: also ``FrozenBatchNorm2d``, whose statistics are fixed buffers)."""
+    (``frozen``: also norms whose statistics are fixed buffers, as ``FrozenBatchNorm2d``'s)."""
     return {
         name: module
         for name, module in model.named_modules()
-        if has_running_statistics(module) or (frozen and isinstance(module, FrozenBatchNorm2d))
+        if has_running_statistics(module) or (frozen and _has_fixed_statistics(module))
     }
 
 
+def _has_fixed_statistics(module: nn.Module) -> bool:
+    fixed = (getattr(module, name, None) for name in ("running_mean", "running_var"))
+    return is_norm(module) and all(isinstance(tensor, Tensor) for tensor in fixed)
+
+
 def per_sample_statistics(module: nn.Module) -> bool:
-    """True for InstanceNorm: its batch statistic is an average of per-instance statistics."""
-    return isinstance(module, _InstanceNorm)
+    """True for InstanceNorm: a norm that keeps running statistics but normalises with no batch
+    statistics tracks an average of per-instance statistics."""
+    traits = layer_traits(module)
+    return traits is not None and traits.running_statistics and not traits.batch_statistics
 
 
 @dataclass

@@ -169,6 +169,10 @@ class AlignedDataModule(SplitDataModule):
     Batches use the default collate: ``{"A": B×C×H×W, "B": B×C×H×W, "path": list[str]}``.
     """
 
+    batch_format = "image pairs"
+    # image_size is the crop's side (the size of a validation or test image too).
+    image_size_option = "crop_size"
+
     def __init__(
         self,
         root: str | os.PathLike[str],

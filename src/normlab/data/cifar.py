@@ -3,17 +3,25 @@
 The layout is checked in ``__init__`` (so ``num_classes`` / ``class_names`` are known before the
 model is built, and a wrong path fails before any training starts). Labels outside the class range
 follow ``on_bad_sample``; see :mod:`normlab.data.bad_samples`.
+
+The files are pickles, and unpickling runs whatever callables a file names. They are read with an
+unpickler that builds only what CIFAR's files hold (numpy arrays, lists, dicts, bytes, strings,
+numbers) and refuses any other name, so a file placed under ``data.root`` cannot run code.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 from torchvision.transforms import v2
 from typing_extensions import Unpack
 
@@ -53,13 +61,61 @@ CIFAR_VAL_SPLIT_SEED = 0
 REASON_LABEL = "label out of range"
 
 
+# The callables a CIFAR pickle may name: numpy's array, scalar and dtype constructors (under numpy
+# 1's and numpy 2's module names) and the codec protocol-2 pickles encode bytes with.
+_ARRAY_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_SCALAR = np.float64(0).__reduce__()[0]
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+    **{
+        (f"numpy.{core}.multiarray", "_reconstruct"): _ARRAY_RECONSTRUCT
+        for core in ("core", "_core")
+    },
+    **{(f"numpy.{core}.multiarray", "scalar"): _SCALAR for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): np.frombuffer for core in ("core", "_core")},
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(
+            f"it names {module}.{name}; a CIFAR file holds only numpy arrays, lists, dicts, "
+            "bytes, strings and numbers"
+        )
+
+
+def load_cifar_pickle(handle: BinaryIO) -> Any:
+    """Unpickle one CIFAR file (Python 2 pickles: their strings decode as latin1) building numpy
+    arrays and plain Python values only; ``pickle.UnpicklingError`` for anything else."""
+    return _ArraysOnlyUnpickler(handle, encoding="latin1").load()
+
+
+class CIFARImages(Dataset):
+    """CIFAR images (``N×32×32×3`` uint8) and labels; items are ``(PIL image, label)``, as
+    torchvision's CIFAR datasets give them."""
+
+    def __init__(self, data: np.ndarray, targets: list[int]) -> None:
+        self.data = data
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.data[index]), self.targets[index]
+
+
 def _no_md5(files: list[list[str]]) -> list[list[str | None]]:
     return [[name, None] for name, _ in files]
 
 
 class CIFAR10NoMD5(CIFAR10):
-    """``CIFAR10`` with every md5 set to None: torchvision then only checks that the files exist,
-    and its real parsing code (``__init__`` / ``_load_meta``) runs unchanged."""
+    """``CIFAR10``'s file names with every md5 set to None: ``check_integrity`` then only checks
+    that a file exists."""
 
     train_list = _no_md5(CIFAR10.train_list)
     test_list = _no_md5(CIFAR10.test_list)
@@ -159,7 +215,7 @@ class CIFARDataModule(ImageClassificationDataModule):
         path = os.path.join(self.folder, meta["filename"])
         try:
             with open(path, "rb") as f:
-                names = pickle.load(f, encoding="latin1")[meta["key"]]
+                names = load_cifar_pickle(f)[meta["key"]]
         except Exception as e:  # unreadable / not a CIFAR meta pickle
             raise ConfigError(
                 f"data.root: {path} is not a readable {_PRETTY[self.variant]} meta pickle with "
@@ -201,32 +257,41 @@ class CIFARDataModule(ImageClassificationDataModule):
     # -- Lightning hooks --------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        if not self.download:
+        if not self.download or self._verified(self._expected_files()):
             return
+        cls = self.dataset_cls
         try:
-            for train in (True, False):
-                self.dataset_cls(self.root, train=train, download=True)
+            download_and_extract_archive(cls.url, self.root, filename=cls.filename, md5=cls.tgz_md5)
         except (OSError, RuntimeError) as e:
             raise ConfigError(
                 f"data.download=true: fetching {_PRETTY[self.variant]} into {self.root} failed "
                 f"({type(e).__name__}: {e}); put the python version at {self.folder} instead"
             ) from e
 
-    def _load(self, train: bool) -> CIFAR10:
-        try:
-            dataset = self.dataset_cls(self.root, train=train, download=False)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise ConfigError(
-                f"data.root: {self.folder} failed torchvision's md5 check ({e}); re-fetch the "
-                "official python version, or set data.check_integrity=false to use these files"
-            ) from e
-        except Exception as e:  # unpickling a truncated or corrupt file raises almost anything
-            raise self._locate_broken_batch(train, f"{type(e).__name__}: {e}") from e
-        if len(dataset.data) != len(dataset.targets):
-            raise self._locate_broken_batch(
-                train, f"{len(dataset.data)} images but {len(dataset.targets)} labels"
-            )
-        return dataset
+    def _md5s(self) -> dict[str, str | None]:
+        cls = self.dataset_cls
+        return {**dict(cls.train_list + cls.test_list), cls.meta["filename"]: cls.meta["md5"]}
+
+    def _verified(self, names: list[str]) -> bool:
+        md5s = self._md5s()
+        return all(check_integrity(os.path.join(self.folder, name), md5s[name]) for name in names)
+
+    def _load(self, train: bool) -> CIFARImages:
+        names = self._batch_files(train)
+        for name in [*names, self.dataset_cls.meta["filename"]]:
+            if not self._verified([name]):
+                raise ConfigError(
+                    f"data.root: {os.path.join(self.folder, name)} fails its md5 check; re-fetch "
+                    "the official python version, or set data.check_integrity=false to use "
+                    "these files"
+                )
+        images, labels = [], []
+        for name in names:
+            batch_images, batch_labels = self._read_batch(os.path.join(self.folder, name))
+            images.append(batch_images)
+            labels += batch_labels
+        data = np.vstack(images).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        return CIFARImages(data, labels)
 
     # -- broken files and labels ------------------------------------------------------------------
 
@@ -234,37 +299,29 @@ class CIFARDataModule(ImageClassificationDataModule):
         cls = self.dataset_cls
         return [name for name, _ in (cls.train_list if train else cls.test_list)]
 
-    @staticmethod
-    def _parse_batch(path: str) -> tuple[int, list[int]]:
-        """``(number of images, labels)`` of one batch file, read as torchvision reads it."""
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
-        return len(entry["data"]), list(labels)
-
-    def _locate_broken_batch(self, train: bool, problem: str) -> DataError:
-        """A DataError naming the first batch file of the split that does not parse or whose
-        image and label counts differ: torchvision's loader does not say which file it failed
-        on. Re-reads the files, so only for the error path."""
-        for name in self._batch_files(train):
-            path = os.path.join(self.folder, name)
-            try:
-                images, labels = self._parse_batch(path)
-            except Exception as e:
-                problem = f"{type(e).__name__}: {e}"
-                break
-            if images != len(labels):
-                problem = f"{images} images but {len(labels)} labels"
-                break
-        else:
-            path = self.folder
-        return DataError(
+    def _read_batch(self, path: str) -> tuple[np.ndarray, list[int]]:
+        """``(images as N×3072 uint8, labels)`` of one batch file; a DataError naming the file
+        when it does not parse, holds anything but plain data, or has as many labels as images."""
+        try:
+            with open(path, "rb") as f:
+                entry = load_cifar_pickle(f)
+            labels = list(entry["labels"] if "labels" in entry else entry["fine_labels"])
+            images = np.asarray(entry["data"])
+            if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+                problem = f"its data is {images.dtype} {list(images.shape)}, not N×3072 uint8"
+            elif len(images) != len(labels):
+                problem = f"{len(images)} images but {len(labels)} labels"
+            else:
+                return images, labels
+        except Exception as e:  # a truncated or corrupt pickle raises almost anything
+            problem = f"{type(e).__name__}: {e}"
+        raise DataError(
             f"data.root: {path} is not a readable {_PRETTY[self.variant]} batch file ({problem}); "
             "re-fetch the official python version. data.on_bad_sample=skip does not apply: a "
             "batch file holds thousands of samples, and leaving them out would change the dataset"
         )
 
-    def _check_labels(self, dataset: CIFAR10, train: bool) -> BadSamples:
+    def _check_labels(self, dataset: CIFARImages, train: bool) -> BadSamples:
         """Samples whose label is outside ``0..num_classes-1``, settled by ``on_bad_sample``."""
         split = "train" if train else "test"
         labels = np.asarray(dataset.targets, dtype=np.int64)
@@ -273,7 +330,7 @@ class CIFARDataModule(ImageClassificationDataModule):
         if bad.size:
             # Which file and row each sample came from: torchvision concatenates the files.
             names = self._batch_files(train)
-            sizes = [self._parse_batch(os.path.join(self.folder, name))[0] for name in names]
+            sizes = [len(self._read_batch(os.path.join(self.folder, name))[1]) for name in names]
             starts = np.cumsum([0, *sizes])
             for index in bad.tolist():
                 file = int(np.searchsorted(starts, index, side="right")) - 1
@@ -293,7 +350,7 @@ class CIFARDataModule(ImageClassificationDataModule):
         self._check_files()
         full_train = self._load(train=True)
         test = self._load(train=False)
-        self.class_names = [str(c) for c in full_train.classes]
+        self.class_names = self._read_class_names()
         bad_train = self._check_labels(full_train, train=True).bad_samples
         test_report = self._check_labels(test, train=False)
 

@@ -171,6 +171,7 @@ class CocoDetectionDataModule(SplitDataModule):
     """
 
     collate_fn = staticmethod(detection_collate)
+    batch_format = "images with boxes"
 
     in_channels = 3
 

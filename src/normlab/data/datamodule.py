@@ -162,6 +162,10 @@ class ImageClassificationDataModule(SplitDataModule):
     num_classes: int
     in_channels: int
     class_names: list[str]
+    # What a batch holds (a task takes batches of one such kind: Task.batch_format), and the
+    # constructor argument that sets image_size.
+    batch_format = "labelled images"
+    image_size_option = "image_size"
 
     def __init__(
         self,

@@ -66,11 +66,13 @@ def link_into(root: str, files: dict[str, str]) -> str:
 
 
 def _run(command: list[str]) -> str | None:
-    """None if ``command`` succeeds, else why not (one phrase)."""
+    """None if ``command`` succeeds, else why not (one phrase). Its output streams to ours as it
+    runs (apt's downloads can take minutes); its errors are kept for the phrase."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print(f"running `{' '.join(command)}` (at most {APT_TIMEOUT_S} s)", flush=True)
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S, check=False
+            command, stderr=subprocess.PIPE, text=True, env=env, timeout=APT_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired:
         return f"`{' '.join(command)}` took over {APT_TIMEOUT_S} s"

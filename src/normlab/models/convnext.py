@@ -30,8 +30,8 @@ from normlab.norm import (
     NormLayer,
     NormSpec,
     get_norm_layer,
-    norm_name,
     standardize_conv_weights,
+    training_input_problem,
 )
 from normlab.ranges import COUNT, DROP_RATE, NON_NEGATIVE, POSITIVE, ValueRange, checked_arguments
 
@@ -161,15 +161,16 @@ class ConvNeXtHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-def _resolve_head_norm(norm: NormSpec, head_norm: NormSpec | None) -> NormSpec:
-    """The head's norm spec: ``head_norm`` if given, else ``norm`` (but never instance norm)."""
+def _resolve_head_norm(norm: NormSpec, head_norm: NormSpec | None, channels: int) -> NormSpec:
+    """The head's norm spec: ``head_norm`` if given, else ``norm``, unless that cannot train on
+    the head's globally pooled 1x1 maps (instance norm: a single value per channel, which torch
+    refuses and which would erase the features anyway); then layer norm."""
     if head_norm is not None:
         return head_norm
-    if norm_name(norm) == "in":
-        # The head normalises globally pooled 1x1 maps: instance norm there has a single value
-        # per channel, so torch refuses it in training and it would erase the features anyway.
+    problem = training_input_problem(get_norm_layer(norm)(channels), (2, channels, 1, 1))
+    if problem is not None:
         warnings.warn(
-            "ConvNeXt: instance norm cannot normalise the pooled 1x1 features of the head; "
+            f"ConvNeXt: the head's norm cannot normalise the pooled 1x1 features ({problem}); "
             "using layer norm ('ln') there. Pass head_norm= to choose another.",
             stacklevel=3,
         )
@@ -269,7 +270,7 @@ class ConvNeXt(nn.Module):
         self.head = ConvNeXtHead(
             self.num_features,
             num_classes,
-            get_norm_layer(_resolve_head_norm(norm, head_norm)),
+            get_norm_layer(_resolve_head_norm(norm, head_norm, self.num_features)),
             drop_rate=drop_rate,
         )
         self._init_weights(head_init_scale)

@@ -23,6 +23,7 @@ from normlab.norm import (
     NormLayer,
     NormSpec,
     get_norm_layer,
+    is_norm_layer,
     norm_and_activation,
     standardize_conv_weights,
 )
@@ -206,8 +207,6 @@ class DenseNet(nn.Module):
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 < compression <= 1.0:
-            raise ValueError(f"compression must be in (0, 1], got {compression}")
         norm_layer = get_norm_layer(norm)
 
         if stem == "imagenet":
@@ -271,14 +270,13 @@ class DenseNet(nn.Module):
         standardize_conv_weights(self)  # norm.weight_standardization=true
 
     def _init_weights(self) -> None:
-        # torchvision's init. Norms are recognised by having a weight Parameter, not by class,
-        # because any registered norm may sit here (some have no weight, or keep it as a buffer).
+        # torchvision's init, for any registered norm: some have no weight, or keep it as a buffer.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-            else:
+            elif is_norm_layer(m):
                 weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
                 if isinstance(weight, nn.Parameter):
                     nn.init.ones_(weight)

@@ -18,7 +18,8 @@ registry:
   they keep the reference's choice so that parameter counts match.
 - Init. The reference initialises norm weights N(1, gain) only for classes whose name contains
   "BatchNorm2d", so SyncBatchNorm, GroupNorm, LayerNorm and custom norms silently keep weight 1.
-  :func:`init_weights` recognises norm layers by what they are (see :func:`is_norm_layer`).
+  :func:`init_weights` recognises norm layers by their registry traits
+  (:func:`normlab.norm.is_norm_layer`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from normlab.norm import (
     activation_after,
     fuse_norm_activations,
     get_norm_layer,
-    is_norm,
+    is_norm_layer,
     standardize_conv_weights,
 )
 from normlab.ranges import COUNT, NON_NEGATIVE, ArgumentError, check_choice, checked_arguments
@@ -62,30 +63,7 @@ INIT_TYPES: tuple[str, ...] = ("normal", "xavier", "kaiming", "orthogonal")
 # The U-Net has four fixed outer levels (ngf → 2ngf → 4ngf → 8ngf) plus the innermost one.
 MIN_NUM_DOWNS = 5
 
-# Set on every module built through a network's norm factory. A norm spec may be any callable
-# (a user's own nn.Module class), which nothing but having been built in a norm's place marks as
-# a norm; init_weights must still give it the norm init, as the reference gives its BatchNorm.
-_NORM_MARK = "_normlab_norm_layer"
-
 BlockRole = Literal["outermost", "intermediate", "innermost"]
-
-
-def _marked(norm_layer: NormLayer) -> NormLayer:
-    """Wrap a norm factory so that every module it builds is marked as a norm layer."""
-
-    def build(num_features: int) -> nn.Module:
-        module = norm_layer(num_features)
-        setattr(module, _NORM_MARK, True)
-        return module
-
-    return build
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a norm layer: built in a norm's place by one of this module's networks
-    (whatever the spec built), or a norm by :func:`normlab.norm.is_norm` (e.g. swapped in later by
-    ``convert_norms``)."""
-    return bool(getattr(module, _NORM_MARK, False)) or is_norm(module)
 
 
 def norm_has_shift(norm: nn.Module) -> bool:
@@ -159,9 +137,9 @@ def init_weights(
 
     Conv and linear weights get ``init_type`` (``normal``: N(0, gain); ``xavier``: Xavier-normal
     with ``gain``; ``kaiming``: Kaiming-normal, fan-in; ``orthogonal`` with ``gain``), their biases
-    0. Norm layers (:func:`is_norm_layer`) with an affine weight parameter get weight N(1, gain) and
-    bias 0, whatever ``init_type`` is. Weights held as buffers (FrozenBatchNorm2d) are left alone:
-    they are not trained, so random values would only add a fixed distortion.
+    0. Norm layers (:func:`~normlab.norm.is_norm_layer`) with an affine weight parameter get weight
+    N(1, gain) and bias 0, whatever ``init_type`` is. Weights held as buffers (FrozenBatchNorm2d)
+    are left alone: they are not trained, so random values would only add a fixed distortion.
     """
     _check_init_type(init_type, type(module).__name__)
     for m in module.modules():
@@ -289,7 +267,7 @@ class UnetGenerator(nn.Module):
         _check_num_downs(num_downs)
         _check_init_type(init_type, type(self).__name__)  # before building 54 M weights
         self.num_downs = num_downs
-        norm_layer = _marked(get_norm_layer(norm))
+        norm_layer = get_norm_layer(norm)
         use_bias = _conv_bias(norm_layer, ngf * 2)
 
         def level(outer_channels: int, inner_channels: int, **kwargs: Any) -> UnetSkipBlock:
@@ -349,7 +327,7 @@ class PatchDiscriminator(nn.Module):
         _check_init_type(init_type, type(self).__name__)
         if n_layers < 0:
             raise ArgumentError("n_layers", n_layers, f"{{key}} must be ≥ 0, got {n_layers}")
-        norm_layer = _marked(get_norm_layer(norm))
+        norm_layer = get_norm_layer(norm)
         # Widths of the normalised layers; n_layers=0 still gets one (ndf → ndf), as in the reference.
         widths = [ndf * min(2**n, 8) for n in range(1, n_layers + 1)] or [ndf]
         use_bias = _conv_bias(norm_layer, widths[0])
@@ -403,7 +381,7 @@ class PixelDiscriminator(nn.Module):
     ) -> None:
         super().__init__()
         _check_init_type(init_type, type(self).__name__)
-        norm_layer = _marked(get_norm_layer(norm))
+        norm_layer = get_norm_layer(norm)
         use_bias = _conv_bias(norm_layer, ndf * 2)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, ndf, 1),

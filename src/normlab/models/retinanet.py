@@ -52,7 +52,14 @@ from normlab.models.retinanet_parts import (
     resolve_weights,
     takes_batchnorm_weights,
 )
-from normlab.norm import NormLayer, NormSpec, get_norm_layer, norm_name, standardize_conv_weights
+from normlab.norm import (
+    NormLayer,
+    NormSpec,
+    get_norm_layer,
+    norm_name,
+    norm_traits,
+    standardize_conv_weights,
+)
 from normlab.ranges import (
     COUNT,
     FRACTION,
@@ -72,10 +79,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Norms whose statistics come from the batch: in a head shared by all FPN levels they mix the
-# statistics of five differently scaled feature maps (detectron2 keeps one norm per level).
-_BATCH_STAT_NORMS = {"bn", "syncbn", "cuda_bn", "brn", "ghost_bn", "evonorm_b0"}
 
 _RESNET_C5_CHANNELS = {18: 512, 34: 512, 50: 2048}
 
@@ -118,14 +121,19 @@ def _norm_layers(
     norm: NormSpec, head_norm: NormSpec | None, fpn_norm: NormSpec | None
 ) -> _NormLayers:
     """Resolve (and so validate) the three norm specs before anything is built."""
-    # "none" in a head means "no norm", so the convolutions keep their biases (v1 heads).
-    head_layer = None if head_norm is None or norm_name(head_norm) == "none" else head_norm
+    # A head norm that does not normalise (none) means no norm, so the convolutions keep their
+    # biases (v1 heads).
+    head_traits = norm_traits(head_norm)
+    normalises = head_traits is None or head_traits.normalises
+    head_layer = head_norm if head_norm is not None and normalises else None
     norms = _NormLayers(
         get_norm_layer(norm),
         None if head_layer is None else get_norm_layer(head_layer),
         None if fpn_norm is None else get_norm_layer(fpn_norm),
     )
-    if norm_name(head_norm) in _BATCH_STAT_NORMS:
+    # A norm with batch statistics in a head shared by all FPN levels mixes the statistics of five
+    # differently scaled feature maps (detectron2 keeps one norm per level).
+    if head_traits is not None and head_traits.batch_statistics:
         log.warning(
             "head_norm=%s: the head is shared by all FPN levels, so its batch statistics mix "
             "five feature scales; gn is the usual choice for heads",

@@ -1,6 +1,9 @@
-"""The norm registry used by every model: ``build_norm``, ``register_norm``, ``convert_norms``,
-the norm + activation fusion hook (``norm_and_activation``, ``fuse_norm_activations``), and what
-a module is as a norm (``is_norm``, ``norm_channels``, ``has_running_statistics``).
+"""The norm registry used by every model: ``build_norm``, ``register_norm`` with each norm's
+``NormTraits``, ``convert_norms``, the norm + activation fusion hook (``norm_and_activation``,
+``fuse_norm_activations``), and what a module is as a norm, read from those traits (``is_norm``,
+``norm_channels``, ``has_running_statistics``, ``norm_traits``).
+
+Importing it imports torch, torchvision and timm, never Lightning or OmegaConf.
 
 Models never import a norm class; they take a spec (a name, a mapping or a callable) and call
 ``get_norm_layer(spec)`` to get a factory ``num_features -> nn.Module``.
@@ -8,12 +11,10 @@ Models never import a norm class; they take a spec (a name, a mapping or a calla
 
 from timm.layers import LayerNorm2d
 
-from normlab.norm import builtin as _builtin  # noqa: F401  (registers the built-in norms)
 from normlab.norm import small_batch as _small_batch  # noqa: F401  (registers brn, ghost_bn, ...)
+from normlab.norm.builtin import NoNorm  # importing it registers the built-in norms
 from normlab.norm.convert import convert_norms
 from normlab.norm.fusion import activation_after, fuse_norm_activations, norm_and_activation
-from normlab.norm.inspect import has_running_statistics, is_norm, norm_channels
-from normlab.norm.layers import NoNorm
 from normlab.norm.registry import (
     NORMS,
     NormLayer,
@@ -21,6 +22,7 @@ from normlab.norm.registry import (
     build_norm,
     get_norm_layer,
     norm_name,
+    norm_traits,
     register_norm,
 )
 from normlab.norm.small_batch import (
@@ -32,7 +34,17 @@ from normlab.norm.small_batch import (
     RMSNorm2d,
 )
 from normlab.norm.standardize import bake_standardized_weights, standardize_conv_weights
-from normlab.norm.sync import SyncBatchNorm
+from normlab.norm.sync_batchnorm import SyncBatchNorm
+from normlab.norm.traits import (
+    NormTraits,
+    has_running_statistics,
+    is_norm,
+    is_norm_layer,
+    layer_traits,
+    norm_channels,
+    register_norm_class,
+    training_input_problem,
+)
 
 __all__ = [
     "NORMS",
@@ -45,6 +57,7 @@ __all__ = [
     "NoNorm",
     "NormLayer",
     "NormSpec",
+    "NormTraits",
     "RMSNorm2d",
     "SyncBatchNorm",
     "activation_after",
@@ -55,9 +68,14 @@ __all__ = [
     "get_norm_layer",
     "has_running_statistics",
     "is_norm",
+    "is_norm_layer",
+    "layer_traits",
     "norm_and_activation",
     "norm_channels",
     "norm_name",
+    "norm_traits",
     "register_norm",
+    "register_norm_class",
     "standardize_conv_weights",
+    "training_input_problem",
 ]

@@ -1,23 +1,72 @@
-"""The built-in norms. Their defaults (here, or in the class registered) equal those in
-``conf/norm/<name>.yaml``."""
+"""The built-in norms and their traits, and the traits of torch's and torchvision's norm classes
+that no name builds (so that ``convert_norms`` and folding read models built elsewhere). The
+defaults (here, or in the class registered) equal those in ``conf/norm/<name>.yaml``."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import torchvision.models.convnext
 from timm.layers import LayerNorm2d
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torchvision.ops import FrozenBatchNorm2d
 
-from normlab.norm.layers import NoNorm
 from normlab.norm.registry import DeferredClass, register_norm
-from normlab.norm.sync import SyncBatchNorm
+from normlab.norm.sync_batchnorm import SyncBatchNorm
+from normlab.norm.traits import NormTraits, register_norm_class
 from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ArgumentError, ValueRange
 
-register_norm("bn")(nn.BatchNorm2d)
+
+class NoNorm(nn.Identity):
+    """Identity that remembers its channel count, so `convert_norms` can turn it back into a norm."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)
+
+
+BATCH_NORM = NormTraits(
+    batch_statistics=True, running_statistics=True, why_not_folded=None, syncs=True
+)
+# torch's other BatchNorms; the 1-D and 3-D ones have no 2-D channel axis to convert at.
+register_norm_class(_BatchNorm, BATCH_NORM)
+register_norm_class(nn.SyncBatchNorm, BATCH_NORM)
+for _other_dims in (nn.BatchNorm1d, nn.BatchNorm3d):
+    register_norm_class(_other_dims, dataclasses.replace(BATCH_NORM, channels=None))
+
+
+def _per_sample(kind: str, channels: str | None) -> NormTraits:
+    return NormTraits(
+        channels=channels,
+        why_not_folded=f"{kind} normalises each sample with its own statistics, even at inference",
+    )
+
+
+# A plain LayerNorm or RMSNorm normalises the last axis (channels-last blocks, transformers).
+register_norm_class(nn.LayerNorm, _per_sample("LayerNorm", None))
+register_norm_class(nn.RMSNorm, _per_sample("RMSNorm", None))
+register_norm_class(
+    torchvision.models.convnext.LayerNorm2d, _per_sample("LayerNorm2d", "normalized_shape")
+)
+# InstanceNorm folds when it keeps running statistics (it uses them in eval mode).
+INSTANCE_NORM = NormTraits(running_statistics=True, why_not_folded=None)
+register_norm_class(_InstanceNorm, dataclasses.replace(INSTANCE_NORM, channels=None))
+
+register_norm("bn", traits=BATCH_NORM)(nn.BatchNorm2d)
 # Ours, not torch's: torch's refuses CPU tensors once a process group exists.
-register_norm("syncbn", ranges={"group_size": OPTIONAL_COUNT})(SyncBatchNorm)
+register_norm(
+    "syncbn",
+    ranges={"group_size": OPTIONAL_COUNT},
+    traits=dataclasses.replace(BATCH_NORM, syncs_itself=True),
+)(SyncBatchNorm)
 
 
-@register_norm("ln")
+@register_norm("ln", traits=_per_sample("LayerNorm2d", "normalized_shape"), builds=LayerNorm2d)
 def layer_norm(num_features: int, eps: float = 1e-6, affine: bool = True) -> nn.Module:
     """timm's LayerNorm2d (permute, F.layer_norm, permute back), so ConvNeXt weights load from
     timm as they are. On channels-last input its permutes are free views; normalising over dim 1
@@ -58,7 +107,12 @@ def resolve_num_groups(
     return max(g for g in range(1, min(max_groups, num_channels) + 1) if num_channels % g == 0)
 
 
-@register_norm("gn", ranges=GROUP_RANGES)
+@register_norm(
+    "gn",
+    ranges=GROUP_RANGES,
+    traits=_per_sample("GroupNorm", "num_channels"),
+    builds=nn.GroupNorm,
+)
 def group_norm(
     num_features: int,
     num_groups: int | None = None,
@@ -71,7 +125,7 @@ def group_norm(
     return nn.GroupNorm(groups, num_features, eps=eps, affine=affine)
 
 
-@register_norm("in")
+@register_norm("in", traits=INSTANCE_NORM, builds=nn.InstanceNorm2d)
 def instance_norm(
     num_features: int,
     eps: float = 1e-5,
@@ -82,9 +136,16 @@ def instance_norm(
     return nn.InstanceNorm2d(num_features, eps, momentum, affine, track_running_stats)
 
 
-# eps=0 is valid here: the statistics are fixed (torchvision's detection weights use it).
-register_norm("frozen_bn", ranges={"eps": NON_NEGATIVE})(FrozenBatchNorm2d)
-register_norm("none")(NoNorm)
-register_norm("cuda_bn", ranges={"group_size": OPTIONAL_COUNT, "negative_slope": ValueRange()})(
-    DeferredClass("normlab.ops.batchnorm.CudaBatchNorm")
-)
+# eps=0 is valid here: the statistics are fixed (torchvision's detection weights use it). Its
+# weight is a buffer of one value per channel.
+register_norm(
+    "frozen_bn",
+    ranges={"eps": NON_NEGATIVE},
+    traits=NormTraits(channels="weight", why_not_folded=None),
+)(FrozenBatchNorm2d)
+register_norm("none", traits=NormTraits(normalises=False))(NoNorm)
+register_norm(
+    "cuda_bn",
+    ranges={"group_size": OPTIONAL_COUNT, "negative_slope": ValueRange()},
+    traits=dataclasses.replace(BATCH_NORM, syncs_itself="sync"),
+)(DeferredClass("normlab.ops.batchnorm.CudaBatchNorm"))

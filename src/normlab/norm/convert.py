@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from normlab.errors import ConfigError
-from normlab.norm.inspect import fused_activation, norm_channels
 from normlab.norm.registry import NormSpec, get_norm_layer, norm_name
 from normlab.norm.standardize import standardize_conv_weights
+from normlab.norm.traits import fused_activation, layer_traits, norm_channels
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,10 @@ def _check_fused_activations_survive(model: nn.Module, norm_layer, spec: NormSpe
 
 def _includes_a_rectifier(norm: nn.Module) -> bool:
     """Whether ``norm`` applies its own activation (FRN's TLU, EvoNorm), which a model built with
-    it lets replace the ReLU after the norm."""
-    absorb = getattr(norm, "absorb_activation", None)
-    return absorb is not None and absorb(nn.ReLU())
+    it lets replace the ReLU after the norm. Asked of the traits first: a norm that only fuses an
+    activation it is handed (cuda_bn) would take the ReLU over if asked."""
+    traits = layer_traits(norm)
+    return traits is not None and traits.absorbs_activation and norm.absorb_activation(nn.ReLU())
 
 
 def _convert(module: nn.Module, norm_layer, kept_activations: list[nn.Module]) -> nn.Module:

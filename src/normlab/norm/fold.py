@@ -34,49 +34,28 @@ wiring depends on its input needs an example that takes every path.
 A cuda_bn that applies a fused activation is folded into the preceding convolution and replaced
 by that activation's module; other folded norms become ``nn.Identity()``.
 
-One file, though long: the tracer, the pair finder and the folding arithmetic answer one question
-("may this norm be merged, and into what?"), and each step's reasons end up in the same report.
+The tracer is :mod:`normlab.norm.fold_tracing`; the pair finder and the folding arithmetic are
+here, and each step's reasons end up in the same report.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from itertools import count
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-from torch.overrides import TorchFunctionMode
 
-from normlab.norm.inspect import fused_activation, is_norm, why_not_affine
+from normlab.norm.fold_tracing import Call, Trace, tensors_in, trace_model
 from normlab.norm.standardize import bake_standardized_weights
+from normlab.norm.traits import fused_activation, is_norm, why_not_affine
 
 log = logging.getLogger(__name__)
-
-# Torch functions that read a tensor's metadata, not its values.
-_METADATA = {
-    *(
-        getattr(torch.Tensor, name).__get__
-        for name in (
-            "shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse",
-            "is_quantized", "is_meta", "grad_fn", "is_leaf", "_version", "itemsize", "nbytes",
-        )
-    ),
-    *(
-        getattr(torch.Tensor, name)
-        for name in (
-            "size", "dim", "numel", "nelement", "ndimension", "stride", "is_contiguous",
-            "is_floating_point", "is_complex", "element_size", "__len__", "get_device",
-            "data_ptr", "storage_offset",
-        )
-    ),
-}  # fmt: skip
 
 _ACTIVATIONS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "silu", "gelu", "hardswish", "elu"}
 
@@ -94,118 +73,6 @@ def _why_not_conv(module: nn.Module) -> str | None:
     if type(module).forward not in _CONV_FORWARDS:
         return f"{type(module).__name__} has its own forward"
     return None
-
-
-# -- tracing ---------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Call:
-    """One call of a module: its positional/keyword inputs and its output."""
-
-    id: int
-    module: nn.Module
-    args: tuple
-    kwargs: dict
-    output: Any = None
-
-    @property
-    def single_input(self) -> Tensor | None:
-        if len(self.args) == 1 and not self.kwargs and isinstance(self.args[0], Tensor):
-            return self.args[0]
-        return None
-
-
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-
-
-def _op_name(func: Any) -> str:
-    name = getattr(func, "__name__", None) or repr(func)
-    owner = getattr(func, "__qualname__", "")
-    return f"Tensor.{name}" if owner.startswith(("TensorBase.", "Tensor.")) else name
-
-
-@dataclass
-class _Trace:
-    calls: dict[nn.Module, list[_Call]] = field(default_factory=lambda: defaultdict(list))
-    # id(tensor) → (tensor, the call that returned it) for outputs of convolutions and norms.
-    watched: dict[int, tuple[Tensor, _Call]] = field(default_factory=dict)
-    # id(tensor) → [(torch function, ids of the module calls active then)]
-    uses: dict[int, list[tuple[str, frozenset[int]]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    # id(tensor) → (weak reference, the torch function that produced it), for every tensor.
-    producers: dict[int, tuple[weakref.ref, str]] = field(default_factory=dict)
-    outputs: set[int] = field(default_factory=set)
-    output: Any = None
-
-    def producer(self, tensor: Tensor) -> str:
-        entry = self.producers.get(id(tensor))
-        return entry[1] if entry is not None and entry[0]() is tensor else "the model's input"
-
-
-class _Recorder(TorchFunctionMode):
-    def __init__(self, trace: _Trace, stack: list[int]) -> None:
-        super().__init__()
-        self.trace, self.stack = trace, stack
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in _METADATA:
-            active = frozenset(self.stack)
-            for tensor in _tensors((args, kwargs)):
-                if id(tensor) in self.trace.watched:
-                    self.trace.uses[id(tensor)].append((_op_name(func), active))
-        out = func(*args, **kwargs)
-        name = _op_name(func)
-        for tensor in _tensors(out):
-            known = self.trace.producers.get(id(tensor))
-            # An op returning its input unchanged (x.to(x.dtype)) keeps the producer; an
-            # in-place op (relu_) becomes it.
-            if known is None or known[0]() is not tensor or name.endswith("_"):
-                self.trace.producers[id(tensor)] = (weakref.ref(tensor), name)
-        return out
-
-
-@torch.no_grad()
-def _trace(model: nn.Module, example_inputs: Any) -> _Trace:
-    trace, stack, ids = _Trace(), [], count()
-    watch = {m for m in model.modules() if isinstance(m, _ConvNd) or is_norm(m)}
-
-    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call = _Call(next(ids), module, args, kwargs)
-        trace.calls[module].append(call)
-        stack.append(call.id)
-
-    def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        call_id = stack.pop()
-        call = next(c for c in reversed(trace.calls[module]) if c.id == call_id)
-        call.output = output
-        if module in watch and isinstance(output, Tensor):
-            trace.watched[id(output)] = (output, call)
-
-    handles = []
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
-    try:
-        with _Recorder(trace, stack):
-            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            output = model(*args)
-    finally:
-        for handle in handles:
-            handle.remove()
-    trace.output = output
-    trace.outputs = {id(t) for t in _tensors(output)}
-    return trace
 
 
 # -- finding pairs ---------------------------------------------------------------------------------
@@ -291,18 +158,18 @@ def _describe_uses(uses: list[str]) -> str:
 
 
 class _Finder:
-    def __init__(self, model: nn.Module, trace: _Trace) -> None:
+    def __init__(self, model: nn.Module, trace: Trace) -> None:
         self.trace = trace
         self.names = {m: n for n, m in model.named_modules()}
         # id(tensor) → the convolution calls that take it as their only input.
-        self.conv_calls_taking: dict[int, list[_Call]] = defaultdict(list)
+        self.conv_calls_taking: dict[int, list[Call]] = defaultdict(list)
         for module, calls in trace.calls.items():
             if isinstance(module, _ConvNd):
                 for call in calls:
                     if call.single_input is not None:
                         self.conv_calls_taking[id(call.single_input)].append(call)
 
-    def _uses(self, tensor: Tensor, outside: _Call | None = None) -> list[str]:
+    def _uses(self, tensor: Tensor, outside: Call | None = None) -> list[str]:
         """Data uses of ``tensor`` (those outside the call ``outside``), including being returned
         by the model."""
         uses = [
@@ -317,7 +184,7 @@ class _Finder:
     def preceding(self, norm: nn.Module) -> tuple[nn.Module | None, str]:
         """The convolution ``norm`` folds into as conv → norm, or None and why not."""
         convs = set()
-        norm_call_of: dict[int, _Call] = {}  # conv call id → the norm call taking its output
+        norm_call_of: dict[int, Call] = {}  # conv call id → the norm call taking its output
         for call in self.trace.calls[norm]:
             x = call.single_input
             if x is None:
@@ -451,7 +318,7 @@ def fold_norms(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRe
     )
     # At inference a standardised weight is a constant: fold into it as into any other weight.
     report.standardized_weights_baked = bake_standardized_weights(folded)
-    trace = _trace(folded, example_inputs)
+    trace = trace_model(folded, example_inputs)
     finder = _Finder(folded, trace)
     plans: list[tuple[str, nn.Module, nn.Module, str]] = []
     for name, norm in folded.named_modules():
@@ -537,7 +404,7 @@ def _check_outputs(expected: Any, got: Any, report: FoldReport) -> None:
 
 
 def _flat_outputs(output: Any) -> list[Tensor]:
-    return [t.detach().float() for t in _tensors(output)]
+    return [t.detach().float() for t in tensors_in(output)]
 
 
 def max_difference(reference: Any, other: Any) -> float:

@@ -12,23 +12,20 @@ backward pass (``normlab.ops.norm_functions``) that saves only the input and its
 Statistics are float32 under bf16 autocast; every forward compiles as one graph.
 
 ``BatchRenorm2d`` and ``GhostBatchNorm2d`` are ``nn.BatchNorm2d`` subclasses: same buffers and
-state dict, BN's eval-mode forward (so they fold into convolutions), only training differs. They
+state dict, BN's eval-mode forward (so they fold into convolutions), only training differs; their
+statistics stay per process under ``trainer.sync_batchnorm`` (their traits do not sync). They
 and EvoNorm-B0 keep their running statistics with ``normlab.ops.bn_stats``, as every BatchNorm
 here does (same step count, Bessel correction and running-average update).
-
-A norm here may declare ``why_not_folded``: None if its eval-mode forward is BN's affine map of
-its running statistics, else the reason ``normlab.norm.fold.fold_norms`` reports for leaving it.
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from normlab.norm.builtin import GROUP_RANGES, resolve_num_groups
 from normlab.norm.registry import register_norm
+from normlab.norm.traits import NormTraits
 from normlab.ops.bn_stats import (
     count_training_step,
     step_momentum,
@@ -59,19 +56,7 @@ def _per_channel(tensor: Tensor, ndim: int) -> Tensor:
     return tensor.view(1, -1, *([1] * (ndim - 2)))
 
 
-class _PerProcessStatistics:
-    """For ``nn.BatchNorm2d`` subclasses whose training is not BN's: ``trainer.sync_batchnorm``
-    (``normlab.norm.layer_sync.NormSync``) would turn them into a synchronised plain BN. These
-    hooks keep them as they are, with each process's own batch statistics."""
-
-    def to_synchronised(self, group_size: int | None = None) -> nn.Module:
-        return self
-
-    def to_unsynchronised(self) -> nn.Module:
-        return self
-
-
-class BatchRenorm2d(_PerProcessStatistics, nn.BatchNorm2d):
+class BatchRenorm2d(nn.BatchNorm2d):
     """Batch Renormalization (Ioffe, 2017).
 
     Training: ``x̂ = (x − μ_B)/σ_B · r + d`` with ``r = clip(σ_B/σ, 1/r_max, r_max)`` and
@@ -86,8 +71,6 @@ class BatchRenorm2d(_PerProcessStatistics, nn.BatchNorm2d):
     ``warmup_steps``). So the first ``warmup_steps`` steps are plain BN (r = 1, d = 0), and the
     limits reach their final values ``ramp_steps`` steps later.
     """
-
-    why_not_folded: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -150,7 +133,7 @@ class BatchRenorm2d(_PerProcessStatistics, nn.BatchNorm2d):
         )
 
 
-class GhostBatchNorm2d(_PerProcessStatistics, nn.BatchNorm2d):
+class GhostBatchNorm2d(nn.BatchNorm2d):
     """Ghost Batch Normalization (Hoffer et al., 2017).
 
     Training: the batch is split into consecutive chunks of ``virtual_batch_size`` samples (the
@@ -162,8 +145,6 @@ class GhostBatchNorm2d(_PerProcessStatistics, nn.BatchNorm2d):
     ``n_k`` values per channel in chunk k), the unbiased estimate of the variance each chunk is
     normalised with. With one chunk (``virtual_batch_size`` ≥ batch) this is exactly BN. Eval: BN's.
     """
-
-    why_not_folded: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -216,10 +197,6 @@ class FilterResponseNorm2d(nn.Module):
     takes over a following ReLU / LeakyReLU (:meth:`absorb_activation`) instead of stacking one.
     """
 
-    why_not_folded: ClassVar[str | None] = (
-        "FRN normalises each sample with its own statistics (and TLU is a max), even at inference"
-    )
-
     def __init__(
         self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False, tlu: bool = True
     ) -> None:
@@ -254,10 +231,6 @@ class EvoNormB0(nn.Module):
     running average, kept as BN keeps ``running_var``: same momentum, unbiased), ``var_HW`` the
     biased variance over the spatial axes per sample and channel. It is a norm and an activation
     in one and takes over the ReLU / LeakyReLU / SiLU a model puts after it."""
-
-    why_not_folded: ClassVar[str | None] = (
-        "EvoNorm-B0 divides by a per-sample max of two statistics, not an affine map at inference"
-    )
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__()
@@ -296,10 +269,6 @@ class EvoNormS0(nn.Module):
     dependence. A norm and an activation in one: takes over the ReLU / LeakyReLU / SiLU a model
     puts after it."""
 
-    why_not_folded: ClassVar[str | None] = (
-        "EvoNorm-S0 normalises each sample with its own group statistics, even at inference"
-    )
-
     def __init__(
         self,
         num_features: int,
@@ -332,10 +301,6 @@ class RMSNorm2d(nn.RMSNorm):
     ``y = x / sqrt(mean_C(x²) + eps) · γ``. The channels-first counterpart of ``nn.RMSNorm`` as
     ``LayerNorm2d`` is of ``nn.LayerNorm``; same parameter name (``weight``)."""
 
-    why_not_folded: ClassVar[str | None] = (
-        "RMSNorm normalises each position with its own statistics, even at inference"
-    )
-
     def __init__(self, num_features: int, eps: float = 1e-6, affine: bool = True) -> None:
         super().__init__(num_features, eps=eps, elementwise_affine=affine)
 
@@ -346,14 +311,51 @@ class RMSNorm2d(nn.RMSNorm):
 # -- registry entries: the classes (their defaults equal conf/norm/<name>.yaml) -------------------
 
 _STEPS = ValueRange(low=0, integer=True)
+# BN's statistics and eval-mode forward, so they fold; training is not BN's, so syncing them as BN
+# would change what they compute: they stay per process.
+_BN_IN_EVAL = NormTraits(batch_statistics=True, running_statistics=True, why_not_folded=None)
 register_norm(
     "brn",
     ranges={"r_max": ValueRange(low=1), "d_max": NON_NEGATIVE, "warmup_steps": _STEPS,
             "ramp_steps": _STEPS},
+    traits=_BN_IN_EVAL,
 )(BatchRenorm2d)  # fmt: skip
-register_norm("ghost_bn", ranges={"virtual_batch_size": COUNT})(GhostBatchNorm2d)
+register_norm("ghost_bn", ranges={"virtual_batch_size": COUNT}, traits=_BN_IN_EVAL)(
+    GhostBatchNorm2d
+)
 # FRN takes |eps|, so any eps is allowed but a NaN; 0 only with a learned epsilon on top.
-register_norm("frn", ranges={"eps": ValueRange()})(FilterResponseNorm2d)
-register_norm("evonorm_b0")(EvoNormB0)
-register_norm("evonorm_s0", ranges=GROUP_RANGES)(EvoNormS0)
-register_norm("rms")(RMSNorm2d)
+register_norm(
+    "frn",
+    ranges={"eps": ValueRange()},
+    traits=NormTraits(
+        why_not_folded="FRN normalises each sample with its own statistics (and TLU is a max), "
+        "even at inference",
+        absorbs_activation=True,
+    ),
+)(FilterResponseNorm2d)
+register_norm(
+    "evonorm_b0",
+    traits=NormTraits(
+        batch_statistics=True,
+        why_not_folded="EvoNorm-B0 divides by a per-sample max of two statistics, not an affine "
+        "map at inference",
+        absorbs_activation=True,
+    ),
+)(EvoNormB0)
+register_norm(
+    "evonorm_s0",
+    ranges=GROUP_RANGES,
+    traits=NormTraits(
+        why_not_folded="EvoNorm-S0 normalises each sample with its own group statistics, even "
+        "at inference",
+        absorbs_activation=True,
+    ),
+)(EvoNormS0)
+register_norm(
+    "rms",
+    traits=NormTraits(
+        channels="normalized_shape",
+        why_not_folded="RMSNorm normalises each position with its own statistics, even at "
+        "inference",
+    ),
+)(RMSNorm2d)

@@ -6,7 +6,8 @@ that spec computes with its weight standardised per output channel,
 input channels and kernel), through ``torch.nn.utils.parametrize``. The stored parameter stays
 the raw ``W`` (state dict key ``<conv>.parametrizations.weight.original``).
 
-How a convolution is found to feed a norm: the spec's factory marks every norm it builds, and
+How a convolution is found to feed a norm: the spec's factory marks every norm it builds (with
+:data:`MARK`), and
 :func:`standardize_conv_weights` (which each model calls at the end of its constructor, and
 ``convert_norms`` calls after converting) takes the child registered right before each marked
 norm in the same parent if it is a convolution. That is the conv → norm pattern of every
@@ -20,7 +21,6 @@ parametrization by the weight it computes (``fold_norms`` does this on its copy 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -33,7 +33,8 @@ from normlab.errors import ConfigError
 SPEC_KEY = "weight_standardization"
 # Small next to the variance of any initialised conv weight (≥ ~1e-5 for fan-in ≤ 10^5).
 EPS = 1e-6
-_MARK = "_normlab_standardizes_input_conv"
+# Set on each norm built from a spec with the switch on (normlab.norm.registry).
+MARK = "_normlab_standardizes_input_conv"
 
 
 class StandardizedWeight(nn.Module):
@@ -64,24 +65,6 @@ class StandardizedWeight(nn.Module):
         return f"eps={self.eps}"
 
 
-def check_switch(value: object) -> bool:
-    """The value of ``norm.weight_standardization``, which must be a boolean."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"norm.{SPEC_KEY} must be true or false, got {value!r}")
-    return value
-
-
-def marking(norm_layer: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-    """Wrap a norm factory so that the convolution before each norm it builds is standardised."""
-
-    def build(num_features: int) -> nn.Module:
-        module = norm_layer(num_features)
-        setattr(module, _MARK, True)
-        return module
-
-    return build
-
-
 def is_standardized(conv: nn.Module) -> bool:
     return parametrize.is_parametrized(conv, "weight") and any(
         isinstance(p, StandardizedWeight) for p in conv.parametrizations["weight"]
@@ -97,7 +80,7 @@ def standardize_conv_weights(model: nn.Module) -> list[str]:
     for parent in model.modules():
         children = list(parent._modules.values())
         for before, norm in pairwise(children):
-            if not getattr(norm, _MARK, False) or not isinstance(before, _ConvNd):
+            if not getattr(norm, MARK, False) or not isinstance(before, _ConvNd):
                 continue
             if is_standardized(before):
                 continue

@@ -1,9 +1,11 @@
 """What every task module offers the callbacks and entry points that drive it.
 
 A task is a LightningModule built from Hydra configs. Besides Lightning's hooks, the code above
-the tasks layer relies on four things, declared here so that it can call them instead of
+the tasks layer relies on five things, declared here so that it can call them instead of
 probing for them:
 
+- :attr:`Task.batch_format`: what the batches it takes hold, matched against the data module's
+  own ``batch_format`` before a checkpoint is evaluated or exported (``normlab.runs``);
 - :meth:`Task.logged_metrics`: the metric names the task logs, checked against
   ``monitor.metric`` and ``optimized_metric`` before a run starts (``normlab.validation``);
 - :meth:`Task.check_run`: refuse Trainer options or data the task cannot work with
@@ -34,6 +36,9 @@ class Task(pl.LightningModule, ABC):
     its value), so ``load_from_checkpoint(path)`` rebuilds the module from the checkpoint alone.
     """
 
+    # What the batches this task takes hold, in the words data modules declare theirs with
+    # (their batch_format): a checkpoint is evaluated only on data of that kind.
+    batch_format: str = ""
     # Names of the optimizers in the order configure_optimizers returns them, for callbacks that
     # log one curve per optimizer; empty: number them.
     optimizer_names: tuple[str, ...] = ()
@@ -65,8 +70,10 @@ class Task(pl.LightningModule, ABC):
 
     def check_run(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule | None) -> None:
         """Raise :class:`~normlab.errors.ConfigError`, naming the config key, for Trainer options
-        or data the task cannot work with; called once both are built, before fitting. By
-        default there is nothing to check."""
+        or data the task cannot work with; called once both are built, before fitting. A task
+        that knows its input's size from the data also sets ``example_input_array`` (one sample)
+        here, so that the model summary reports FLOPs and sizes. By default there is nothing to
+        check."""
 
     @abstractmethod
     def forward_for_norm_statistics(self, batch: Any) -> None:

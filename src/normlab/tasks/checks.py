@@ -14,9 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from normlab.errors import ConfigError
-from normlab.norm.inspect import norm_channels
-from normlab.norm.layers import NoNorm
-from normlab.norm.sync import SyncBatchNorm
+from normlab.norm import is_norm, norm_channels, training_input_problem
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +38,6 @@ class _NormInputProblem(Exception):
     """Raised from a forward pre-hook to stop the probe at the first norm that cannot work."""
 
 
-def _norm_problem(module: nn.Module, shape: tuple[int, ...]) -> str | None:
-    """Why ``module`` cannot normalise an input of ``shape`` in training (torch's own checks,
-    stated for the user), or None if it can."""
-    if len(shape) != 4:
-        return (
-            f"it is a 2-D norm, which needs N×C×H×W input, but gets a {len(shape)}-D tensor "
-            "(no H, W axes, as after pooling and flattening)"
-        )
-    batch, channels, height, width = shape
-    pixels = height * width
-    if isinstance(module, nn.InstanceNorm2d) and pixels == 1:
-        return "instance norm takes each channel's statistics over one image's H×W pixels, here 1"
-    if isinstance(module, nn.GroupNorm) and channels // module.num_groups * pixels == 1:
-        return "each of its groups holds a single value per image (1 channel × 1 pixel)"
-    batch_statistics = isinstance(module, nn.modules.batchnorm._BatchNorm) and not (
-        isinstance(module, SyncBatchNorm) or getattr(module, "sync", False)
-    )
-    if batch_statistics and batch * pixels == 1:
-        return "its batch statistics would be a single value per channel (1 image × 1 pixel)"
-    return None
-
-
 def _norm_input_problem(network: nn.Module, input_shape: Sequence[int]) -> str | None:
     """Run ``network`` on the meta device with a hook on every 2-D norm layer: the first layer
     that cannot train on what it gets from an input of ``input_shape``, as one sentence, or
@@ -70,13 +46,13 @@ def _norm_input_problem(network: nn.Module, input_shape: Sequence[int]) -> str |
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], torch.Tensor):
             shape = tuple(args[0].shape)
-            if (reason := _norm_problem(module, shape)) is not None:
+            if (reason := training_input_problem(module, shape)) is not None:
                 raise _NormInputProblem(names[module], type(module).__name__, shape, reason)
 
     names = {
         module: name
         for name, module in network.named_modules()
-        if norm_channels(module) is not None and not isinstance(module, NoNorm)  # takes anything
+        if is_norm(module) and norm_channels(module) is not None
     }
     hooks = [module.register_forward_pre_hook(pre_hook) for module in names]
     meta_state = {

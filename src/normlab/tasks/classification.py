@@ -34,6 +34,8 @@ class ClassificationModule(Task):
     ``ClassificationModule.load_from_checkpoint(path)`` rebuilds everything on its own.
     """
 
+    batch_format = "labelled images"
+
     def __init__(
         self,
         model: Mapping[str, Any],
@@ -89,6 +91,8 @@ class ClassificationModule(Task):
         image_size = getattr(datamodule, "image_size", None)
         in_channels = getattr(datamodule, "in_channels", None)
         batch_size = getattr(datamodule, "batch_size", None)
+        if image_size and in_channels:
+            self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
         if image_size and in_channels and batch_size:
             check_norm_inputs(
                 self.model,

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
@@ -100,6 +101,8 @@ class DetectionModule(Task):
     at least ``display_score_thresh`` and the ground truth.
     """
 
+    batch_format = "images with boxes"
+
     def __init__(
         self,
         model: Mapping[str, Any],
@@ -136,6 +139,9 @@ class DetectionModule(Task):
         categories, or a norm that cannot train on the smallest FPN maps of these images."""
         check_num_classes(self.hparams.num_classes, datamodule, what="categories")
         side, batch_size = self._probe_side(datamodule), getattr(datamodule, "batch_size", None)
+        if side:
+            # forward takes one list of images.
+            self.example_input_array = ([torch.zeros(3, side, side)],)
         if side and batch_size:
             check_norm_inputs(
                 DenseRetinaNet(self.model),

@@ -37,9 +37,10 @@ def parameter_groups(
     for parameter in model.parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    # Named: LearningRateMonitor's curves are lr-<optimizer>/decay and /no_decay, not /pg1, /pg2.
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 

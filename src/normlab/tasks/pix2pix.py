@@ -84,6 +84,7 @@ class Pix2PixModule(Task):
     """
 
     # In the order configure_optimizers returns them (callbacks name curves after these).
+    batch_format = "image pairs"
     optimizer_names = ("generator", "discriminator")
 
     def __init__(
@@ -179,6 +180,8 @@ class Pix2PixModule(Task):
         inputs, outputs = generator["in_channels"], generator["out_channels"]
         where = f"data image size {image_size}, data.batch_size={batch_size}"
         size = tuple(image_size) if isinstance(image_size, Sequence) else (image_size, image_size)
+        # The summary's FLOPs are the generator's (forward), the network that inference runs.
+        self.example_input_array = torch.zeros(1, inputs, *size)
         for network, channels in ((self.generator, inputs), (self.discriminator, inputs + outputs)):
             shape = (batch_size, channels, *size)
             check_norm_inputs(network, shape, where=where, datamodule=datamodule)

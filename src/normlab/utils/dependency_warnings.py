@@ -4,19 +4,34 @@ come from."""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
+# Lightning's INFO lines that say nothing a normlab user needs: its cloud advertisements, that our
+# configured RichModelSummary replaces its default, the accelerators it looked for (the trainer
+# config names the one used; a GPU left unused is a warning, which stays), and that it reads the
+# loader's length for the schedule.
+_UNINFORMATIVE = (
+    "💡 Tip",
+    "Trainer already configured with model summary callbacks",
+    "GPU available: ",
+    "TPU available: ",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
 
-def _not_an_advertisement(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("💡 Tip")
+
+def _informative(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_UNINFORMATIVE)
 
 
 def quiet_dependency_warnings() -> None:
     """Silence notices from dependencies that users cannot act on or did not ask for."""
-    # Lightning advertises its cloud services (litlogger, litmodels) at the start of every fit,
-    # through the logger that lightning.pytorch (or, alone, lightning.fabric) sets up.
+    # wandb's banners (version, where the offline run is, how to sync it: README.md says how) on
+    # every run; WANDB_SILENT=false in the environment brings them back.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # Through the logger that lightning.pytorch (or, alone, lightning.fabric) sets up.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_not_an_advertisement)
+        logging.getLogger(name).addFilter(_informative)
     # Lightning's hint to prepend `srun`, given on any machine with Slurm's client tools: a run
     # started without srun here is meant to run in this process (hydra/launcher=slurm starts
     # Slurm jobs itself, and Lightning finds their tasks without the hint).

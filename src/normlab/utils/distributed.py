@@ -1,19 +1,17 @@
-"""Multi-process training glue: which rank we are, one config for all ranks, the process groups
-synchronised norms share statistics in, and a global batch size split over processes."""
+"""Multi-process training glue for the entry points: which rank we are, one config for all ranks,
+and a global batch size split over processes (the process groups of synchronised norms are the
+norm layer's own: ``normlab.ops.sync_collectives``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
-from normlab.ranges import ArgumentError
 
 # Set by rank 0 before Lightning launches the other processes (they inherit the environment), so
 # every rank runs with rank 0's resolved config: interpolations such as timestamps resolve once.
@@ -34,38 +32,6 @@ def inherited_run_config() -> DictConfig | None:
     if is_rank_zero() or not path:
         return None
     return OmegaConf.load(path)
-
-
-# (world size, group size) → this rank's process group; every rank creates every group once, in
-# the same order, as torch.distributed requires.
-_GROUPS: dict[tuple[int, int], Any] = {}
-
-
-def process_group_for(group_size: int | None) -> Any:
-    """The process group synchronising this rank: all ranks (``None``), or consecutive blocks
-    of ``group_size`` ranks (apex's ``bn_group``); ``None`` when not running distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    world = dist.get_world_size()
-    if group_size is None or group_size >= world:
-        return dist.group.WORLD
-    if world % group_size:
-        raise ArgumentError(
-            "group_size",
-            group_size,
-            f"{{key}}={group_size} does not divide the {world} processes of this run",
-        )
-    key = (world, group_size)
-    if key not in _GROUPS:
-        _GROUPS[key], _ = dist.new_subgroups(group_size)
-    return _GROUPS[key]
-
-
-def sync_group(process_group: Any, group_size: int | None) -> Any:
-    """The group a synchronised norm shares batch statistics with: ``process_group`` if given,
-    else that of :func:`process_group_for`; ``None`` when this process has no one to share with."""
-    group = process_group or process_group_for(group_size)
-    return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
 def world_size(trainer_cfg: DictConfig) -> int:

@@ -33,6 +33,19 @@ def in_multirun() -> bool:
     return _hydra_job()[0]
 
 
+def sweeper_reads_metric() -> bool:
+    """Whether this multirun job's sweeper chooses by the value the job returns (Optuna and other
+    optimizers): a grid (Hydra's basic sweeper and its subclasses) only runs the jobs."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_class
+
+    if not in_multirun():
+        return False
+    target = OmegaConf.select(HydraConfig.get(), "sweeper._target_", default=None)
+    return not (target and issubclass(get_class(target), BasicSweeper))
+
+
 def run_group(experiment: str) -> str:
     """The wandb group: the experiment, or ``<experiment>-<sweep dir name>`` for a multirun job,
     so each sweep's runs sit together and apart from other sweeps of the same experiment."""
@@ -57,6 +70,34 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+def eval_dir_name(ckpt_path: str | None, data: str | None) -> str:
+    """``<run dir name>-<checkpoint name>/<data>`` for ``normlab.eval``'s run dir: one folder per
+    checkpoint and data evaluated (``data=training`` for the data the checkpoint was trained on).
+    A checkpoint outside a run's ``checkpoints/`` folder is named by its file alone."""
+    path = Path(str(ckpt_path or "no_checkpoint"))
+    name = path.stem
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        name = f"{path.parent.parent.name}-{name}"
+    return f"{name}/data={data or 'training'}"
+
+
+# Folders of conf/ that hold parts of other configs (included with `@_here_`), not options to
+# choose on the command line.
+_CONFIG_PARTS = {"model/retinanet"}
+
+
+def config_groups_help() -> str:
+    """``group: option, ...`` for every config group a user chooses from (``--help``): Hydra's
+    own listing, without Hydra's groups and the folders of config parts."""
+    lines = []
+    for group_dir in sorted(path for path in CONFIG_DIR.rglob("*") if path.is_dir()):
+        group = group_dir.relative_to(CONFIG_DIR).as_posix()
+        options = sorted(path.stem for path in group_dir.glob("*.yaml"))
+        if options and group.split("/")[0] != "hydra" and group not in _CONFIG_PARTS:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register_resolvers() -> None:
     """Resolvers used by conf/: registered once, before Hydra composes anything."""
     if not OmegaConf.has_resolver("wandb_offline"):
@@ -64,6 +105,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online"
         )
-    for name, resolver in (("run_group", run_group), ("run_name", run_name)):
+    for name, resolver in (
+        ("run_group", run_group),
+        ("run_name", run_name),
+        ("eval_dir_name", eval_dir_name),
+        ("config_groups_help", config_groups_help),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -2,12 +2,14 @@
 
 A value reaches a run's config through ``${oc.env:...}`` interpolations or a command-line
 override; from there it would be copied into config_resolved.yaml, every checkpoint, Hydra's
-``.hydra/`` files and the wandb config. Every environment variable whose name looks secret has its
-value masked in all of those.
+``.hydra/`` files and the wandb config, and into error messages that quote a config value (the
+log, a sweep job's outcome). Every environment variable whose name looks secret has its value
+masked in all of those.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -66,3 +68,26 @@ def mask_secrets_in_files(directory: Path, secrets: list[str] | None = None) -> 
         masked = mask_secrets(text, secrets)
         if masked != text:
             path.write_text(masked)
+
+
+class SecretMaskingFilter(logging.Filter):
+    """Masks secrets in a log record, its message and its traceback, before a handler writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = secret_values()
+        if not secrets:
+            return True
+        record.msg, record.args = mask_secrets(record.getMessage(), secrets), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_secrets(record.exc_text, secrets)
+        return True
+
+
+def mask_secrets_in_logs() -> None:
+    """Mask secrets in everything the root logger's handlers (Hydra's ``<job>.log`` and console)
+    write from now on."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, SecretMaskingFilter) for f in handler.filters):
+            handler.addFilter(SecretMaskingFilter())

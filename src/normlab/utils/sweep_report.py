@@ -21,6 +21,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from normlab.utils.secrets import mask_secrets
+
 log = logging.getLogger(__name__)
 
 OUTCOME_FILE = "job_outcome.json"
@@ -48,15 +50,20 @@ class SweepReport(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         failed = job_return.status != JobStatus.COMPLETED
+        metric = config.get("optimized_metric")
+        # A completed grid job that ended before its first validation returns no value.
+        lacks_metric = bool(metric) and not failed and job_return.return_value is None
         outcome = {
             "sweep_id": self.sweep_id,
             "job": int(config.hydra.job.num),
             "overrides": list(config.hydra.overrides.task),
             "status": "failed" if failed else "completed",
             "error": _failure_line(job_return) if failed else None,
+            "missing_metric": metric if lacks_metric else None,
         }
         job_dir = Path(config.hydra.runtime.output_dir)
-        (job_dir / OUTCOME_FILE).write_text(json.dumps(outcome, indent=1) + "\n")
+        # The error may quote a value read from a secret; an override may be one.
+        (job_dir / OUTCOME_FILE).write_text(json.dumps(mask_secrets(outcome), indent=1) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -65,6 +72,7 @@ class SweepReport(Callback):
             key=lambda outcome: outcome["job"],
         )
         failed = [outcome for outcome in outcomes if outcome["status"] == "failed"]
+        _report_missing_metrics(outcomes)
         if not failed:
             log.info("sweep finished: %d of %d jobs completed", len(outcomes), len(outcomes))
             return
@@ -81,6 +89,22 @@ class SweepReport(Callback):
             lines.append(f"normlab:   job {outcome['job']} ({own}): {outcome['error']}")
         print("\n".join(lines), file=sys.stderr)
         sys.exit(1)
+
+
+def _report_missing_metrics(outcomes: list[dict[str, Any]]) -> None:
+    """One warning per metric that completed jobs did not log (``optimized_metric``, which a grid
+    does not need), naming the jobs."""
+    missing: dict[str, list[str]] = {}
+    for outcome in outcomes:
+        if outcome.get("missing_metric"):
+            missing.setdefault(outcome["missing_metric"], []).append(str(outcome["job"]))
+    for metric, jobs in missing.items():
+        log.warning(
+            "sweep: job%s %s did not log %s (a job that ends before its first validation has none)",
+            "s" if len(jobs) > 1 else "",
+            ", ".join(jobs),
+            metric,
+        )
 
 
 def _read_outcomes(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,10 +179,15 @@ def _ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
 
 
 def compile_all(
-    configs: Iterable[LayerConfig], archs: Iterable[int] = TARGETS
+    configs: Iterable[LayerConfig],
+    archs: Iterable[int] = TARGETS,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[Compiled, Launch]]:
     """Every distinct kernel specialisation the layers in ``configs`` launch, compiled for each
-    target under that target's plan (first occurrence only)."""
+    target under that target's plan (first occurrence only). ``on_layer(done, total)`` is called
+    after each (layer configuration, target): the full matrix compiles for about an hour."""
+    configs, archs = list(configs), list(archs)
+    done, total = 0, len(configs) * len(archs)
     for arch in archs:
         compiler = Compiler(arch)
         for config in configs:
@@ -192,6 +197,9 @@ def compile_all(
                 compiled, new = compiler.compile(launch, config.describe())
                 if new:
                     yield compiled, launch
+            done += 1
+            if on_layer is not None:
+                on_layer(done, total)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,9 @@ from normlab.ops.batchnorm import ops
 from normlab.ops.batchnorm.kernels import ACTIVATIONS, INTERPRETED
 from normlab.ops.batchnorm.reference import activate, batch_norm_reference
 from normlab.ops.bn_stats import step_momentum
-from normlab.ops.sync_bn import sync_batch_norm as torch_sync_batch_norm
+from normlab.ops.sync_collectives import sync_batch_norm as torch_sync_batch_norm
+from normlab.ops.sync_collectives import sync_group
 from normlab.ranges import ArgumentError
-from normlab.utils.distributed import sync_group
 
 BACKENDS = ("auto", "triton", "reference")
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from torch import nn
 
-from normlab.norm.sync import SyncBatchNorm
+from normlab.norm.sync_batchnorm import SyncBatchNorm
+from normlab.norm.traits import layer_traits
 
 
 class NormSync(LayerSync):
-    """``trainer.sync_batchnorm=true``: every BatchNorm-like layer becomes our
-    :class:`~normlab.norm.SyncBatchNorm` (CPU and CUDA), never torch's CPU-refusing class.
+    """``trainer.sync_batchnorm=true``: every norm whose traits say it ``syncs`` and that does not
+    sync by itself becomes our :class:`~normlab.norm.SyncBatchNorm` (CPU and CUDA), never torch's
+    CPU-refusing class; every other norm is left alone.
 
     A norm class can provide its own synchronised form with a ``to_synchronised(group_size)``
     method and undo it with ``to_unsynchronised()`` (cuda_bn turns its sync mode on, so it is
-    never replaced by another class); FrozenBatchNorm2d has no batch statistics
-    and is left alone. :meth:`revert` restores the original classes.
+    never replaced by another class). :meth:`revert` restores the original classes.
     """
 
     def __init__(self, group_size: int | None = None) -> None:
@@ -25,9 +26,8 @@ class NormSync(LayerSync):
     def _convert(self, module: nn.Module) -> nn.Module:
         if hasattr(module, "to_synchronised"):
             return module.to_synchronised(self.group_size)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
-            module, SyncBatchNorm
-        ):
+        traits = layer_traits(module)
+        if traits is not None and traits.syncs and traits.syncs_itself is not True:
             sync = SyncBatchNorm.from_batchnorm(module, group_size=self.group_size)
             sync.original_class = type(module)
             return sync

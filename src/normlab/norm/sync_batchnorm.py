@@ -4,7 +4,7 @@ torch's ``nn.SyncBatchNorm`` refuses CPU tensors whenever a process group exists
 cannot run multi-process code that uses it. :class:`SyncBatchNorm` has BatchNorm's parameters and
 buffers (state dicts move between ``bn`` and ``syncbn`` both ways); in training with more than one
 process in its group it normalises over the union of their batches
-(:func:`normlab.ops.sync_bn.sync_batch_norm` says how), with ``momentum=None`` as a cumulative
+(:func:`normlab.ops.sync_collectives.sync_batch_norm` says how), with ``momentum=None`` as a cumulative
 average of the running statistics. In eval mode, without a process group, or with a group of one,
 it is exactly BatchNorm.
 """
@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from normlab.ops.bn_stats import step_momentum
-from normlab.ops.sync_bn import sync_batch_norm
+from normlab.ops.sync_collectives import sync_batch_norm, sync_group
 from normlab.ranges import ArgumentError
-from normlab.utils.distributed import sync_group
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):

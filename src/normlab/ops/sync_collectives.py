@@ -1,5 +1,7 @@
-"""Synchronised training-mode BatchNorm in plain PyTorch, on every backend (gloo on CPU, NCCL on
-CUDA): syncbn runs it, and so does cuda_bn with ``sync`` on when its Triton kernels are not used.
+"""The collectives of synchronised BatchNorm, in plain PyTorch on every backend (gloo on CPU, NCCL
+on CUDA): the process groups a synchronised norm shares statistics in, and training-mode BN over
+their union. syncbn runs it, and so does cuda_bn with ``sync`` on when its Triton kernels are not
+used.
 
 - forward: each process computes its per-channel count, mean and sum of squared deviations (M2);
   one all-gather shares them and every process merges them exactly (Chan et al.'s parallel
@@ -23,6 +25,39 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from normlab.ops.bn_stats import require_two_values, update_running_stats
+from normlab.ranges import ArgumentError
+
+# (world size, group size) → this rank's process group; every rank creates every group once, in
+# the same order, as torch.distributed requires.
+_GROUPS: dict[tuple[int, int], Any] = {}
+
+
+def process_group_for(group_size: int | None) -> Any:
+    """The process group synchronising this rank: all ranks (``None``), or consecutive blocks
+    of ``group_size`` ranks (apex's ``bn_group``); ``None`` when not running distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    if group_size is None or group_size >= world:
+        return dist.group.WORLD
+    if world % group_size:
+        raise ArgumentError(
+            "group_size",
+            group_size,
+            f"{{key}}={group_size} does not divide the {world} processes of this run",
+        )
+    key = (world, group_size)
+    if key not in _GROUPS:
+        _GROUPS[key], _ = dist.new_subgroups(group_size)
+    return _GROUPS[key]
+
+
+def sync_group(process_group: Any = None, group_size: int | None = None) -> Any:
+    """The group a synchronised norm shares batch statistics with: ``process_group`` if given,
+    else that of :func:`process_group_for` (all ranks by default); ``None`` when this process has
+    no one to share with."""
+    group = process_group or process_group_for(group_size)
+    return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
 def _per_channel(x: Tensor) -> Tensor:
