@@ -7,8 +7,10 @@ ghost_bn with a virtual batch of a quarter of the batch, so that it splits the b
 map at batch 32): forward, then backward of a fixed upstream gradient. Every norm runs on that
 tensor in both memory formats (NCHW-contiguous and channels_last; a norm's cost can differ by 2×
 between them), and all of them alternate in every round. One table per format, each relative to
-bn in that format, and bn's channels_last time relative to its NCHW time. Writes norm_cost.md
-next to this file.
+bn in that format, and bn's channels_last time relative to its NCHW time. A last column gives
+the bytes each norm keeps for its backward pass relative to bn's (the activation memory a norm
+costs a network). The report names the commit and the machine's load while it ran. Writes
+norm_cost.md next to this file.
 
 ``ln`` is timm's LayerNorm2d: it permutes to channels-last, calls F.layer_norm and permutes back.
 The table also times the other way to write it, ``ln (reduce dim 1)``: mean and variance over the
@@ -19,13 +21,16 @@ agree to float32 rounding (checked here before timing).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from experiments.lib.benchmark import Timing, compare, markdown_table, write_report
+from experiments.lib.jobs import REPO_ROOT
 from normlab.norm import NORMS, build_norm
+from normlab.utils.run_info import git_sha
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
@@ -74,6 +79,32 @@ def forward_backward(name: str, x: torch.Tensor, grad: torch.Tensor):
     return call
 
 
+def saved_bytes(name: str, x: torch.Tensor) -> int:
+    """Bytes a forward keeps for its backward: the unique storages autograd saves (the input
+    counts once however many times it is saved; a fresh activation counts in full)."""
+    layer = build(name, x.shape).train()
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x.detach().requires_grad_(True))
+    return sum(storages.values())
+
+
+def with_memory_column(table: str, saved: dict[str, int]) -> str:
+    """``table`` (a :func:`markdown_table`) with each norm's saved bytes relative to bn's."""
+    header, rule, *rows = table.splitlines()
+    lines = [f"{header} saved for backward × bn |", f"{rule}---:|"]
+    for row in rows:
+        name = row.split(" | ")[0].removeprefix("| ")
+        lines.append(f"{row} {saved[name] / saved['bn']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=4, default=[32, 256, 28, 28])
@@ -82,6 +113,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=HERE / "norm_cost.md")
     args = parser.parse_args(argv)
 
+    commit, load_before = git_sha(REPO_ROOT), os.getloadavg()[0]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.shape, generator=generator)
     grad = torch.randn(args.shape, generator=generator)
@@ -110,6 +142,10 @@ def main(argv: list[str] | None = None) -> str:
         ]
         for layout in MEMORY_FORMATS
     }
+    saved = {
+        layout: {name: saved_bytes(name, x.contiguous(memory_format=fmt)) for name in names}
+        for layout, fmt in MEMORY_FORMATS.items()
+    }
     bn_ratio = by_format["channels_last"][0].ratio_to(by_format["NCHW"][0])
     shape = "×".join(map(str, args.shape))
     return write_report(
@@ -117,12 +153,20 @@ def main(argv: list[str] | None = None) -> str:
         f"Norm cost: forward+backward on {shape}, relative to bn",
         f"python -m experiments.bench.norm_cost --shape {' '.join(map(str, args.shape))} "
         f"--repeats {args.repeats} --inner {args.inner}",
+        f"Code: commit {commit}. Machine load (1-minute load average): {load_before:.1f} "
+        f"before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; other work shares "
+        "them, so absolute times are noisy and the per-round ratios to bn are what to read.",
         f"Training mode, float32, CPU; each measurement averages {args.inner} calls, "
         f"{args.repeats} rounds in which every norm runs once. `syncbn` outside a process group "
         "and `cuda_bn` on CPU tensors (backend auto) run PyTorch's BatchNorm; `ghost_bn` splits "
         "the batch into 4 virtual batches.",
         f"bn on channels_last input / bn on NCHW input = {bn_ratio:.3f}",
-        *(f"## {layout} input\n\n{markdown_table(rows)}" for layout, rows in by_format.items()),
+        "The last column: bytes autograd keeps for the backward pass (unique storages, input "
+        f"included), relative to bn's ({saved['NCHW']['bn'] / 2**20:.1f} MiB).",
+        *(
+            f"## {layout} input\n\n{with_memory_column(markdown_table(rows), saved[layout])}"
+            for layout, rows in by_format.items()
+        ),
     )
 
 

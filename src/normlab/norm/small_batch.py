@@ -6,6 +6,11 @@ in float64). timm has FRN and EvoNorm layers, but they compute their statistics 
 for float64 input, take 4-D input only, have no learnable FRN epsilon, no cumulative-average
 momentum and no fixed group count for EvoNorm-S0 other than 32; so these are our own.
 
+Their training passes are as cheap as we could make them in eager PyTorch: brn runs ATen's
+BatchNorm kernel with its r and d folded into the affine weights, the others a hand-derived
+backward pass (``normlab.ops.norm_functions``) that saves only the input and its statistics.
+Statistics are float32 under bf16 autocast; every forward compiles as one graph.
+
 ``BatchRenorm2d`` and ``GhostBatchNorm2d`` are ``nn.BatchNorm2d`` subclasses: same buffers and
 state dict, BN's eval-mode forward (so they fold into convolutions), only training differs; their
 statistics stay per process under ``trainer.sync_batchnorm`` (their traits do not sync). They
@@ -27,6 +32,15 @@ from normlab.ops.bn_stats import (
     unbiased_variance,
     update_running_average,
     update_running_stats,
+)
+from normlab.ops.norm_functions import (
+    ChannelRMSNorm,
+    ChunkedBatchNorm,
+    EvoNormB0Function,
+    EvoNormS0Function,
+    FilterResponseNorm,
+    compute_dtype,
+    variance_mean,
 )
 from normlab.ranges import COUNT, NON_NEGATIVE, ArgumentError, ValueRange
 
@@ -75,35 +89,42 @@ class BatchRenorm2d(nn.BatchNorm2d):
 
     def current_limits(self) -> tuple[float, float]:
         """The ``(r_max, d_max)`` the next training step uses, after warm-up and ramp."""
-        steps_taken = int(self.num_batches_tracked)
+        r_limit, d_limit = self._limits()
+        return float(r_limit), float(d_limit)
+
+    def _limits(self) -> tuple[Tensor, Tensor]:
+        # Tensors, not Python numbers: reading the step count as an int would be a graph break
+        # (or a recompile per step) under torch.compile.
+        steps_taken = self.num_batches_tracked.to(self.running_var.dtype)
         if self.ramp_steps > 0:
-            progress = min(max((steps_taken - self.warmup_steps) / self.ramp_steps, 0.0), 1.0)
+            progress = ((steps_taken - self.warmup_steps) / self.ramp_steps).clamp(0.0, 1.0)
         else:
-            progress = float(steps_taken >= self.warmup_steps)
+            progress = (steps_taken >= self.warmup_steps).to(steps_taken.dtype)
         return 1.0 + (self.r_max - 1.0) * progress, self.d_max * progress
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return super().forward(x)
         self._check_input_dim(x)
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dims, correction=0)
-        std = torch.sqrt(var + self.eps)
         with torch.no_grad():
-            r_max, d_max = self.current_limits()
+            stats_input = x.to(compute_dtype(x))
+            var, mean = variance_mean(stats_input, [0, *range(2, x.dim())])
+            r_limit, d_limit = self._limits()
             running_std = torch.sqrt(self.running_var + self.eps)
-            r = (std / running_std).clamp(1.0 / r_max, r_max)
-            d = ((mean - self.running_mean) / running_std).clamp(-d_max, d_max)
+            r = (torch.sqrt(var + self.eps) / running_std).clamp(1.0 / r_limit, r_limit)
+            d = ((mean - self.running_mean) / running_std).clamp(-d_limit, d_limit)
             unbiased = unbiased_variance(var, x.numel() // x.shape[1])
             update_running_stats(
                 self.running_mean, self.running_var, mean, unbiased, step_momentum(self)
             )
-        # γ·((x − μ_B)/σ_B·r + d) + β as one scale and shift per channel; r and d are constants.
-        scale = r / std
-        shift = d - mean * scale
-        if self.affine:
-            scale, shift = scale * self.weight, shift * self.weight + self.bias
-        return torch.addcmul(_per_channel(shift, x.dim()), x, _per_channel(scale, x.dim()))
+        # γ·(x̂·r + d) + β is BN's γ'·x̂ + β' with γ' = γ·r and β' = γ·d + β (r, d constants),
+        # so ATen's BatchNorm kernel computes it, batch statistics and backward included.
+        weight, bias = (
+            (self.weight * r, torch.addcmul(self.bias, self.weight, d)) if self.affine else (r, d)
+        )
+        return torch.batch_norm(
+            x, weight, bias, None, None, True, 0.0, self.eps, torch.backends.cudnn.enabled
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -140,42 +161,26 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         if not self.training or x.shape[0] <= self.virtual_batch_size:
             return super().forward(x)
         self._check_input_dim(x)
-        dims = [0, *range(2, x.dim())]
-        outputs, means, variances, counts = [], [], [], []
-        for chunk in x.split(self._chunk_sizes(x)):
-            count = chunk.numel() // chunk.shape[1]
-            var, mean = torch.var_mean(chunk, dims, correction=0)
-            scale = torch.rsqrt(var + self.eps)
-            shift = -mean * scale
-            if self.affine:
-                scale, shift = scale * self.weight, shift * self.weight + self.bias
-            ndim = x.dim()
-            outputs.append(
-                torch.addcmul(_per_channel(shift, ndim), chunk, _per_channel(scale, ndim))
+        sizes = self._chunk_sizes(x)
+        y, means, variances = ChunkedBatchNorm.apply(x, self.weight, self.bias, sizes, self.eps)
+        counts = torch.tensor(sizes, dtype=means.dtype, device=means.device)[:, None]
+        counts = counts * (x[0, 0].numel())
+        with torch.no_grad():
+            mean = (means * counts).sum(0) / counts.sum()
+            pooled = (variances * counts).sum(0) / (counts.sum() - len(sizes))
+            update_running_stats(
+                self.running_mean, self.running_var, mean, pooled, step_momentum(self)
             )
-            means.append(mean.detach())
-            variances.append(var.detach())
-            counts.append(count)
-        self._update_running_statistics(means, variances, counts)
-        return torch.cat(outputs)
+        return y
 
-    def _chunk_sizes(self, x: Tensor) -> list[int]:
+    def _chunk_sizes(self, x: Tensor) -> tuple[int, ...]:
         full, remainder = divmod(x.shape[0], self.virtual_batch_size)
         sizes = [self.virtual_batch_size] * full
         if remainder * (x[0, 0].numel()) > 1:
             sizes.append(remainder)
         elif remainder:
             sizes[-1] += remainder
-        return sizes
-
-    @torch.no_grad()
-    def _update_running_statistics(
-        self, means: list[Tensor], variances: list[Tensor], counts: list[int]
-    ) -> None:
-        total = sum(counts)
-        mean = sum(n * m for n, m in zip(counts, means, strict=True)) / total
-        pooled = sum(n * v for n, v in zip(counts, variances, strict=True)) / (total - len(counts))
-        update_running_stats(self.running_mean, self.running_var, mean, pooled, step_momentum(self))
+        return tuple(sizes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
@@ -206,15 +211,8 @@ class FilterResponseNorm2d(nn.Module):
         self.learned_eps = nn.Parameter(torch.full((1,), 1e-4)) if learnable_eps else None
 
     def forward(self, x: Tensor) -> Tensor:
-        nu2 = x.square().mean(dim=tuple(range(2, x.dim())), keepdim=True)
         eps = abs(self.eps) if self.learned_eps is None else abs(self.eps) + self.learned_eps.abs()
-        ndim = x.dim()
-        y = torch.addcmul(
-            _per_channel(self.bias, ndim),
-            x * torch.rsqrt(nu2 + eps),
-            _per_channel(self.weight, ndim),
-        )
-        return y if self.tau is None else torch.maximum(y, _per_channel(self.tau, ndim))
+        return FilterResponseNorm.apply(x, self.weight, self.bias, self.tau, eps)
 
     def absorb_activation(self, activation: nn.Module) -> bool:
         """TLU is this layer's rectifier: a following ReLU / LeakyReLU is dropped, not stacked."""
@@ -244,23 +242,17 @@ class EvoNormB0(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
-        ndim = x.dim()
-        spatial = tuple(range(2, ndim))
+        running_var = None if self.training else self.running_var
+        y, batch_var = EvoNormB0Function.apply(
+            x, self.weight, self.bias, self.v, running_var, self.eps
+        )
         if self.training:
-            batch_var = x.var(dim=(0, *spatial), correction=0)
             update_running_average(
                 self.running_var,
-                unbiased_variance(batch_var.detach(), x.numel() // x.shape[1]),
+                unbiased_variance(batch_var, x.numel() // x.shape[1]),
                 count_training_step(self.num_batches_tracked, self.momentum),
             )
-        else:
-            batch_var = self.running_var
-        instance_std = torch.sqrt(x.var(dim=spatial, correction=0, keepdim=True) + self.eps)
-        batch_std = _per_channel(torch.sqrt(batch_var + self.eps), ndim)
-        denominator = torch.maximum(batch_std, x * _per_channel(self.v, ndim) + instance_std)
-        return torch.addcmul(
-            _per_channel(self.bias, ndim), x / denominator, _per_channel(self.weight, ndim)
-        )
+        return y
 
     def absorb_activation(self, activation: nn.Module) -> bool:
         return isinstance(activation, _EVONORM_REPLACES)
@@ -295,14 +287,7 @@ class EvoNormS0(nn.Module):
         self.v = nn.Parameter(torch.ones(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        ndim = x.dim()
-        batch = x.shape[0]
-        grouped_var = x.reshape(batch, self.num_groups, -1).var(dim=-1, correction=0, keepdim=True)
-        gated = x * torch.sigmoid(x * _per_channel(self.v, ndim))
-        normalised = gated.reshape(batch, self.num_groups, -1) / torch.sqrt(grouped_var + self.eps)
-        return torch.addcmul(
-            _per_channel(self.bias, ndim), normalised.view_as(x), _per_channel(self.weight, ndim)
-        )
+        return EvoNormS0Function.apply(x, self.weight, self.bias, self.v, self.num_groups, self.eps)
 
     def absorb_activation(self, activation: nn.Module) -> bool:
         return isinstance(activation, _EVONORM_REPLACES)
@@ -320,7 +305,7 @@ class RMSNorm2d(nn.RMSNorm):
         super().__init__(num_features, eps=eps, elementwise_affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+        return ChannelRMSNorm.apply(x, self.weight, self.eps)
 
 
 # -- registry entries: the classes (their defaults equal conf/norm/<name>.yaml) -------------------

@@ -1,0 +1,389 @@
+"""Forward and hand-derived backward passes of the small-batch norms (``normlab.norm``'s ghost_bn,
+frn, evonorm_b0, evonorm_s0 and rms) as ``torch.autograd.Function``s.
+
+Autograd through their plain formulas keeps every intermediate (about 3-5 activations each) and
+runs 2-7× as long as BatchNorm on CPU (``experiments/bench/norm_cost.md``). Each function here
+saves only its input and per-row statistics, as ATen's BatchNorm saves its input, mean and
+inverse standard deviation, recomputes the cheap elementwise terms in the backward pass, and
+works in place on the buffers it allocates. ``tests/norm/test_fast_paths.py`` checks each
+against its plain formula.
+
+Statistics are computed in float32 for bfloat16 / float16 input (what ATen's norms do under
+autocast); the output and input gradient keep the input's dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half-precision input (its statistics would round away), else x's own."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.to(compute_dtype(x))
+
+
+def variance_mean(
+    x: Tensor, dims: tuple[int, ...] | list[int], keepdim: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean over ``dims``, as ``torch.var_mean(x, dims, correction=0)``
+    returns them, in two passes (the mean, then the mean squared deviation from it): as stable,
+    and on CPU 3-5× faster than ``torch.var_mean``'s Welford reduction (measured on a
+    32×256×28×28 tensor: ~36 ms against ~7 ms, in either memory format). In place on a
+    temporary, so not differentiable: for a forward without autograd (a Function's, or no_grad)."""
+    mean = x.mean(dims, keepdim=True)
+    var = x.clone().sub_(mean).square_().mean(dims, keepdim=keepdim)  # clone: see _product
+    return var, mean if keepdim else mean.squeeze(dims)
+
+
+def _mean_square(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """The mean of x² over ``dims`` (kept). ``linalg.vector_norm`` reads x once without a
+    temporary, but on CPU it is fast only when the last reduced dim is x's innermost in memory
+    (measured on 32×256×28×28: 0.7 ms, against 9-14 ms otherwise, where squaring into a new
+    tensor and summing takes ~4 ms)."""
+    values = math.prod([x.shape[d] for d in dims])  # a list: dynamo cannot trace a generator here
+    if x.stride(dims[-1]) == 1:
+        return torch.linalg.vector_norm(x, dim=dims, keepdim=True).square_().div_(values)
+    return x.square().mean(dims, keepdim=True)
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """a·b, laid out in memory as ``a``. (For ``b`` of shape N×1×H×W, ``a * b`` lets ATen pick an
+    output layout in which it runs 6× slower: 12 ms against 2 ms on 32×256×28×28. Not ``out=``:
+    torch.compile cannot trace it inside an autograd.Function's forward.)"""
+    return a.clone().mul_(b)
+
+
+def _channel_view(vector: Tensor, ndim: int, axis: int = 1) -> Tensor:
+    """A per-channel vector shaped to broadcast along ``axis`` of an ``ndim``-dimensional tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return vector.view(shape)
+
+
+# -- Ghost BN: BatchNorm of each virtual batch, all of a size at once ------------------------------
+
+
+def _blocks(chunk_sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(start, chunk size, chunk count) of each run of equal consecutive chunk sizes."""
+    blocks, start = [], 0
+    for size, run in itertools.groupby(chunk_sizes):
+        count = len(list(run))
+        blocks.append((start, size, count))
+        start += size * count
+    return blocks
+
+
+def _chunk_sums(t: Tensor, blocks: list[tuple[int, int, int]]) -> Tensor:
+    """Per chunk and channel: the sum of ``t`` over the chunk's samples and spatial positions
+    as a (chunks, C) tensor. The full-size reduction is per sample and channel on t's own
+    N×C×… shape (reducing a (chunks, size, C, …) view of channels-last memory measured 2-3×
+    slower); only the N×C sums are regrouped."""
+    per_sample = t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
+    sums = []
+    for start, size, count in blocks:
+        sums.append(per_sample[start : start + size * count].unflatten(0, (count, size)).sum(1))
+    return _concatenate(sums)
+
+
+def _concatenate(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _per_sample(stat: Tensor, blocks: list[tuple[int, int, int]], ndim: int) -> Tensor:
+    """A (chunks, C) statistic repeated for each sample of its chunk, shaped N×C×1×…."""
+    rows, first = [], 0
+    for _, size, count in blocks:
+        rows.append(stat[first : first + count, None].expand(count, size, -1).flatten(0, 1))
+        first += count
+    per_sample = _concatenate(rows)
+    return per_sample.view(*per_sample.shape, *([1] * (ndim - 2)))
+
+
+def _chunk_values(x: Tensor, blocks: list[tuple[int, int, int]]) -> Tensor:
+    """Values per chunk and channel, as a (chunks, 1) tensor of x's statistics' dtype."""
+    sizes = torch.tensor([size for _, size, count in blocks for _ in range(count)])
+    return (sizes * math.prod(x.shape[2:]))[:, None].to(compute_dtype(x))
+
+
+class ChunkedBatchNorm(torch.autograd.Function):
+    """``y = (x − μ_k)/sqrt(var_k + eps)·γ + β`` with ``μ_k``, ``var_k`` (biased) the statistics
+    of the chunk of samples ``k`` that each sample belongs to. Also returns each chunk's mean and
+    biased variance as (chunks, C) tensors (no gradient), for the running statistics."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        chunk_sizes: tuple[int, ...],
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        xc = _upcast(x)
+        blocks, ndim = _blocks(chunk_sizes), x.dim()
+        values = _chunk_values(x, blocks)
+        mean = _chunk_sums(xc, blocks) / values
+        # Two passes, as variance_mean: the squared deviations from each chunk's mean.
+        deviations = xc.clone().sub_(_per_sample(mean, blocks, ndim)).square_()
+        var = _chunk_sums(deviations, blocks) / values
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        y = torch.addcmul(_per_sample(shift, blocks, ndim), xc, _per_sample(scale, blocks, ndim))
+        ctx.blocks = blocks
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        blocks, ndim = ctx.blocks, x.dim()
+        xc, g = _upcast(x), _upcast(grad)
+        values = _chunk_values(x, blocks)
+        centred = xc.clone().sub_(_per_sample(mean, blocks, ndim))
+        sum_g = _chunk_sums(g, blocks)
+        sum_g_xhat = _chunk_sums(centred * g, blocks).mul_(invstd)
+        gamma = invstd if weight is None else invstd * weight
+        # dx = γ·invstd·(g − mean_k(g) − x̂·mean_k(g·x̂)), x̂ = (x − μ_k)·invstd
+        centred.mul_(_per_sample(-gamma * invstd * sum_g_xhat / values, blocks, ndim))
+        centred.sub_(_per_sample(gamma * sum_g / values, blocks, ndim))
+        x_grad = centred.addcmul_(g, _per_sample(gamma, blocks, ndim))
+        # Autograd casts each gradient to its input's dtype.
+        needs = ctx.needs_input_grad
+        return (
+            x_grad if needs[0] else None,
+            sum_g_xhat.sum(0) if needs[1] else None,
+            sum_g.sum(0) if needs[2] else None,
+            None,
+            None,
+        )
+
+
+# -- FRN + TLU -------------------------------------------------------------------------------------
+
+
+class FilterResponseNorm(torch.autograd.Function):
+    """``z = γ·x·r + β`` with ``r = (mean_spatial(x²) + eps)^−½`` per sample and channel; then
+    ``max(z, τ)`` when ``tau`` is given. ``eps`` is a float or a one-element tensor (learned).
+    The backward pass recomputes ``z`` for the TLU's mask instead of keeping it."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        tau: Tensor | None,
+        eps: Tensor | float,
+    ) -> Tensor:
+        xc = _upcast(x)
+        spatial = tuple(range(2, x.dim()))
+        invrms = torch.rsqrt(_mean_square(xc, spatial) + eps)
+        y = torch.addcmul(_channel_view(bias, x.dim()), xc, invrms * _channel_view(weight, x.dim()))
+        if tau is not None:
+            y = y.clamp_(min=_channel_view(tau, x.dim()))
+        ctx.save_for_backward(x, weight, bias, tau, invrms)
+        ctx.eps_is_tensor = isinstance(eps, Tensor)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, tau, invrms = ctx.saved_tensors
+        xc, g = _upcast(x), _upcast(grad)
+        ndim, values = x.dim(), math.prod(x.shape[2:])
+        spatial, channel_sum = tuple(range(2, ndim)), (0, *range(2, ndim))
+        scale = invrms * _channel_view(weight, ndim)
+        tau_grad = None
+        if tau is not None:
+            # A float mask, made in place and then turned into the masked gradient: ops on bool
+            # tensors (where, masked_fill, a multiply by one) are 4-15× slower on CPU.
+            passed = torch.addcmul(_channel_view(bias, ndim), xc, scale)
+            tau_grad = g.sum(channel_sum)
+            g = passed.gt_(_channel_view(tau, ndim)).mul_(g)
+        bias_grad = g.sum(channel_sum)
+        if tau_grad is not None:
+            tau_grad = tau_grad - bias_grad
+        # P = Σ_spatial g·x per sample and channel: ∂L/∂r = γ·P, ∂r/∂x = −r³·x/values.
+        products = g * xc
+        summed = products.sum(spatial, keepdim=True)
+        weight_grad = (summed * invrms).sum(0).flatten()
+        r_grad = summed * _channel_view(weight, ndim)
+        cubed = invrms.pow(3)
+        x_grad = torch.mul(xc, r_grad * cubed / -values, out=products).addcmul_(g, scale)
+        eps_grad = (r_grad * cubed).sum().mul(-0.5).view(1) if ctx.eps_is_tensor else None
+        return x_grad, weight_grad, bias_grad, tau_grad, eps_grad
+
+
+# -- RMSNorm over the channels ---------------------------------------------------------------------
+
+
+class ChannelRMSNorm(torch.autograd.Function):
+    """``y = x·r·γ`` with ``r = (mean_C(x²) + eps)^−½`` per position (dim 1 reduced)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+        xc = _upcast(x)
+        invrms = torch.rsqrt(_mean_square(xc, (1,)).add_(eps))
+        y = _product(xc, invrms)
+        if weight is not None:
+            y.mul_(_channel_view(weight, x.dim()))
+        ctx.save_for_backward(x, weight, invrms)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, invrms = ctx.saved_tensors
+        xc, g = _upcast(x), _upcast(grad)
+        ndim, channels = x.dim(), x.shape[1]
+        scaled = _product(xc, invrms).mul_(g)  # g·x̂, x̂ = x·r
+        weight_grad = None
+        if weight is not None:
+            weight_grad = scaled.sum((0, *range(2, ndim)))
+            g = g * _channel_view(weight, ndim)
+            scaled.mul_(_channel_view(weight, ndim))
+        # dx = r·(g' − x̂·mean_C(g'·x̂)), g' = γ·g
+        projection = scaled.sum(1, keepdim=True).div_(channels).mul_(invrms)
+        x_grad = torch.mul(xc, -projection, out=scaled).add_(g).mul_(invrms)
+        return x_grad, weight_grad, None
+
+
+# -- EvoNorm ---------------------------------------------------------------------------------------
+
+
+class EvoNormB0Function(torch.autograd.Function):
+    """``y = x / max(σ_B, v·x + σ_I)·γ + β``, ``σ_I = sqrt(var_spatial(x) + eps)`` per sample and
+    channel, ``σ_B = sqrt(var_B + eps)`` per channel: ``var_B`` the batch's biased variance
+    (differentiable), or ``running_var`` (a constant) when given. Also returns the batch's
+    ``var_B`` (no gradient; None with ``running_var``) for the running average."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        v: Tensor,
+        running_var: Tensor | None,
+        eps: float,
+    ) -> tuple[Tensor, Tensor | None]:
+        xc = _upcast(x)
+        ndim = x.dim()
+        instance_var, instance_mean = variance_mean(xc, tuple(range(2, ndim)), keepdim=True)
+        batch_mean = batch_var = None
+        if running_var is None:
+            # The batch's statistics from the instances' (law of total variance): no more passes.
+            batch_mean = instance_mean.mean(0, keepdim=True)
+            spread = (instance_mean - batch_mean).square_()
+            batch_var = (instance_var.mean(0) + spread.mean(0)).flatten()
+            batch_std = _channel_view(torch.sqrt(batch_var + eps), ndim)
+            ctx.mark_non_differentiable(batch_var)
+        else:
+            batch_std = _channel_view(torch.sqrt(running_var + eps), ndim)
+        instance_std = instance_var.add_(eps).sqrt_()
+        denominator = _evonorm_b0_denominator(xc, v, instance_std, batch_std)
+        # x·γ/D + β in one op: D/γ is computed after the max, so a negative γ is no problem.
+        y = torch.addcdiv(
+            _channel_view(bias, ndim), xc, denominator.div_(_channel_view(weight, ndim))
+        )
+        ctx.save_for_backward(x, weight, v, instance_mean, instance_std, batch_std, batch_mean)
+        return y.to(x.dtype), batch_var
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, weight, v, instance_mean, instance_std, batch_std, batch_mean = ctx.saved_tensors
+        xc, g = _upcast(x), _upcast(grad)
+        ndim = x.dim()
+        spatial, channel_sum = tuple(range(2, ndim)), (0, *range(2, ndim))
+        denominator = _evonorm_b0_denominator(xc, v, instance_std, batch_std)
+        direct = g / denominator  # ∂L/∂(x/D)·1/γ
+        products = direct * xc
+        weight_grad = products.sum(channel_sum)
+        # e = ∂L/∂D = −γ·g·x/D²
+        d_denominator = products.mul_(_channel_view(-weight, ndim)).div_(denominator)
+        direct.mul_(_channel_view(weight, ndim))
+        batch_side_total = d_denominator.sum(channel_sum) if batch_mean is not None else None
+        instance_side = denominator.gt_(batch_std)  # 1 where v·x + σ_I won the max
+        d_instance = d_denominator.mul_(instance_side)
+        instance_sum = d_instance.sum(spatial, keepdim=True)
+        v_grad = torch.mul(d_instance, xc, out=instance_side).sum(channel_sum)
+        # ∂σ_I/∂x = (x − μ_I)/(n_I·σ_I); ∂σ_B/∂x = (x − μ_B)/(n_B·σ_B)
+        coefficient = instance_sum / (instance_std * math.prod(x.shape[2:]))
+        offset = coefficient * instance_mean
+        if batch_mean is not None:
+            batch_coefficient = _channel_view(
+                (batch_side_total - instance_sum.sum(0).flatten()), ndim
+            ) / (batch_std * (x.numel() // x.shape[1]))
+            coefficient = coefficient + batch_coefficient
+            offset = offset + batch_coefficient * _channel_view(batch_mean, ndim)
+        x_grad = direct.addcmul_(d_instance, _channel_view(v, ndim))
+        x_grad = x_grad.addcmul_(xc, coefficient).sub_(offset)
+        return x_grad, weight_grad, g.sum(channel_sum), v_grad, None, None
+
+
+def _evonorm_b0_denominator(x: Tensor, v: Tensor, instance_std: Tensor, batch_std: Tensor):
+    return torch.addcmul(instance_std, x, _channel_view(v, x.dim())).clamp_(min=batch_std)
+
+
+class EvoNormS0Function(torch.autograd.Function):
+    """``y = x·sigmoid(v·x)·r·γ + β``, ``r = (var_group(x) + eps)^−½`` per sample and group of
+    channels (``groups`` consecutive channels; over the group's channels and spatial axes). The
+    backward pass recomputes the sigmoid. Every full-size op runs on x's own N×C×… shape with
+    per-sample-and-channel factors; only N×C statistics are grouped (elementwise ops on an
+    N×G×(C/G)×H×W view of channels-last memory measured 2-3× slower)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, v: Tensor, groups: int, eps: float
+    ) -> Tensor:
+        xc = _upcast(x)
+        ndim, spatial = x.dim(), tuple(range(2, x.dim()))
+        mean = _group_mean(xc.mean(spatial, keepdim=True), groups)
+        var = _group_mean(xc.clone().sub_(mean).square_().mean(spatial, keepdim=True), groups)
+        invstd = var.add_(eps).rsqrt_()
+        y = torch.mul(xc, _channel_view(v, ndim)).sigmoid_().mul_(xc)
+        y = y.mul_(invstd * _channel_view(weight, ndim)).add_(_channel_view(bias, ndim))
+        ctx.save_for_backward(x, weight, v, mean, invstd)
+        ctx.groups = groups
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, v, mean, invstd = ctx.saved_tensors
+        xc, g = _upcast(x), _upcast(grad)
+        ndim, spatial = x.dim(), tuple(range(2, x.dim()))
+        gamma, v_view = _channel_view(weight, ndim), _channel_view(v, ndim)
+        gate = torch.mul(xc, v_view).sigmoid_()
+        # u = g·x·s·(1 − s), after P = Σ_spatial g·h with h = x·s
+        u = (g * xc).mul_(gate)
+        products = u.sum(spatial, keepdim=True)
+        weight_grad = (products * invstd).sum(0).flatten()
+        u.addcmul_(u, gate, value=-1)
+        scale = invstd * gamma
+        # ∂L/∂r per sample and group (Σ over the group's channels of γ·P), per channel
+        r_grad = _group_mean(products * gamma, ctx.groups) * (x.shape[1] // ctx.groups)
+        x_grad = u * xc
+        v_grad = (x_grad.sum(spatial, keepdim=True) * scale).sum(0).flatten()
+        # dx = γ·r·(g·s + v·u) − ∂L/∂r·r³·(x − μ)/n, n values per sample and group
+        values = x[0].numel() // ctx.groups
+        coefficient = r_grad * invstd.pow(3) / -values
+        x_grad = torch.mul(g, gate, out=x_grad).addcmul_(u, v_view)
+        x_grad = x_grad.mul_(scale).addcmul_(xc, coefficient).sub_(coefficient * mean)
+        bias_grad = g.sum((0, *spatial))
+        return x_grad, weight_grad, bias_grad, v_grad, None, None
+
+
+def _group_mean(per_channel: Tensor, groups: int) -> Tensor:
+    """An N×C×1×… statistic averaged over each group of ``groups`` consecutive channels and
+    repeated for each channel of the group."""
+    grouped = per_channel.unflatten(1, (groups, -1))
+    return grouped.mean(2, keepdim=True).expand_as(grouped).flatten(1, 2)
