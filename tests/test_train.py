@@ -139,3 +139,13 @@ def test_missing_import_is_a_config_error(compose_config, fast):
     cfg = compose_config("imports=[no_such_module_here]", *fast)
     with pytest.raises(ConfigError, match="imports: cannot import 'no_such_module_here'"):
         train(cfg)
+
+
+@pytest.mark.parametrize("experiment", ["densenet_digits", "retinanet_digits", "pix2pix_digits"])
+def test_the_model_summary_counts_flops_in_double_precision(compose_config, experiment):
+    # The summary runs each task's example input through the model: it must come in the dtype the
+    # precision gives the model's inputs (float64 under 64-true, as the DDP exactness tests use).
+    cfg = compose_config(f"experiment={experiment}", "debug=fdr", "trainer.precision=64-true")
+    metrics = train(cfg)
+    assert metrics
+    assert all(math.isfinite(value) for value in metrics.values())

@@ -75,6 +75,14 @@ class Task(pl.LightningModule, ABC):
         here, so that the model summary reports FLOPs and sizes. By default there is nothing to
         check."""
 
+    def set_example_input(self, example: Any, trainer: pl.Trainer | None) -> None:
+        """Give the model summary one input to count FLOPs with, in the dtype the Trainer's
+        precision gives real inputs (float64 under ``64-true``): Lightning's summary feeds
+        ``example_input_array`` as it is."""
+        if trainer is not None:
+            example = trainer.precision_plugin.convert_input(example)
+        self.example_input_array = example
+
     @abstractmethod
     def forward_for_norm_statistics(self, batch: Any) -> None:
         """Run the task's networks on a training batch as it comes from the loader, for

@@ -92,7 +92,7 @@ class ClassificationModule(Task):
         in_channels = getattr(datamodule, "in_channels", None)
         batch_size = getattr(datamodule, "batch_size", None)
         if image_size and in_channels:
-            self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
+            self.set_example_input(torch.zeros(1, in_channels, image_size, image_size), trainer)
         if image_size and in_channels and batch_size:
             check_norm_inputs(
                 self.model,

@@ -141,7 +141,7 @@ class DetectionModule(Task):
         side, batch_size = self._probe_side(datamodule), getattr(datamodule, "batch_size", None)
         if side:
             # forward takes one list of images.
-            self.example_input_array = ([torch.zeros(3, side, side)],)
+            self.set_example_input(([torch.zeros(3, side, side)],), trainer)
         if side and batch_size:
             check_norm_inputs(
                 DenseRetinaNet(self.model),

@@ -151,7 +151,7 @@ class Pix2PixModule(Task):
             except ConfigError as error:
                 # The aligned data modules give every image crop_size² pixels: name that key too.
                 raise ConfigError(f"data.crop_size={image_size}: {error}") from None
-            self._check_norm_inputs(image_size, datamodule)
+            self._check_norm_inputs(image_size, datamodule, trainer)
         if trainer.gradient_clip_val:
             raise ConfigError(
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val}: Lightning cannot clip "
@@ -173,7 +173,10 @@ class Pix2PixModule(Task):
             )
 
     def _check_norm_inputs(
-        self, image_size: int | Sequence[int], datamodule: pl.LightningDataModule
+        self,
+        image_size: int | Sequence[int],
+        datamodule: pl.LightningDataModule,
+        trainer: pl.Trainer | None,
     ) -> None:
         batch_size = getattr(datamodule, "batch_size", 1)
         generator = self.hparams.model["generator"]
@@ -181,7 +184,7 @@ class Pix2PixModule(Task):
         where = f"data image size {image_size}, data.batch_size={batch_size}"
         size = tuple(image_size) if isinstance(image_size, Sequence) else (image_size, image_size)
         # The summary's FLOPs are the generator's (forward), the network that inference runs.
-        self.example_input_array = torch.zeros(1, inputs, *size)
+        self.set_example_input(torch.zeros(1, inputs, *size), trainer)
         for network, channels in ((self.generator, inputs), (self.discriminator, inputs + outputs)):
             shape = (batch_size, channels, *size)
             check_norm_inputs(network, shape, where=where, datamodule=datamodule)
