@@ -37,7 +37,7 @@ export: install ## export a checkpoint (folded norms, TorchScript or ONNX) with 
 EXP ?= densenet_digits
 TRAIN_EXPERIMENT ?= $(EXP)
 
-train: install ## train EXP (default densenet_digits: DenseNet-BC on digits, 120 steps, under 3 min on 2 idle CPU cores)
+train: install ## train EXP (default densenet_digits: DenseNet-BC on digits, 120 steps, 83 s on 2 idle CPU cores)
 	$(BIN)/python -m normlab.train experiment=$(TRAIN_EXPERIMENT) $(ARGS)
 
 # Files already under data/ are used (and checked); else the Debian package's are linked, the
