@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from normlab.errors import ConfigError
 from normlab.norm.registry import NORMS, check_arguments, norm_traits, norms_with
+from normlab.norm.traits import NormTraits
 from normlab.ranges import (
     COUNT,
     DROP_RATE,
@@ -367,6 +368,11 @@ def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def _named_traits(spec: Any) -> NormTraits | None:
+    name = spec.get("name") if isinstance(spec, DictConfig) else spec
+    return norm_traits(name) if isinstance(name, str) else None
+
+
 def _check_compile(cfg: DictConfig) -> None:
     """``compile`` is a switch and ``compile_mode`` one of torch.compile's modes; a norm that
     syncs across processes breaks the graph at its collective, so compiling it is refused."""
@@ -378,7 +384,12 @@ def _check_compile(cfg: DictConfig) -> None:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if not enabled or world_size(cfg.trainer) == 1:
         return
-    requests = _sync_requests(cfg)
+    # trainer.sync_batchnorm converts only norms with the syncs trait: with none, nothing syncs.
+    converted = any(
+        traits is not None and traits.syncs
+        for traits in (_named_traits(OmegaConf.select(cfg, key)) for key in _NORM_KEYS)
+    )
+    requests = [r for r in _sync_requests(cfg) if converted or not r.startswith("trainer.")]
     if requests:
         raise ConfigError(
             f"compile=true with {' and '.join(requests)} in {world_size(cfg.trainer)} processes: "

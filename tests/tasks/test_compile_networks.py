@@ -49,6 +49,10 @@ def test_bad_compile_options_are_refused_in_one_line(compose_config, overrides, 
 
 def test_compile_allows_norms_that_do_not_sync_or_a_single_process(compose_config) -> None:
     validate_config(compose_config("compile=true", "trainer=ddp_cpu", "norm=gn"))
+    # sync_batchnorm converts only BatchNorm-family norms: with gn it syncs nothing.
+    validate_config(
+        compose_config("compile=true", "trainer=ddp_cpu", "norm=gn", "trainer.sync_batchnorm=true")
+    )
     validate_config(compose_config("compile=true", "norm=syncbn"))  # nothing to sync with
 
 
