@@ -175,6 +175,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"task._target_={task['_target_']} is not a normlab.tasks.Task")
     if resume is not None and resume.mode == "weights":
         load_weights(module, resume.path)
+    if cfg.get("compile"):  # after loading: the weights go into the uncompiled module tree
+        module.compile_networks(cfg.compile_mode)
     check_free_space(
         output_dir / "checkpoints",
         checkpoint_size_estimate(module),

@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from normlab.errors import ConfigError
 from normlab.norm.registry import NORMS, check_arguments, norm_traits, norms_with
+from normlab.norm.traits import NormTraits
 from normlab.ranges import (
     COUNT,
     DROP_RATE,
@@ -58,6 +59,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"seed must be {allowed} (or null for a random seed), got {seed!r}")
     _check_argument_ranges(cfg)
     _check_monitored_metrics(cfg)
+    _check_compile(cfg)
     _warn_sync_in_one_process(cfg)
     _say_what_sync_batchnorm_syncs(cfg)
 
@@ -358,6 +360,41 @@ def _say_what_sync_batchnorm_syncs(cfg: DictConfig) -> None:
             "as they are",
             ", ".join(norms_with("syncs")),
             ", ".join(left.values()),
+        )
+
+
+# -- torch.compile --------------------------------------------------------------------------------
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _named_traits(spec: Any) -> NormTraits | None:
+    name = spec.get("name") if isinstance(spec, DictConfig) else spec
+    return norm_traits(name) if isinstance(name, str) else None
+
+
+def _check_compile(cfg: DictConfig) -> None:
+    """``compile`` is a switch and ``compile_mode`` one of torch.compile's modes; a norm that
+    syncs across processes breaks the graph at its collective, so compiling it is refused."""
+    enabled = cfg.get("compile", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"compile must be true or false, got {enabled!r}")
+    mode = cfg.get("compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if not enabled or world_size(cfg.trainer) == 1:
+        return
+    # trainer.sync_batchnorm converts only norms with the syncs trait: with none, nothing syncs.
+    converted = any(
+        traits is not None and traits.syncs
+        for traits in (_named_traits(OmegaConf.select(cfg, key)) for key in _NORM_KEYS)
+    )
+    requests = [r for r in _sync_requests(cfg) if converted or not r.startswith("trainer.")]
+    if requests:
+        raise ConfigError(
+            f"compile=true with {' and '.join(requests)} in {world_size(cfg.trainer)} processes: "
+            "synchronised batch statistics are a collective that torch.compile cannot trace "
+            "without a graph break; use compile=false or a norm that does not sync"
         )
 
 

@@ -1,7 +1,7 @@
 """What every task module offers the callbacks and entry points that drive it.
 
 A task is a LightningModule built from Hydra configs. Besides Lightning's hooks, the code above
-the tasks layer relies on five things, declared here so that it can call them instead of
+the tasks layer relies on six things, declared here so that it can call them instead of
 probing for them:
 
 - :attr:`Task.batch_format`: what the batches it takes hold, matched against the data module's
@@ -12,7 +12,8 @@ probing for them:
   (``normlab.train``);
 - :meth:`Task.forward_for_norm_statistics`: run the networks on a training batch
   (``normlab.callbacks.precise_bn``);
-- :meth:`Task.inference_network`: the network to export and its input (``normlab.export``).
+- :meth:`Task.inference_network`: the network to export and its input (``normlab.export``);
+- :meth:`Task.compile_networks`: ``torch.compile`` the networks it trains (``compile=true``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from normlab.errors import ConfigError
 from normlab.tasks.guard import LossGuard
 
 
@@ -42,6 +44,8 @@ class Task(pl.LightningModule, ABC):
     # Names of the optimizers in the order configure_optimizers returns them, for callbacks that
     # log one curve per optimizer; empty: number them.
     optimizer_names: tuple[str, ...] = ()
+    # Attributes holding the networks it trains: what ``compile=true`` compiles.
+    network_names: tuple[str, ...] = ()
 
     def __init__(
         self, on_nonfinite_loss: str = "stop", max_nonfinite_fraction: float = 0.25
@@ -82,6 +86,18 @@ class Task(pl.LightningModule, ABC):
         if trainer is not None:
             example = trainer.precision_plugin.convert_input(example)
         self.example_input_array = example
+
+    def compile_networks(self, mode: str) -> None:
+        """``torch.compile`` each network in :attr:`network_names` in place
+        (``nn.Module.compile``): unlike wrapping it, this leaves the module tree, and so the
+        state dict's keys, those of the uncompiled network, so checkpoints load either way."""
+        if not self.network_names:
+            raise ConfigError(
+                f"compile=true: {type(self).__name__} names no networks to compile "
+                "(network_names); run it with compile=false"
+            )
+        for name in self.network_names:
+            getattr(self, name).compile(mode=mode)
 
     @abstractmethod
     def forward_for_norm_statistics(self, batch: Any) -> None:

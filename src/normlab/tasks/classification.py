@@ -35,6 +35,7 @@ class ClassificationModule(Task):
     """
 
     batch_format = "labelled images"
+    network_names = ("model",)
 
     def __init__(
         self,

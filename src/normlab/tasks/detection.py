@@ -102,6 +102,7 @@ class DetectionModule(Task):
     """
 
     batch_format = "images with boxes"
+    network_names = ("model",)
 
     def __init__(
         self,

@@ -85,6 +85,7 @@ class Pix2PixModule(Task):
 
     # In the order configure_optimizers returns them (callbacks name curves after these).
     batch_format = "image pairs"
+    network_names = ("generator", "discriminator")
     optimizer_names = ("generator", "discriminator")
 
     def __init__(

@@ -1,0 +1,88 @@
+"""``compile=true``: the config switch and its checks, the tasks compiling their networks in place,
+and checkpoints of a compiled run that are those of an uncompiled one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from normlab.errors import ConfigError
+from normlab.eval import evaluate
+from normlab.runs import fill_from_datamodule, instantiate_data
+from normlab.validation import COMPILE_MODES, validate_config
+from tiny_runs import TASK_OVERRIDES, compose_run, tiny_checkpoint
+
+
+def test_compile_is_off_by_default_and_composes_with_every_mode(compose_config) -> None:
+    cfg = compose_config()
+    assert cfg.compile is False and cfg.compile_mode == "default"
+    for mode in COMPILE_MODES:
+        cfg = compose_config("compile=true", f"compile_mode={mode}")
+        validate_config(cfg)
+        assert cfg.compile is True and cfg.compile_mode == mode
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["compile_mode=fastest"],
+            r"compile_mode must be one of default, reduce-overhead, .*'fastest'",
+        ),
+        (["compile=maybe"], r"compile must be true or false, got 'maybe'"),
+        (
+            ["compile=true", "trainer=ddp_cpu", "norm=syncbn"],
+            r"compile=true with norm=syncbn in 2 processes: .* graph break",
+        ),
+        (
+            ["compile=true", "trainer=ddp_cpu", "trainer.sync_batchnorm=true"],
+            r"compile=true with trainer.sync_batchnorm=true in 2 processes",
+        ),
+    ],
+)
+def test_bad_compile_options_are_refused_in_one_line(compose_config, overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config(*overrides))
+
+
+def test_compile_allows_norms_that_do_not_sync_or_a_single_process(compose_config) -> None:
+    validate_config(compose_config("compile=true", "trainer=ddp_cpu", "norm=gn"))
+    # sync_batchnorm converts only BatchNorm-family norms: with gn it syncs nothing.
+    validate_config(
+        compose_config("compile=true", "trainer=ddp_cpu", "norm=gn", "trainer.sync_batchnorm=true")
+    )
+    validate_config(compose_config("compile=true", "norm=syncbn"))  # nothing to sync with
+
+
+@pytest.mark.parametrize("task", sorted(TASK_OVERRIDES))
+def test_each_task_compiles_the_networks_it_trains_in_place(task, tmp_path) -> None:
+    cfg = compose_run([*TASK_OVERRIDES[task], "compile=true"], "config", tmp_path / "run")
+    fill_from_datamodule(cfg, instantiate_data(cfg.data))
+    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    keys = list(module.state_dict())
+    module.compile_networks(cfg.compile_mode)
+    # Compiled lazily, on the first call: nothing is traced here.
+    networks = [getattr(module, name) for name in module.network_names]
+    assert networks and all(n._compiled_call_impl is not None for n in networks)
+    assert sum(p.numel() for n in networks for p in n.parameters()) == sum(
+        p.numel() for p in module.parameters()
+    )
+    assert list(module.state_dict()) == keys
+
+
+@pytest.mark.slow
+def test_a_compiled_runs_checkpoint_is_an_uncompiled_runs_and_eval_loads_it(
+    tmp_path, compose_config
+) -> None:
+    compiled = tiny_checkpoint("classification", tmp_path / "compiled", "compile=true")
+    plain = tiny_checkpoint("classification", tmp_path / "plain")
+    compiled_state = torch.load(compiled, map_location="cpu", weights_only=False)["state_dict"]
+    plain_state = torch.load(plain, map_location="cpu", weights_only=False)["state_dict"]
+    assert list(compiled_state) == list(plain_state)
+    assert not any("_orig_mod" in key for key in compiled_state)
+
+    eval_cfg = compose_config(f"ckpt_path={compiled}", "logger=csv", config_name="eval", run="eval")
+    metrics = evaluate(eval_cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
