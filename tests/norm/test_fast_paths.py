@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.norm import build_norm
+from normlab.ops import norm_functions
 from normlab.ops.bn_stats import (
     count_training_step,
     step_momentum,
@@ -150,9 +151,12 @@ def _step(layer: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor, upst
     return y.detach(), leaf.grad, grads, {n: b.clone() for n, b in layer.named_buffers()}
 
 
+@pytest.mark.parametrize("chunks", ["whole batch", "one sample each"])
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(map(str, s.values())))
-def test_fast_path_equals_plain_formula_in_float32(spec, layout):
+def test_fast_path_equals_plain_formula_in_float32(spec, layout, chunks, monkeypatch):
+    if chunks == "one sample each":  # eager passes by chunks of samples, as on real activations
+        monkeypatch.setattr(norm_functions, "_CHUNK_BYTES", 1)
     generator = torch.Generator().manual_seed(0)
     fast = build_norm(spec, C)
     _randomize(fast, generator)
