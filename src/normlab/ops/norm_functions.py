@@ -39,10 +39,26 @@ def variance_mean(
     returns them, in two passes (the mean, then the mean squared deviation from it): as stable,
     and on CPU 3-5× faster than ``torch.var_mean``'s Welford reduction (measured on a
     32×256×28×28 tensor: ~36 ms against ~7 ms, in either memory format). In place on a
-    temporary, so not differentiable: for a forward without autograd (a Function's, or no_grad)."""
+    temporary, so not differentiable: for a forward without autograd (a Function's, or no_grad).
+    Per channel of channels-last input (BatchNorm's statistics), in eager mode, ATen's
+    BatchNorm statistics kernel: two passes without a temporary, 5× faster (~1.7 ms)."""
+    if _is_per_channel_of_channels_last(x, dims) and not torch.compiler.is_compiling():
+        mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
+        if keepdim:
+            return _channel_view(var, x.dim()), _channel_view(mean, x.dim())
+        return var, mean
     mean = x.mean(dims, keepdim=True)
     var = x.clone().sub_(mean).square_().mean(dims, keepdim=keepdim)  # clone: see _product
     return var, mean if keepdim else mean.squeeze(dims)
+
+
+def _is_per_channel_of_channels_last(x: Tensor, dims: tuple[int, ...] | list[int]) -> bool:
+    return (
+        x.dim() == 4
+        and sorted(dims) == [0, 2, 3]
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    )
 
 
 def _mean_square(x: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -162,7 +178,12 @@ def _chunk_values(x: Tensor, blocks: list[tuple[int, int, int]]) -> Tensor:
 class ChunkedBatchNorm(torch.autograd.Function):
     """``y = (x − μ_k)/sqrt(var_k + eps)·γ + β`` with ``μ_k``, ``var_k`` (biased) the statistics
     of the chunk of samples ``k`` that each sample belongs to. Also returns each chunk's mean and
-    biased variance as (chunks, C) tensors (no gradient), for the running statistics."""
+    biased variance as (chunks, C) tensors (no gradient), for the running statistics.
+
+    In eager mode on float32/float64 input each chunk runs ATen's BatchNorm kernels, writing
+    into slices of one output (:func:`_aten_forward`): on channels-last input they are 2-5×
+    faster than any composition of ops (measured on 32×256×28×28). Compiled, or for half
+    precision input (statistics in float32), all chunks at once in composed ops."""
 
     @staticmethod
     def forward(
@@ -173,8 +194,15 @@ class ChunkedBatchNorm(torch.autograd.Function):
         chunk_sizes: tuple[int, ...],
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.blocks, ctx.chunk_sizes, ctx.eps = _blocks(chunk_sizes), chunk_sizes, eps
+        if _runs_aten_batch_norm(x):
+            y, mean, invstd = _aten_forward(x, weight, bias, chunk_sizes, eps)
+            var = invstd.square().reciprocal_().sub_(eps)
+            ctx.save_for_backward(x, weight, mean, invstd)
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
         xc = _upcast(x)
-        blocks, ndim = _blocks(chunk_sizes), x.dim()
+        blocks, ndim = ctx.blocks, x.dim()
         values = _chunk_values(x, blocks)
         mean = _chunk_sums(xc, blocks) / values
         # Two passes, as variance_mean: the squared deviations from each chunk's mean.
@@ -184,7 +212,6 @@ class ChunkedBatchNorm(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
         y = torch.addcmul(_per_sample(shift, blocks, ndim), xc, _per_sample(scale, blocks, ndim))
-        ctx.blocks = blocks
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
         return y.to(x.dtype), mean, var
@@ -192,6 +219,8 @@ class ChunkedBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
+        if _runs_aten_batch_norm(x):
+            return (*_aten_backward(ctx, grad, x, weight, mean, invstd), None, None)
         blocks, ndim = ctx.blocks, x.dim()
         xc, g = _upcast(x), _upcast(grad)
         values = _chunk_values(x, blocks)
@@ -212,6 +241,53 @@ class ChunkedBatchNorm(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _runs_aten_batch_norm(x: Tensor) -> bool:
+    return not torch.compiler.is_compiling() and x.dtype == compute_dtype(x)
+
+
+def _chunk_slices(chunk_sizes: tuple[int, ...]) -> list[slice]:
+    ends = list(itertools.accumulate(chunk_sizes))
+    return [slice(end - size, end) for end, size in zip(ends, chunk_sizes, strict=True)]
+
+
+def _aten_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, chunk_sizes: tuple[int, ...], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm of each chunk by ATen's kernel, written into slices of one output (``.out``
+    variants: no copies); also the (chunks, C) means and inverse standard deviations."""
+    y = torch.empty_like(x)
+    mean = x.new_empty((len(chunk_sizes), x.shape[1]))
+    invstd = torch.empty_like(mean)
+    for k, chunk in enumerate(_chunk_slices(chunk_sizes)):
+        torch.ops.aten.native_batch_norm.out(
+            x[chunk], weight, bias, None, None, True, 0.0, eps,
+            out=y[chunk], save_mean=mean[k], save_invstd=invstd[k],
+        )  # fmt: skip
+    return y, mean, invstd
+
+
+def _aten_backward(
+    ctx: Any, grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The input, weight and bias gradients of :func:`_aten_forward` by ATen's BatchNorm
+    backward per chunk, the input's written into slices of one tensor."""
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1], needs[2]]
+    x_grad = torch.empty_like(x)
+    # Per chunk: the weight's gradient, then the bias's.
+    parts = x.new_empty((2, *mean.shape))
+    for k, chunk in enumerate(_chunk_slices(ctx.chunk_sizes)):
+        torch.ops.aten.native_batch_norm_backward.out(
+            grad[chunk], x[chunk], weight, None, None, mean[k], invstd[k], True, ctx.eps, mask,
+            out0=x_grad[chunk], out1=parts[0, k], out2=parts[1, k],
+        )  # fmt: skip
+    return (
+        x_grad if needs[0] else None,
+        parts[0].sum(0) if needs[1] else None,
+        parts[1].sum(0) if needs[2] else None,
+    )
 
 
 # -- FRN + TLU -------------------------------------------------------------------------------------
