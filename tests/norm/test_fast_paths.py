@@ -1,6 +1,7 @@
 """The fast forward/backward of every small-batch norm (``normlab.ops.norm_functions``, brn on
-ATen's BatchNorm) against the plain autograd formulas they replace, in float32: outputs, input
-gradients, parameter gradients and running statistics, in both memory formats.
+ATen's BatchNorm) and of ``in`` (ATen's BatchNorm per sample on channels-last input) against the
+plain autograd formulas they replace, in float32: outputs, input gradients, parameter gradients
+and running statistics, in both memory formats.
 (``test_small_batch_norms.py`` checks the same layers against their papers in float64.)"""
 
 from __future__ import annotations
@@ -111,7 +112,14 @@ def plain_rms(m: nn.Module, x: Tensor) -> Tensor:
     return y if m.weight is None else y * _channel(m.weight)
 
 
+def plain_in(m: nn.Module, x: Tensor) -> Tensor:
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + m.eps)
+    return y if m.weight is None else y * _channel(m.weight) + _channel(m.bias)
+
+
 PLAIN: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
+    "in": plain_in,
     "brn": plain_brn,
     "ghost_bn": plain_ghost_bn,
     "frn": plain_frn,
@@ -120,7 +128,7 @@ PLAIN: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "rms": plain_rms,
 }
 # Specs that reach every branch: brn past its warm-up (r and d clip), ghost_bn with a
-# remainder chunk, FRN with a learned epsilon and TLU, S0 with groups, RMS without affine.
+# remainder chunk, FRN with a learned epsilon and TLU, S0 with groups, RMS and IN without affine.
 SPECS = [
     {"name": "brn", "r_max": 1.5, "d_max": 0.5, "warmup_steps": 1, "ramp_steps": 1},
     {"name": "ghost_bn", "virtual_batch_size": 3},
@@ -131,6 +139,8 @@ SPECS = [
     {"name": "evonorm_s0", "num_groups": 4},
     {"name": "rms"},
     {"name": "rms", "affine": False},
+    {"name": "in"},
+    {"name": "in", "affine": False},
 ]
 
 

@@ -274,7 +274,9 @@ def _aten_backward(
     """The input, weight and bias gradients of :func:`_aten_forward` by ATen's BatchNorm
     backward per chunk, the input's written into slices of one tensor."""
     needs = ctx.needs_input_grad
-    mask = [needs[0], needs[1], needs[2]]
+    # Always the parameters' sums: the input's gradient needs them anyway, and the .out variant
+    # refuses out tensors for results it does not compute.
+    mask = [needs[0], True, True]
     x_grad = torch.empty_like(x)
     # Per chunk: the weight's gradient, then the bias's.
     parts = x.new_empty((2, *mean.shape))
