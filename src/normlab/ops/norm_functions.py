@@ -5,8 +5,11 @@ Autograd through their plain formulas keeps every intermediate (about 3-5 activa
 runs 2-7× as long as BatchNorm on CPU (``experiments/bench/norm_cost.md``). Each function here
 saves only its input and per-row statistics, as ATen's BatchNorm saves its input, mean and
 inverse standard deviation, recomputes the cheap elementwise terms in the backward pass, and
-works in place on the buffers it allocates. ``tests/norm/test_fast_paths.py`` checks each
-against its plain formula.
+works in place on the buffers it allocates. In eager mode the per-sample work runs by chunks of
+samples that stay in cache (:func:`by_sample_chunks`), and BatchNorm-shaped work (Ghost BN's
+virtual batches, channels-last statistics) on ATen's BatchNorm kernels; compiled, each is one
+graph of plain ops that inductor fuses. ``tests/norm/test_fast_paths.py`` checks each against
+its plain formula, whole and by chunks.
 
 Statistics are computed in float32 for bfloat16 / float16 input (what ATen's norms do under
 autocast); the output and input gradient keep the input's dtype.
