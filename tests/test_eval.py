@@ -142,3 +142,9 @@ def test_eval_with_batch_statistics_says_so_and_differs_from_population(
     assert batch["test/loss"] != population["test/loss"]
     # Nothing the batch evaluation did stays in the module: population statistics again.
     assert _evaluated(compose_config, checkpoints["plain"]) == population
+    # The normalization batch, set on top of the training run's data.
+    with caplog.at_level(logging.INFO):
+        _evaluated(
+            compose_config, checkpoints["plain"], "norm_statistics=batch", "+data.eval_batch_size=3"
+        )
+    assert "(3 images per process)" in _lines(caplog, "norm statistics: batch")[-1]

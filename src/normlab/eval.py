@@ -74,6 +74,17 @@ def differences_from_training_test(
     return differences
 
 
+def evaluated_data(trained: DictConfig, cfg: DictConfig) -> DictConfig:
+    """The data config to test on: the training run's; a ``data=`` option's instead; or the
+    training run's with the options given without one on top (``+data.eval_batch_size=8``)."""
+    given = cfg.get("data")
+    if not given:
+        return trained.data
+    if "_target_" in given:
+        return given
+    return OmegaConf.merge(trained.data, given)
+
+
 @name_config_keys
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_required(cfg)
@@ -82,7 +93,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     info = load_run_info(cfg.ckpt_path, cfg.get("imports"))
     weights = chosen_weights(cfg.ckpt_path, info, cfg.get("weights"))
     trained = OmegaConf.create(info["config"])
-    data_cfg = cfg.data if cfg.get("data") else trained.data
+    data_cfg = evaluated_data(trained, cfg)
     datamodule = instantiate_data(data_cfg)
     check_data_fits(cfg.ckpt_path, trained, datamodule)
     module = load_trained_module(cfg.ckpt_path, trained, weights)
