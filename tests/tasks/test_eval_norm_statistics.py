@@ -18,7 +18,7 @@ from torch import nn
 
 from normlab.errors import ConfigError
 from normlab.runs import instantiate_data
-from normlab.tasks import ClassificationModule
+from normlab.tasks import ClassificationModule, Pix2PixModule
 from normlab.train import train
 from tiny_runs import compose_run, tiny_checkpoint
 
@@ -103,3 +103,23 @@ def test_a_bad_eval_norm_statistics_names_the_key(tmp_path):
     assert str(error.value) == (
         "task.eval_norm_statistics='running' is not one of population, batch"
     )
+
+
+def test_pix2pix_validates_its_generator_with_batch_statistics(tmp_path, caplog):
+    checkpoint = tiny_checkpoint(
+        "pix2pix",
+        tmp_path / "run",
+        "task.eval_norm_statistics=batch",
+        "trainer.limit_val_batches=2",
+    )
+    module = Pix2PixModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    trained = OmegaConf.load(checkpoint.parent.parent / "config_resolved.yaml")
+    datamodule = instantiate_data(trained.data)
+    before = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="normlab.tasks.base"):
+        first, second = _validate(module, datamodule), _validate(module, datamodule)
+    assert first == second  # no dropout, nothing left behind by the first
+    assert all(torch.equal(before[name], tensor) for name, tensor in module.state_dict().items())
+    assert any("(BatchNorm2d ×" in r.message for r in caplog.records)
+    module.eval_norm_statistics = "population"
+    assert _validate(module, datamodule)["val/l1"] != pytest.approx(first["val/l1"], rel=1e-4)
