@@ -27,10 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from experiments.lib.benchmark import Timing, compare, markdown_table, write_report
-from experiments.lib.jobs import REPO_ROOT
+from experiments.lib.benchmark import (
+    Timing,
+    code_and_load_line,
+    compare,
+    markdown_table,
+    write_report,
+)
 from normlab.norm import NORMS, build_norm
-from normlab.utils.run_info import git_sha
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=HERE / "norm_cost.md")
     args = parser.parse_args(argv)
 
-    commit, load_before = git_sha(REPO_ROOT), os.getloadavg()[0]
+    load_before = os.getloadavg()[0]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.shape, generator=generator)
     grad = torch.randn(args.shape, generator=generator)
@@ -153,9 +157,7 @@ def main(argv: list[str] | None = None) -> str:
         f"Norm cost: forward+backward on {shape}, relative to bn",
         f"python -m experiments.bench.norm_cost --shape {' '.join(map(str, args.shape))} "
         f"--repeats {args.repeats} --inner {args.inner}",
-        f"Code: commit {commit}. Machine load (1-minute load average): {load_before:.1f} "
-        f"before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; other work shares "
-        "them, so absolute times are noisy and the per-round ratios to bn are what to read.",
+        code_and_load_line(load_before),
         f"Training mode, float32, CPU; each measurement averages {args.inner} calls, "
         f"{args.repeats} rounds in which every norm runs once. `syncbn` outside a process group "
         "and `cuda_bn` on CPU tensors (backend auto) run PyTorch's BatchNorm; `ghost_bn` splits "
