@@ -8,15 +8,14 @@ Lightning loop, with its own norm and batch size (in the table): densenet_digits
 digits at 28 px, channels_last), convnext_digits (ConvNeXt-atto, ln), retinanet_digits
 (RetinaNet R18-FPN on 128 px digit scenes) and pix2pix_digits (U-Net + PatchGAN at 64 px). ``trainer.precision=32-true`` and ``bf16-mixed`` (CPU autocast to bfloat16) alternate,
 each on its own copy of the model; seconds per step over ``--steps`` steps. The report names
-the commit, the torch build, the CPU's vector capability and whether oneDNN runs bf16 on it
-(without AVX512-BF16 or AMX, bf16 convolutions are emulated and slower than float32), and the
-machine's load. Writes precision.md next to this file (or ``--out``).
+the CPU's vector capability and whether oneDNN runs bf16 on it (without AVX512-BF16 or AMX, bf16
+convolutions are emulated and slower than float32), and, as every benchmark's, the commit, the
+torch build and the machine's load. Writes precision.md next to this file (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
@@ -25,9 +24,9 @@ import torch
 from experiments.lib.benchmark import (
     FAMILY_EXPERIMENTS,
     TINY,
-    code_and_load_line,
     compare,
     experiment_step,
+    machine_load,
     write_report,
 )
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> str:
     register_resolvers()
     quiet_dependency_warnings()
 
-    load_before = os.getloadavg()[0]
+    load_before = machine_load()
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for experiment in args.experiments:
@@ -91,7 +90,8 @@ def main(argv: list[str] | None = None) -> str:
         "bf16-mixed vs 32-true: training step time per model family on CPU",
         f"python -m experiments.bench.precision --steps {args.steps} --repeats {args.repeats}"
         f"{' --tiny' if args.tiny else ''}",
-        code_and_load_line(load_before),
+        "Other work may share the cores (the load above says how much), so absolute times are "
+        "noisy and the per-round ratios are what to read.",
         f"CPU capability: {torch.backends.cpu.get_cpu_capability()}; oneDNN bf16 supported: "
         f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}.",
         f"Milliseconds per training step (data loading included), each measurement averaging "
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> str:
         "round. bf16 / fp32 = the median of the per-round ratios of step times.",
         "| experiment | batch | 32-true (ms) | bf16-mixed (ms) | bf16 / fp32 | verdict |\n"
         "|---|---:|---:|---:|---:|---|\n" + "\n".join(rows),
+        load_before=load_before,
     )
 
 

@@ -127,16 +127,6 @@ def experiment_step(
     return run, cfg.data.batch_size
 
 
-def code_and_load_line(load_before: float) -> str:
-    """A report's line naming the commit measured and the machine's load while it ran."""
-    return (
-        f"Code: commit {git_sha(REPO_ROOT)}. Machine load (1-minute load average): "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; "
-        "other work shares them, so absolute times are noisy and the per-round ratios are what "
-        "to read."
-    )
-
-
 def _synchronize(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -195,13 +185,24 @@ def markdown_table(timings: list[Timing], unit: str = "ms") -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, title: str, command: str, *sections: str) -> str:
-    """A benchmark's markdown file: title, the command that reproduces it, the machine, sections."""
+def machine_load() -> float:
+    """The 1-minute load average: taken before and after a benchmark, it says whether other work
+    shared the cores while it ran (the tables print both)."""
+    return os.getloadavg()[0]
+
+
+def write_report(path: Path, title: str, command: str, *sections: str, load_before: float) -> str:
+    """A benchmark's markdown file: title, the command that reproduces it, the machine and torch
+    build, the commit of the code measured (``-dirty`` if tracked files differed from it), the
+    machine load before (``load_before``, from :func:`machine_load`) and after, then sections."""
     text = "\n\n".join(
         [
             f"# {title}",
             f"Command: `{command}`  \nMachine: {machine_line()}, "
-            f"{torch.get_num_threads()} intra-op threads",
+            f"{torch.get_num_threads()} intra-op threads  \n"
+            f"Code: commit {git_sha(REPO_ROOT)}  \n"
+            f"Machine load (1-minute load average on {os.cpu_count()} cores): "
+            f"{load_before:.1f} before, {machine_load():.1f} after",
             *sections,
         ]
     )
