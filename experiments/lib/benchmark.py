@@ -17,9 +17,32 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from experiments.lib.jobs import REPO_ROOT, machine_line
+from normlab.runs import fill_from_datamodule, instantiate_data
+from normlab.utils.hydra_run import CONFIG_DIR
 from normlab.utils.run_info import git_sha
+
+# The experiment of each model family, and the overrides that make it a smoke run's size.
+FAMILY_EXPERIMENTS = ["densenet_digits", "convnext_digits", "retinanet_digits", "pix2pix_digits"]
+TINY = {
+    "densenet_digits": ["data.image_size=8", "data.batch_size=8"],
+    "convnext_digits": ["data.batch_size=8"],
+    "retinanet_digits": [
+        "model.fpn_channels=64",
+        "data.batch_size=2",
+        *(f"data.num_{split}=4" for split in ("train", "val", "test")),
+    ],
+    "pix2pix_digits": [
+        "model.generator.ngf=4",
+        "model.discriminator.ndf=4",
+        "data.batch_size=2",
+        *(f"data.num_{split}=4" for split in ("train", "val", "test")),
+    ],
+}
 
 
 @dataclass
@@ -76,6 +99,32 @@ def timed_epoch(
         callbacks=[timer],
     ).fit(module, train_dataloaders=loader)
     return timer.seconds
+
+
+def experiment_step(
+    experiment: str, overrides: list[str], data_root: Path, steps: int, device: str, precision: str
+) -> tuple[Callable[[], float], int]:
+    """(a call that trains ``experiment``'s own model, data module, optimizer and Trainer loop
+    for ``steps`` steps and returns the seconds per step, data loading included; the batch
+    size). The model is built once, seeded, and keeps training from call to call; data is
+    generated under ``data_root``."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"experiment={experiment}", f"paths.data_dir={data_root}", *overrides],
+        )
+    datamodule = instantiate_data(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    fill_from_datamodule(cfg, datamodule)
+    torch.manual_seed(0)
+    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+
+    def run() -> float:
+        loader = datamodule.train_dataloader()
+        return timed_epoch(module, loader, steps, device, precision) / steps
+
+    return run, cfg.data.batch_size
 
 
 def _synchronize(device: torch.device | None) -> None:
