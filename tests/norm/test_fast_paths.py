@@ -212,3 +212,12 @@ def test_fast_paths_save_no_more_than_bn_for_backward():
     bn = saved(build_norm("bn", C).train())
     for spec in SPECS:
         assert saved(build_norm(spec, C).train()) <= 1.25 * bn, spec
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(map(str, s.values())))
+def test_fast_path_output_takes_an_in_place_op(spec):
+    """A following ReLU(inplace=True) works on the output: it is not a view autograd forbids."""
+    layer = build_norm(spec, C).train()
+    leaf = torch.randn(4, C, 5, 6, requires_grad=True)
+    layer(leaf).relu_().sum().backward()
+    assert leaf.grad is not None

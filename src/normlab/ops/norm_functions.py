@@ -93,6 +93,7 @@ def by_sample_chunks(
     function: Callable[..., tuple[Tensor | None, ...]],
     sliced: tuple[Tensor, ...],
     joined: int,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, ...]:
     """``function(*sliced)``, in eager mode run on chunks of consecutive samples (dim 0) of the
     ``sliced`` tensors: its first ``joined`` results are per sample and joined along dim 0 (in
@@ -100,22 +101,31 @@ def by_sample_chunks(
     (None stays None). A chain of elementwise ops on a whole activation reads and writes main
     memory, and allocates fresh pages, at every step; on a chunk it stays in cache and reuses
     the memory of the last chunk's temporaries (measured on a 32×256×28×28 backward: 5× less
-    time). Under torch.compile one call on the whole tensors: inductor fuses the chain itself."""
+    time). Under torch.compile one call on the whole tensors: inductor fuses the chain itself.
+
+    With ``out_dtype``, ``function`` first takes where to write its first result (an ``out=``
+    for its last op, sparing a copy): the chunk's slice of one tensor of that dtype laid out as
+    ``sliced[0]``, or None when compiled (``out=`` cannot be traced there)."""
     if torch.compiler.is_compiling():
-        return function(*sliced)
+        return function(None, *sliced) if out_dtype is not None else function(*sliced)
     first = sliced[0]
     step = max(1, _CHUNK_BYTES // max(1, first[0].numel() * first.element_size()))
+    out = None if out_dtype is None else torch.empty_like(first, dtype=out_dtype)
+    copied = range(0 if out is None else 1, joined)
     results: list[Tensor | None] = []
     for start in range(0, first.shape[0], step):
-        part = function(*(t[start : start + step] for t in sliced))
+        chunk = [t[start : start + step] for t in sliced]
+        part = function(*chunk) if out is None else function(out[start : start + step], *chunk)
         if not results:
-            results = [_joined_buffer(r, first) if i < joined else r for i, r in enumerate(part)]
-            if start + step >= first.shape[0]:
-                return tuple(part)
+            if start + step >= first.shape[0]:  # one chunk; ``out`` itself, not a view of it
+                return tuple(part) if out is None else (out, *part[1:])
+            results = [_joined_buffer(r, first) if i in copied else r for i, r in enumerate(part)]
+            if out is not None:
+                results[0] = out
         for i, r in enumerate(part):
-            if i < joined:
+            if i in copied:
                 results[i][start : start + step].copy_(r)
-            elif start and r is not None:
+            elif i >= joined and start and r is not None:
                 results[i] = results[i] + r
     return tuple(results)
 
@@ -318,15 +328,15 @@ class FilterResponseNorm(torch.autograd.Function):
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))
         gamma, beta = _channel_view(weight, ndim), _channel_view(bias, ndim)
 
-        def normalise(samples: Tensor) -> tuple[Tensor, Tensor]:
+        def normalise(out: Tensor | None, samples: Tensor) -> tuple[Tensor, Tensor]:
             xc = _upcast(samples)
             invrms = torch.rsqrt(_mean_square(xc, spatial) + eps)
-            y = torch.addcmul(beta, xc, invrms * gamma)
+            y = torch.addcmul(beta, xc, invrms * gamma, out=out)
             if tau is not None:
                 y = y.clamp_(min=_channel_view(tau, ndim))
             return y.to(samples.dtype), invrms
 
-        y, invrms = by_sample_chunks(normalise, (x,), joined=2)
+        y, invrms = by_sample_chunks(normalise, (x,), joined=2, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, bias, tau, invrms)
         ctx.eps_is_tensor = isinstance(eps, Tensor)
         return y
@@ -339,7 +349,7 @@ class FilterResponseNorm(torch.autograd.Function):
         gamma, beta = _channel_view(weight, ndim), _channel_view(bias, ndim)
 
         def differentiate(
-            samples: Tensor, upstream: Tensor, invrms: Tensor
+            out: Tensor | None, samples: Tensor, upstream: Tensor, invrms: Tensor
         ) -> tuple[Tensor | None, ...]:
             xc, g = _upcast(samples), _upcast(upstream)
             scale = invrms * gamma
@@ -359,11 +369,15 @@ class FilterResponseNorm(torch.autograd.Function):
             weight_grad = (summed * invrms).sum(0).flatten()
             r_grad = summed * gamma
             cubed = invrms.pow(3)
-            x_grad = torch.mul(xc, r_grad * cubed / -values, out=products).addcmul_(g, scale)
+            coefficient = r_grad * cubed / -values
+            x_grad = torch.mul(xc, coefficient, out=products if out is None else out)
+            x_grad = x_grad.addcmul_(g, scale)
             eps_grad = (r_grad * cubed).sum().mul(-0.5).view(1) if ctx.eps_is_tensor else None
             return x_grad, weight_grad, bias_grad, tau_grad, eps_grad
 
-        return by_sample_chunks(differentiate, (x, grad, invrms), joined=1)
+        return by_sample_chunks(
+            differentiate, (x, grad, invrms), joined=1, out_dtype=compute_dtype(x)
+        )
 
 
 # -- RMSNorm over the channels ---------------------------------------------------------------------
@@ -451,14 +465,14 @@ class EvoNormB0Function(torch.autograd.Function):
         instance_std = instance_var.add_(eps).sqrt_()
         gamma, beta = _channel_view(weight, ndim), _channel_view(bias, ndim)
 
-        def normalise(samples: Tensor, instance_std: Tensor) -> tuple[Tensor]:
+        def normalise(out: Tensor | None, samples: Tensor, instance_std: Tensor) -> tuple[Tensor]:
             xc = _upcast(samples)
             denominator = _evonorm_b0_denominator(xc, v, instance_std, batch_std)
             # x·γ/D + β in one op: D/γ is computed after the max, so a negative γ is no problem.
-            y = torch.addcdiv(beta, xc, denominator.div_(gamma))
+            y = torch.addcdiv(beta, xc, denominator.div_(gamma), out=out)
             return (y.to(samples.dtype),)
 
-        (y,) = by_sample_chunks(normalise, (x, instance_std), joined=1)
+        (y,) = by_sample_chunks(normalise, (x, instance_std), joined=1, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, v, instance_mean, instance_std, batch_std, batch_mean)
         return y, batch_var
 
@@ -471,12 +485,16 @@ class EvoNormB0Function(torch.autograd.Function):
         instance_values = math.prod(x.shape[2:])
 
         def differentiate(
-            samples: Tensor, upstream: Tensor, instance_mean: Tensor, instance_std: Tensor
+            out: Tensor | None,
+            samples: Tensor,
+            upstream: Tensor,
+            instance_mean: Tensor,
+            instance_std: Tensor,
         ) -> tuple[Tensor | None, ...]:
             """dx without the term through σ_B, and the sums that term needs."""
             xc, g = _upcast(samples), _upcast(upstream)
             denominator = _evonorm_b0_denominator(xc, v, instance_std, batch_std)
-            direct = g / denominator  # ∂L/∂(x/D)·1/γ
+            direct = torch.div(g, denominator, out=out)  # ∂L/∂(x/D)·1/γ
             products = direct * xc
             weight_grad = products.sum(channel_sum)
             # e = ∂L/∂D = −γ·g·x/D²
@@ -495,7 +513,10 @@ class EvoNormB0Function(torch.autograd.Function):
             return x_grad, weight_grad, g.sum(channel_sum), v_grad, batch_side
 
         x_grad, weight_grad, bias_grad, v_grad, batch_side = by_sample_chunks(
-            differentiate, (x, grad, instance_mean, instance_std), joined=1
+            differentiate,
+            (x, grad, instance_mean, instance_std),
+            joined=1,
+            out_dtype=compute_dtype(x),
         )
         if batch_mean is not None:
             # ∂σ_B/∂x = (x − μ_B)/(n_B·σ_B), weighted by ∂L/∂σ_B, the sum over the batch side
@@ -529,18 +550,18 @@ class EvoNormS0Function(torch.autograd.Function):
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))
         gamma, beta, v_view = (_channel_view(t, ndim) for t in (weight, bias, v))
 
-        def normalise(samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def normalise(out: Tensor | None, samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             xc = _upcast(samples)
             # Each group's from its channels' (law of total variance), as EvoNorm-B0's batch's.
             channel_var, channel_mean = variance_mean(xc, spatial, keepdim=True)
             mean = _group_mean(channel_mean, groups)
             var = _group_mean(channel_var + (channel_mean - mean).square_(), groups)
             invstd = var.add_(eps).rsqrt_()
-            y = torch.mul(xc, v_view).sigmoid_().mul_(xc)
-            y = y.mul_(invstd * gamma).add_(beta)
+            gated = torch.mul(xc, v_view).sigmoid_().mul_(xc)
+            y = torch.addcmul(beta, gated, invstd * gamma, out=out)
             return y.to(samples.dtype), mean, invstd
 
-        y, mean, invstd = by_sample_chunks(normalise, (x,), joined=3)
+        y, mean, invstd = by_sample_chunks(normalise, (x,), joined=3, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, v, mean, invstd)
         ctx.groups = groups
         return y
@@ -554,7 +575,7 @@ class EvoNormS0Function(torch.autograd.Function):
         values = x[0].numel() // groups
 
         def differentiate(
-            samples: Tensor, upstream: Tensor, mean: Tensor, invstd: Tensor
+            out: Tensor | None, samples: Tensor, upstream: Tensor, mean: Tensor, invstd: Tensor
         ) -> tuple[Tensor, ...]:
             xc, g = _upcast(samples), _upcast(upstream)
             gate = torch.mul(xc, v_view).sigmoid_()
@@ -570,12 +591,12 @@ class EvoNormS0Function(torch.autograd.Function):
             v_grad = (x_grad.sum(spatial, keepdim=True) * scale).sum(0).flatten()
             # dx = γ·r·(g·s + v·u) − ∂L/∂r·r³·(x − μ)/n
             coefficient = r_grad * invstd.pow(3) / -values
-            x_grad = torch.mul(g, gate, out=x_grad).addcmul_(u, v_view)
+            x_grad = torch.mul(g, gate, out=x_grad if out is None else out).addcmul_(u, v_view)
             x_grad = x_grad.mul_(scale).addcmul_(xc, coefficient).sub_(coefficient * mean)
             return x_grad, weight_grad, g.sum((0, *spatial)), v_grad
 
         x_grad, weight_grad, bias_grad, v_grad = by_sample_chunks(
-            differentiate, (x, grad, mean, invstd), joined=1
+            differentiate, (x, grad, mean, invstd), joined=1, out_dtype=compute_dtype(x)
         )
         return x_grad, weight_grad, bias_grad, v_grad, None, None
 
