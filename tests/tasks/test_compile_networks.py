@@ -17,7 +17,8 @@ from tiny_runs import TASK_OVERRIDES, compose_run, tiny_checkpoint
 
 def test_compile_is_off_by_default_and_composes_with_every_mode(compose_config) -> None:
     cfg = compose_config()
-    assert cfg.compile is False and cfg.compile_mode == "default"
+    assert cfg.compile is False and cfg.compile_mode == "default" and cfg.compile_regional is False
+    validate_config(compose_config("compile=true", "compile_regional=true"))
     for mode in COMPILE_MODES:
         cfg = compose_config("compile=true", f"compile_mode={mode}")
         validate_config(cfg)
@@ -32,6 +33,8 @@ def test_compile_is_off_by_default_and_composes_with_every_mode(compose_config) 
             r"compile_mode must be one of default, reduce-overhead, .*'fastest'",
         ),
         (["compile=maybe"], r"compile must be true or false, got 'maybe'"),
+        (["compile=true", "compile_regional=1"], r"compile_regional must be true or false, got 1"),
+        (["compile_regional=true"], r"compile_regional=true compiles nothing without compile=true"),
         (
             ["compile=true", "trainer=ddp_cpu", "norm=syncbn"],
             r"compile=true with norm=syncbn in 2 processes: .* graph break",
@@ -69,6 +72,27 @@ def test_each_task_compiles_the_networks_it_trains_in_place(task, tmp_path) -> N
     assert sum(p.numel() for n in networks for p in n.parameters()) == sum(
         p.numel() for p in module.parameters()
     )
+    assert list(module.state_dict()) == keys
+
+
+@pytest.mark.parametrize("task", sorted(TASK_OVERRIDES))
+def test_regional_compile_compiles_blocks_not_whole_networks(task, tmp_path) -> None:
+    cfg = compose_run([*TASK_OVERRIDES[task], "compile=true"], "config", tmp_path / "run")
+    fill_from_datamodule(cfg, instantiate_data(cfg.data))
+    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    keys = list(module.state_dict())
+    with torch._dynamo.config.patch(
+        force_parameter_static_shapes=True,
+        force_nn_module_property_static_shapes=True,
+        recompile_limit=torch._dynamo.config.recompile_limit,
+    ):
+        module.compile_networks(cfg.compile_mode, regional=True)
+    compiled = [m for m in module.modules() if m._compiled_call_impl is not None]
+    assert len(compiled) > len(module.network_names)
+    # The pix2pix discriminator repeats nothing and is compiled whole; every other network
+    # keeps its own call eager and compiles its blocks.
+    whole = [name for name in module.network_names if getattr(module, name) in compiled]
+    assert whole == (["discriminator"] if task == "pix2pix" else [])
     assert list(module.state_dict()) == keys
 
 
