@@ -40,6 +40,10 @@ def test_compile_is_off_by_default_and_composes_with_every_mode(compose_config) 
             r"compile=true with norm=syncbn in 2 processes: .* graph break",
         ),
         (
+            ["compile=true", "trainer=ddp_cpu", "norm=cuda_bn", "norm.sync=true"],
+            r"compile=true with norm.sync=true in 2 processes: .* graph break",
+        ),
+        (
             ["compile=true", "trainer=ddp_cpu", "trainer.sync_batchnorm=true"],
             r"compile=true with trainer.sync_batchnorm=true in 2 processes",
         ),
