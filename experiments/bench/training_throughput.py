@@ -17,14 +17,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from experiments.lib.benchmark import compare, timed_epoch, write_report
-from normlab.runs import fill_from_datamodule, instantiate_data
+from experiments.lib.benchmark import compare, experiment_task, timed_epoch, write_report
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
-from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
+from normlab.utils.hydra_run import register_resolvers
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
@@ -52,18 +48,9 @@ TINY = {
 
 
 def candidate(experiment: str, norm: str, overrides: list[str], args, root: Path):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[f"experiment={experiment}", f"norm={norm}", f"paths.data_dir={root}",
-                       *overrides],
-        )  # fmt: skip
-    datamodule = instantiate_data(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    fill_from_datamodule(cfg, datamodule)
-    torch.manual_seed(0)
-    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    cfg, module, datamodule = experiment_task(
+        [f"experiment={experiment}", f"norm={norm}", *overrides], root
+    )
     batch_size = cfg.data.batch_size
 
     def run() -> float:

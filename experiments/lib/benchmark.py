@@ -16,8 +16,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.lib.jobs import machine_line
+from normlab.runs import fill_from_datamodule, instantiate_data
+from normlab.utils.hydra_run import CONFIG_DIR
 
 
 @dataclass
@@ -74,6 +79,22 @@ def timed_epoch(
         callbacks=[timer],
     ).fit(module, train_dataloaders=loader)
     return timer.seconds
+
+
+def experiment_task(
+    overrides: list[str], data_root: Path
+) -> tuple[DictConfig, pl.LightningModule, pl.LightningDataModule]:
+    """What ``python -m normlab.train *overrides`` builds before fitting: its config, its task
+    module (seed 0) and its data module, set up for fit with data under ``data_root``."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.data_dir={data_root}"])
+    datamodule = instantiate_data(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    fill_from_datamodule(cfg, datamodule)
+    torch.manual_seed(0)
+    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    return cfg, module, datamodule
 
 
 def _synchronize(device: torch.device | None) -> None:

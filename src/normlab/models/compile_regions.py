@@ -3,9 +3,9 @@ network on its own, in place, as PyTorch's regional compilation recipe does, ins
 network at once.
 
 Blocks of one kind run the same Python code, so Dynamo compiles it once and reuses that graph for
-every block whose guards pass; blocks that differ only in their tensors' sizes share a second,
-dynamic-shape graph after the first mismatch (automatic dynamic shapes). Warm-up then grows with
-the number of kinds of block, not with depth. The code between blocks (stems, transitions'
+every block whose guards pass: same parameter shapes (ConvNeXt's blocks within a stage, ResNet's
+blocks after a stage's first), inputs that differ only in size (one FPN head unit on every level,
+after the first mismatch: automatic dynamic shapes). The code between blocks (stems, transitions'
 pooling, heads' loss and post-processing) runs eagerly. Compiling in place
 (``nn.Module.compile``) keeps the module tree, so state-dict keys stay those of the uncompiled
 network.
@@ -65,20 +65,14 @@ def compile_repeated_blocks(network: nn.Module, **options: Any) -> list[nn.Modul
     nothing (the pix2pix discriminators) is small and is compiled whole. Returns what was
     compiled.
 
-    Sets three of Dynamo's process-wide switches: by default a parameter's or buffer's shape is a
-    constant of the graph, and blocks that differ in their channel counts (DenseNet's dense
-    layers, one per input width) would each compile a graph of their own, past Dynamo's
-    recompile limit (8) after which the rest run eagerly. With the switches off they share one
-    dynamic-shape graph after the first mismatch (DenseNet-BC-40: 5 graphs for 20 blocks, not 10
-    and eager ones)."""
-    torch._dynamo.config.force_parameter_static_shapes = False
-    torch._dynamo.config.force_nn_module_property_static_shapes = False
+    Raises Dynamo's recompile limit (process-wide) to twice the number of blocks: blocks of one
+    kind share a code object, and each shape of their parameters is a graph of its own (DenseNet's
+    dense layers, one per input width; the U-Net's levels), in training and again in eval mode, so
+    with the default limit (8) the blocks past it would run eagerly. Parameter shapes stay static: letting them vary would share
+    more graphs, but inductor then fails on some of them (ConvNeXt's, torch 2.14)."""
     blocks = repeated_blocks(network) or [network]
-    # The U-Net's paths are nn.Sequentials, whose parameters Dynamo keeps static whatever the
-    # switches say: they share one code object and recompile per shape, so the limit must let
-    # every block compile rather than run the last ones eagerly.
     limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, len(blocks))
+    torch._dynamo.config.recompile_limit = max(limit, 2 * len(blocks))
     for block in blocks:
         block.compile(**options)
     return blocks

@@ -93,19 +93,14 @@ class _DenseLayer(nn.Module):
 
     def bottleneck(self, *features: Tensor) -> Tensor:
         """Concatenate the block's features so far and reduce them to ``bn_size*k`` channels."""
-        joined = features[0] if len(features) == 1 else torch.cat(features, 1)
-        return self.conv1(self.relu1(self.norm1(joined)))
+        return self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
 
     def _checkpoint_contexts(self) -> tuple[AbstractContextManager[None], _RestoreBuffers]:
         # (forward, recompute): the first forward is normal; only the recomputation in backward
         # must leave no trace on the buffers.
         return nullcontext(), _RestoreBuffers([self.norm1, self.relu1, self.conv1])
 
-    def forward(self, features: Tensor | list[Tensor]) -> Tensor:
-        """``features``: the block's features so far, or (not memory_efficient) their
-        concatenation."""
-        if isinstance(features, Tensor):
-            features = [features]
+    def forward(self, features: list[Tensor]) -> Tensor:
         needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in features)
         if self.memory_efficient and needs_grad:
             # The concatenation is the memory hog (it grows quadratically with depth), so it and
@@ -150,13 +145,10 @@ class _DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        # A memory_efficient layer gets the list and concatenates inside its checkpoint, so that
-        # the concatenation is dropped after use. The others get one tensor: compiled one by one
-        # (compile_regional), layers then differ only in shape and share a graph, where a list
-        # of a different length for each layer would recompile each of them.
+        # Keep a list and let each layer concatenate, so memory_efficient can drop the concat.
         features = [x]
         for layer in self.values():
-            features.append(layer(features if layer.memory_efficient else torch.cat(features, 1)))
+            features.append(layer(features))
         return torch.cat(features, 1)
 
 
