@@ -11,7 +11,7 @@ STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-nor
   small-batch-norms
 
 .PHONY: install export train data-fashion-mnist test test-slow test-ddp test-gpu test-aot bench bench-gpu bench-bn \
-  bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
+  bench-cuda-bn-cpu bench-compile lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
   sweep-norms sweep-optuna sweep-slurm slurm-packages slurm-local slurm-down test-slurm $(addprefix study-,$(STUDIES))
 
 help:
@@ -110,6 +110,9 @@ bench-bn: install ## GPU: cuda_bn vs native BN (and BN+ReLU), writes experiments
 
 bench-cuda-bn-cpu: install ## CPU: a DenseNet step with norm=cuda_bn vs norm=bn (goal ≤ 1.05×)
 	$(BIN)/python -m experiments.bench.cuda_bn_cpu $(ARGS)
+
+bench-compile: install ## CPU: compile=true vs eager per family × norm (step time, warm-up, break-even), writes experiments/bench/compile.md
+	$(BIN)/python -m experiments.bench.compile $(ARGS)
 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
 	$(BIN)/python -m experiments.retinanet_digits.run $(ARGS)

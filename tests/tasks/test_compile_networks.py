@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from normlab.errors import ConfigError
 from normlab.eval import evaluate
+from normlab.export import export
 from normlab.runs import fill_from_datamodule, instantiate_data
 from normlab.validation import COMPILE_MODES, validate_config
 from tiny_runs import TASK_OVERRIDES, compose_run, tiny_checkpoint
@@ -101,7 +102,7 @@ def test_regional_compile_compiles_blocks_not_whole_networks(task, tmp_path) -> 
 
 
 @pytest.mark.slow
-def test_a_compiled_runs_checkpoint_is_an_uncompiled_runs_and_eval_loads_it(
+def test_a_compiled_runs_checkpoint_is_an_uncompiled_runs_and_eval_and_export_load_it(
     tmp_path, compose_config
 ) -> None:
     compiled = tiny_checkpoint("classification", tmp_path / "compiled", "compile=true")
@@ -114,3 +115,12 @@ def test_a_compiled_runs_checkpoint_is_an_uncompiled_runs_and_eval_loads_it(
     eval_cfg = compose_config(f"ckpt_path={compiled}", "logger=csv", config_name="eval", run="eval")
     metrics = evaluate(eval_cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0
+
+    # Export reads it as it reads an uncompiled run's: the same norms folded, and the exported
+    # file computes what the checkpoint's eval model does.
+    reports = [
+        export(compose_config(f"ckpt_path={path}", config_name="export", run=f"export_{name}"))
+        for name, path in (("compiled", compiled), ("plain", plain))
+    ]
+    assert reports[0]["folding"]["folded"] == reports[1]["folding"]["folded"]
+    assert reports[0]["max_abs_difference_exported"] < 1e-4
