@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from normlab.errors import ConfigError
 from normlab.eval import evaluate
 from normlab.export import export
 from normlab.runs import fill_from_datamodule, instantiate_data
+from normlab.tasks.base import Task
 from normlab.validation import COMPILE_MODES, validate_config
 from tiny_runs import TASK_OVERRIDES, compose_run, tiny_checkpoint
 
@@ -64,11 +65,15 @@ def test_compile_allows_norms_that_do_not_sync_or_a_single_process(compose_confi
     validate_config(compose_config("compile=true", "norm=syncbn"))  # nothing to sync with
 
 
-@pytest.mark.parametrize("task", sorted(TASK_OVERRIDES))
-def test_each_task_compiles_the_networks_it_trains_in_place(task, tmp_path) -> None:
+def _task_module(task: str, tmp_path) -> tuple[DictConfig, Task]:
     cfg = compose_run([*TASK_OVERRIDES[task], "compile=true"], "config", tmp_path / "run")
     fill_from_datamodule(cfg, instantiate_data(cfg.data))
-    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    return cfg, instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+
+
+@pytest.mark.parametrize("task", sorted(TASK_OVERRIDES))
+def test_each_task_compiles_the_networks_it_trains_in_place(task, tmp_path) -> None:
+    cfg, module = _task_module(task, tmp_path)
     keys = list(module.state_dict())
     module.compile_networks(cfg.compile_mode)
     # Compiled lazily, on the first call: nothing is traced here.
@@ -82,15 +87,10 @@ def test_each_task_compiles_the_networks_it_trains_in_place(task, tmp_path) -> N
 
 @pytest.mark.parametrize("task", sorted(TASK_OVERRIDES))
 def test_regional_compile_compiles_blocks_not_whole_networks(task, tmp_path) -> None:
-    cfg = compose_run([*TASK_OVERRIDES[task], "compile=true"], "config", tmp_path / "run")
-    fill_from_datamodule(cfg, instantiate_data(cfg.data))
-    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    cfg, module = _task_module(task, tmp_path)
     keys = list(module.state_dict())
-    with torch._dynamo.config.patch(
-        force_parameter_static_shapes=True,
-        force_nn_module_property_static_shapes=True,
-        recompile_limit=torch._dynamo.config.recompile_limit,
-    ):
+    # It raises Dynamo's process-wide recompile limit; patch() puts the value back.
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
         module.compile_networks(cfg.compile_mode, regional=True)
     compiled = [m for m in module.modules() if m._compiled_call_impl is not None]
     assert len(compiled) > len(module.network_names)
