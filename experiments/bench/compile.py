@@ -31,6 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch._dynamo.utils import counters
+
 from experiments.lib.benchmark import compare, experiment_task, timed_epoch, write_report
 from experiments.lib.jobs import REPO_ROOT
 from normlab.utils.run_info import git_sha
@@ -97,8 +99,6 @@ class Measurement:
 
 def measure(family: str, norm: str, regional: bool, args: argparse.Namespace) -> Measurement:
     """Run in a process of its own (see the module docstring)."""
-    from torch._dynamo.utils import counters
-
     overrides = [*FAMILIES[family][1], f"norm={norm}", *(TINY[family] if args.tiny else [])]
     with tempfile.TemporaryDirectory() as root:
         cfg, eager, datamodule = experiment_task(overrides, Path(root))

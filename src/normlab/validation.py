@@ -374,8 +374,9 @@ def _named_traits(spec: Any) -> NormTraits | None:
 
 
 def _check_compile(cfg: DictConfig) -> None:
-    """``compile`` is a switch and ``compile_mode`` one of torch.compile's modes; a norm that
-    syncs across processes breaks the graph at its collective, so compiling it is refused."""
+    """``compile`` and ``compile_regional`` are switches (the second only with the first) and
+    ``compile_mode`` one of torch.compile's modes; a norm that syncs across processes breaks the
+    graph at its collective, so compiling it is refused."""
     enabled = cfg.get("compile", False)
     if not isinstance(enabled, bool):
         raise ConfigError(f"compile must be true or false, got {enabled!r}")
