@@ -3,9 +3,8 @@ network on its own, in place, as PyTorch's regional compilation recipe does, ins
 network at once.
 
 Blocks of one kind run the same Python code, so Dynamo compiles it once and reuses that graph for
-every block whose guards pass: same parameter shapes (ConvNeXt's blocks within a stage, ResNet's
-blocks after a stage's first), inputs that differ only in size (one FPN head unit on every level,
-after the first mismatch: automatic dynamic shapes). The code between blocks (stems, transitions'
+every block whose guards pass: the same parameter and input shapes (ConvNeXt's blocks within a
+stage, ResNet's blocks after a stage's first, the head towers' units on one FPN level). The code between blocks (stems, transitions'
 pooling, heads' loss and post-processing) runs eagerly. Compiling in place
 (``nn.Module.compile``) keeps the module tree, so state-dict keys stay those of the uncompiled
 network.
@@ -65,14 +64,18 @@ def compile_repeated_blocks(network: nn.Module, **options: Any) -> list[nn.Modul
     nothing (the pix2pix discriminators) is small and is compiled whole. Returns what was
     compiled.
 
-    Raises Dynamo's recompile limit (process-wide) to twice the number of blocks: blocks of one
-    kind share a code object, and each shape of their parameters is a graph of its own (DenseNet's
-    dense layers, one per input width; the U-Net's levels), in training and again in eval mode, so
-    with the default limit (8) the blocks past it would run eagerly. Parameter shapes stay static: letting them vary would share
-    more graphs, but inductor then fails on some of them (ConvNeXt's, torch 2.14)."""
+    Shapes are static (``dynamic=False`` unless ``options`` say otherwise): blocks of one kind
+    that differ in size would otherwise share a dynamic-shape graph after the first mismatch, and
+    inductor (torch 2.14) fails to compile ConvNeXt-atto's second stage that way. Each shape of a
+    block's parameters and input is then a graph of its own (DenseNet's dense layers, one per
+    input width; the U-Net's levels; a head unit per FPN level), in training and again in eval
+    mode, and all of them share the block class's code object: Dynamo's recompile limit
+    (process-wide, 8 by default) is raised to four times the number of blocks, so that no block
+    runs eagerly past it."""
     blocks = repeated_blocks(network) or [network]
     limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, 2 * len(blocks))
+    torch._dynamo.config.recompile_limit = max(limit, 4 * len(blocks))
+    options = {"dynamic": False, **options}
     for block in blocks:
         block.compile(**options)
     return blocks
