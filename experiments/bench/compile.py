@@ -33,9 +33,14 @@ from pathlib import Path
 
 from torch._dynamo.utils import counters
 
-from experiments.lib.benchmark import compare, experiment_task, timed_epoch, write_report
+from experiments.lib.benchmark import (
+    compare,
+    experiment_task,
+    machine_load,
+    timed_epoch,
+    write_report,
+)
 from experiments.lib.jobs import REPO_ROOT
-from normlab.utils.run_info import git_sha
 
 HERE = Path(__file__).resolve().parent
 # (label, overrides): the families of the studies at their study sizes.
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> str:
         print(json.dumps(result.__dict__))
         return ""
 
-    commit = git_sha(REPO_ROOT)
+    load_before = machine_load()
     measurements = [
         _measure_in_fresh_process(family, norm, regional, args)
         for family in args.families
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> str:
         args.out,
         "compile=true on CPU: step time, warm-up and break-even",
         command,
-        f"Code: commit {commit}. Each row is one fresh process with an empty inductor cache; "
+        "Each row is one fresh process with an empty inductor cache; "
         f"steps: the task's training step in a bare Lightning loop (no validation); step times "
         f"are medians of {args.repeats} alternating rounds of {args.steps} steps; warm-up: the "
         f"first {args.warmup_steps} compiled steps minus as many warm ones; break-even: "
@@ -224,6 +229,7 @@ def main(argv: list[str] | None = None) -> str:
         "epoch; graphs: Dynamo's unique graphs. compile_mode=default (inductor).",
         table(measurements),
         "\n\n".join(verdict(family, measurements) for family in args.families),
+        load_before=load_before,
     )
 
 

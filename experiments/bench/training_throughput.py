@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from experiments.lib.benchmark import compare, experiment_task, timed_epoch, write_report
+from experiments.lib.benchmark import (
+    compare,
+    experiment_task,
+    machine_load,
+    timed_epoch,
+    write_report,
+)
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import register_resolvers
 
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--tiny", action="store_true", help="small data (a smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "training_throughput.md")
     args = parser.parse_args(argv)
+    load_before = machine_load()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine (or --device cpu for a smoke run)")
     register_resolvers()
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.repeats} alternating rounds; speed-up = median of per-round bn/cuda_bn ratios.",
         "| experiment | bn (img/s) | cuda_bn (img/s) | speed-up |\n|---|---:|---:|---:|\n"
         + "\n".join(rows),
+        load_before=load_before,
     )
 
 

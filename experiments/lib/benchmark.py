@@ -8,6 +8,7 @@ baseline, the number a speed claim should quote.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.lib.jobs import machine_line
+from experiments.lib.jobs import REPO_ROOT, machine_line
 from normlab.runs import fill_from_datamodule, instantiate_data
 from normlab.utils.hydra_run import CONFIG_DIR
+from normlab.utils.run_info import git_sha
 
 
 @dataclass
@@ -155,13 +157,24 @@ def markdown_table(timings: list[Timing], unit: str = "ms") -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, title: str, command: str, *sections: str) -> str:
-    """A benchmark's markdown file: title, the command that reproduces it, the machine, sections."""
+def machine_load() -> float:
+    """The 1-minute load average: taken before and after a benchmark, it says whether other work
+    shared the cores while it ran (the tables print both)."""
+    return os.getloadavg()[0]
+
+
+def write_report(path: Path, title: str, command: str, *sections: str, load_before: float) -> str:
+    """A benchmark's markdown file: title, the command that reproduces it, the machine and torch
+    build, the commit of the code measured (``-dirty`` if tracked files differed from it), the
+    machine load before (``load_before``, from :func:`machine_load`) and after, then sections."""
     text = "\n\n".join(
         [
             f"# {title}",
             f"Command: `{command}`  \nMachine: {machine_line()}, "
-            f"{torch.get_num_threads()} intra-op threads",
+            f"{torch.get_num_threads()} intra-op threads  \n"
+            f"Code: commit {git_sha(REPO_ROOT)}  \n"
+            f"Machine load (1-minute load average on {os.cpu_count()} cores): "
+            f"{load_before:.1f} before, {machine_load():.1f} after",
             *sections,
         ]
     )

@@ -14,12 +14,20 @@ probing for them:
   (``normlab.callbacks.precise_bn``);
 - :meth:`Task.inference_network`: the network to export and its input (``normlab.export``);
 - :meth:`Task.compile_networks`: ``torch.compile`` the networks it trains (``compile=true``).
+
+Every task also evaluates (validation and test) with the norm statistics
+:attr:`Task.eval_norm_statistics` names (``task.eval_norm_statistics``; ``normlab.eval`` sets it
+from its ``norm_statistics``): ``population``, those stored in training, or ``batch``, each
+evaluation batch's own (:func:`normlab.norm.batch_statistics`).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from abc import ABC, abstractmethod
+from collections import Counter
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,12 +36,17 @@ from torch import Tensor, nn
 
 from normlab.errors import ConfigError
 from normlab.models.compile_regions import compile_repeated_blocks
+from normlab.norm import NORM_STATISTICS, batch_statistics
+from normlab.ranges import check_choice
 from normlab.tasks.guard import LossGuard
+
+log = logging.getLogger(__name__)
 
 
 class Task(pl.LightningModule, ABC):
     """The base of the task modules: saves the subclass's ``__init__`` arguments as
-    hyperparameters and sets up the non-finite loss policy (``loss_guard``).
+    hyperparameters, sets up the non-finite loss policy (``loss_guard``) and evaluates with the
+    norm statistics ``eval_norm_statistics`` names (``population`` or ``batch``).
 
     The hyperparameters hold the Hydra configs resolved to plain dicts (``${norm}`` replaced by
     its value), so ``load_from_checkpoint(path)`` rebuilds the module from the checkpoint alone.
@@ -49,7 +62,10 @@ class Task(pl.LightningModule, ABC):
     network_names: tuple[str, ...] = ()
 
     def __init__(
-        self, on_nonfinite_loss: str = "stop", max_nonfinite_fraction: float = 0.25
+        self,
+        on_nonfinite_loss: str = "stop",
+        max_nonfinite_fraction: float = 0.25,
+        eval_norm_statistics: str = "population",
     ) -> None:
         super().__init__()
         # Lightning reads the arguments from the frame it is given: the subclass's __init__,
@@ -59,6 +75,52 @@ class Task(pl.LightningModule, ABC):
             if isinstance(value, DictConfig):
                 self.hparams[name] = OmegaConf.to_container(value, resolve=True)
         self.loss_guard = LossGuard(on_nonfinite_loss, max_nonfinite_fraction)
+        self.eval_norm_statistics = check_choice(
+            "eval_norm_statistics", eval_norm_statistics, NORM_STATISTICS
+        )
+        self._evaluation_statistics = ExitStack()
+        self._batch_statistics_logged = False
+
+    # Lightning puts the module in eval mode before these hooks return and restores each
+    # submodule's mode after the loop; the norms' switch sits inside, undone at the loop's end.
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        self._enter_eval_norm_statistics(self.trainer.val_dataloaders)
+
+    def on_test_model_eval(self) -> None:
+        super().on_test_model_eval()
+        self._enter_eval_norm_statistics(self.trainer.test_dataloaders)
+
+    def on_validation_end(self) -> None:
+        self._evaluation_statistics.close()
+
+    def on_test_end(self) -> None:
+        self._evaluation_statistics.close()
+
+    def _enter_eval_norm_statistics(self, loaders: Any) -> None:
+        if self.eval_norm_statistics != "batch":
+            return
+        layers = self._evaluation_statistics.enter_context(batch_statistics(self))
+        if self._batch_statistics_logged or not self.trainer.is_global_zero:
+            return
+        self._batch_statistics_logged = True
+        if not layers:
+            log.info(
+                "norm statistics: batch; no norm of %s keeps statistics from training, so batch "
+                "and population statistics evaluate alike",
+                type(self).__name__,
+            )
+            return
+        kinds = Counter(type(layer).__name__ for layer in layers.values())
+        batch_size = getattr(loaders, "batch_size", None)
+        log.info(
+            "norm statistics: batch; %d norm layers (%s) normalise each evaluation batch%s with "
+            "its own statistics as in training, their running statistics untouched; every other "
+            "layer (dropout, ...) in eval mode",
+            len(layers),
+            ", ".join(f"{kind} ×{count}" for kind, count in kinds.items()),
+            f" ({batch_size} images per process)" if batch_size else "",
+        )
 
     def on_train_epoch_end(self) -> None:
         self.loss_guard.check_skipped_fraction()
