@@ -33,13 +33,7 @@ from pathlib import Path
 
 from torch._dynamo.utils import counters
 
-from experiments.lib.benchmark import (
-    compare,
-    experiment_task,
-    machine_load,
-    timed_epoch,
-    write_report,
-)
+from experiments.lib import benchmark
 from experiments.lib.jobs import REPO_ROOT
 
 HERE = Path(__file__).resolve().parent
@@ -106,15 +100,15 @@ def measure(family: str, norm: str, regional: bool, args: argparse.Namespace) ->
     """Run in a process of its own (see the module docstring)."""
     overrides = [*FAMILIES[family][1], f"norm={norm}", *(TINY[family] if args.tiny else [])]
     with tempfile.TemporaryDirectory() as root:
-        cfg, eager, datamodule = experiment_task(overrides, Path(root))
-        _, compiled, _ = experiment_task(overrides, Path(root))
+        cfg, eager, datamodule = benchmark.experiment_task(overrides, Path(root))
+        _, compiled, _ = benchmark.experiment_task(overrides, Path(root))
         compiled.compile_networks(cfg.compile_mode, regional)
         loader = datamodule.train_dataloader()
         run_steps = len(loader) * cfg.trainer.max_epochs
-        first = timed_epoch(compiled, loader, args.warmup_steps)
-        eager_timing, compiled_timing = compare(
+        first = benchmark.timed_epoch(compiled, loader, args.warmup_steps)
+        eager_timing, compiled_timing = benchmark.compare(
             {
-                name: (lambda m=module: timed_epoch(m, loader, args.steps) / args.steps)
+                name: (lambda m=module: benchmark.timed_epoch(m, loader, args.steps) / args.steps)
                 for name, module in (("eager", eager), ("compiled", compiled))
             },
             repeats=args.repeats,
@@ -205,7 +199,7 @@ def main(argv: list[str] | None = None) -> str:
         print(json.dumps(result.__dict__))
         return ""
 
-    load_before = machine_load()
+    load_before = benchmark.machine_load()
     measurements = [
         _measure_in_fresh_process(family, norm, regional, args)
         for family in args.families
@@ -217,7 +211,7 @@ def main(argv: list[str] | None = None) -> str:
         f"--norms {' '.join(args.norms)} --steps {args.steps} --repeats {args.repeats} "
         f"--warmup-steps {args.warmup_steps}{' --tiny' if args.tiny else ''}"
     )
-    return write_report(
+    return benchmark.write_report(
         args.out,
         "compile=true on CPU: step time, warm-up and break-even",
         command,
