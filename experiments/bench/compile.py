@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> str:
         f"are medians of {args.repeats} alternating rounds of {args.steps} steps; warm-up: the "
         f"first {args.warmup_steps} compiled steps minus as many warm ones; break-even: "
         "warm-up / (eager − compiled step); run: the experiment's max_epochs × batches per "
-        "epoch; graphs: Dynamo's unique graphs. compile_mode=default (inductor).",
+        "epoch; graphs: Dynamo's unique graphs. compile_mode=default (inductor)."
+        + (" --tiny: small networks and data, not the sizes named below." if args.tiny else ""),
         table(measurements),
         "\n\n".join(verdict(family, measurements) for family in args.families),
         load_before=load_before,
