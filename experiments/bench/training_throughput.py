@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from experiments.lib.benchmark import (
+    FAMILY_EXPERIMENTS,
+    TINY,
     compare,
-    experiment_task,
+    experiment_step,
     machine_load,
-    timed_epoch,
     write_report,
 )
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
@@ -43,28 +44,14 @@ SMOKE = [
     "--experiments",
     "pix2pix_digits",
 ]
-EXPERIMENTS = ["densenet_digits", "convnext_digits", "retinanet_digits", "pix2pix_digits"]
-# Small models and data for a smoke run (--tiny).
-TINY = {
-    "densenet_digits": ["data.image_size=8"],
-    "convnext_digits": [],
-    "retinanet_digits": ["data.num_train=16", "data.num_val=4", "data.num_test=4"],
-    "pix2pix_digits": ["data.num_train=8", "data.num_val=4", "data.num_test=4"],
-}
+EXPERIMENTS = FAMILY_EXPERIMENTS
 
 
 def candidate(experiment: str, norm: str, overrides: list[str], args, root: Path):
-    cfg, module, datamodule = experiment_task(
-        [f"experiment={experiment}", f"norm={norm}", *overrides], root
+    run, batch_size = experiment_step(
+        experiment, [f"norm={norm}", *overrides], root, args.steps, args.device, args.precision
     )
-    batch_size = cfg.data.batch_size
-
-    def run() -> float:
-        loader = datamodule.train_dataloader()
-        seconds = timed_epoch(module, loader, args.steps, args.device, args.precision)
-        return seconds / (args.steps * batch_size)  # seconds per image
-
-    return run
+    return lambda: run() / batch_size  # seconds per image
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -26,6 +26,24 @@ from normlab.runs import fill_from_datamodule, instantiate_data
 from normlab.utils.hydra_run import CONFIG_DIR
 from normlab.utils.run_info import git_sha
 
+# The experiment of each model family, and the overrides that make it a smoke run's size.
+FAMILY_EXPERIMENTS = ["densenet_digits", "convnext_digits", "retinanet_digits", "pix2pix_digits"]
+TINY = {
+    "densenet_digits": ["data.image_size=8", "data.batch_size=8"],
+    "convnext_digits": ["data.batch_size=8"],
+    "retinanet_digits": [
+        "model.fpn_channels=64",
+        "data.batch_size=2",
+        *(f"data.num_{split}=4" for split in ("train", "val", "test")),
+    ],
+    "pix2pix_digits": [
+        "model.generator.ngf=4",
+        "model.discriminator.ndf=4",
+        "data.batch_size=2",
+        *(f"data.num_{split}=4" for split in ("train", "val", "test")),
+    ],
+}
+
 
 @dataclass
 class Timing:
@@ -97,6 +115,22 @@ def experiment_task(
     torch.manual_seed(0)
     module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
     return cfg, module, datamodule
+
+
+def experiment_step(
+    experiment: str, overrides: list[str], data_root: Path, steps: int, device: str, precision: str
+) -> tuple[Callable[[], float], int]:
+    """(a call that trains ``experiment``'s own model, data module, optimizer and Trainer loop
+    for ``steps`` steps and returns the seconds per step, data loading included; the batch
+    size). The model is built once, seeded, and keeps training from call to call; data is
+    generated under ``data_root``."""
+    cfg, module, datamodule = experiment_task([f"experiment={experiment}", *overrides], data_root)
+
+    def run() -> float:
+        loader = datamodule.train_dataloader()
+        return timed_epoch(module, loader, steps, device, precision) / steps
+
+    return run, cfg.data.batch_size
 
 
 def _synchronize(device: torch.device | None) -> None:

@@ -13,7 +13,7 @@ Models never import a norm class; they take a spec (a name, a mapping or a calla
 from timm.layers import LayerNorm2d
 
 from normlab.norm import small_batch as _small_batch  # noqa: F401  (registers brn, ghost_bn, ...)
-from normlab.norm.builtin import NoNorm  # importing it registers the built-in norms
+from normlab.norm.builtin import Float32LayerNorm2d, NoNorm  # importing it registers the norms
 from normlab.norm.convert import convert_norms
 from normlab.norm.fusion import activation_after, fuse_norm_activations, norm_and_activation
 from normlab.norm.inference_statistics import NORM_STATISTICS, batch_statistics
@@ -56,6 +56,7 @@ __all__ = [
     "EvoNormB0",
     "EvoNormS0",
     "FilterResponseNorm2d",
+    "Float32LayerNorm2d",
     "GhostBatchNorm2d",
     "LayerNorm2d",
     "NoNorm",
