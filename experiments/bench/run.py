@@ -28,6 +28,7 @@ CPU = [
     "data_loading",
     "norm_cost",
     "precision",
+    "compile",
 ]
 GPU_ARGS = ["--device", "cuda", "--precision", "bf16-mixed"]
 GPU = {

@@ -176,7 +176,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if resume is not None and resume.mode == "weights":
         load_weights(module, resume.path)
     if cfg.get("compile"):  # after loading: the weights go into the uncompiled module tree
-        module.compile_networks(cfg.compile_mode)
+        module.compile_networks(cfg.compile_mode, cfg.get("compile_regional", False))
     check_free_space(
         output_dir / "checkpoints",
         checkpoint_size_estimate(module),

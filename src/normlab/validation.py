@@ -374,14 +374,20 @@ def _named_traits(spec: Any) -> NormTraits | None:
 
 
 def _check_compile(cfg: DictConfig) -> None:
-    """``compile`` is a switch and ``compile_mode`` one of torch.compile's modes; a norm that
-    syncs across processes breaks the graph at its collective, so compiling it is refused."""
+    """``compile`` and ``compile_regional`` are switches (the second only with the first) and
+    ``compile_mode`` one of torch.compile's modes; a norm that syncs across processes breaks the
+    graph at its collective, so compiling it is refused."""
     enabled = cfg.get("compile", False)
     if not isinstance(enabled, bool):
         raise ConfigError(f"compile must be true or false, got {enabled!r}")
+    regional = cfg.get("compile_regional", False)
+    if not isinstance(regional, bool):
+        raise ConfigError(f"compile_regional must be true or false, got {regional!r}")
     mode = cfg.get("compile_mode", "default")
     if mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if regional and not enabled:
+        raise ConfigError("compile_regional=true compiles nothing without compile=true: set both")
     if not enabled or world_size(cfg.trainer) == 1:
         return
     # trainer.sync_batchnorm converts only norms with the syncs trait: with none, nothing syncs.

@@ -355,3 +355,17 @@ def test_a_stop_in_the_sanity_check_saves_nothing_and_says_so(tmp_path):
     )
     assert "ckpt_path=last" not in output  # no hint that would fail
     assert not list((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+# The digits recipe compiled (compile=true), on the smallest DenseNet-BC (one layer per block):
+# every process compiles again, and a small network keeps that to seconds.
+COMPILED_DIGITS = (*DIGITS, "model.depth=10", "compile=true")
+
+
+@pytest.mark.slow
+def test_a_compiled_run_killed_mid_epoch_and_resumed_ends_bit_identical(tmp_path):
+    expected = uninterrupted_state(tmp_path / "uninterrupted", COMPILED_DIGITS)
+    reached, output = kill_and_resume(tmp_path / "killed", COMPILED_DIGITS, 3, logger="csv")
+    assert 3 <= reached < 12
+    assert re.search(r"resumed in epoch 0 after its batch [3-5]:", output), output[-3000:]
+    assert_identical(final_state(tmp_path / "killed"), expected)

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from normlab.errors import ConfigError
+from normlab.models.compile_regions import compile_repeated_blocks
 from normlab.norm import NORM_STATISTICS, batch_statistics
 from normlab.ranges import check_choice
 from normlab.tasks.guard import LossGuard
@@ -149,17 +150,23 @@ class Task(pl.LightningModule, ABC):
             example = trainer.precision_plugin.convert_input(example)
         self.example_input_array = example
 
-    def compile_networks(self, mode: str) -> None:
+    def compile_networks(self, mode: str, regional: bool = False) -> None:
         """``torch.compile`` each network in :attr:`network_names` in place
         (``nn.Module.compile``): unlike wrapping it, this leaves the module tree, and so the
-        state dict's keys, those of the uncompiled network, so checkpoints load either way."""
+        state dict's keys, those of the uncompiled network, so checkpoints load either way.
+        ``regional``: compile each repeated block on its own instead
+        (:mod:`normlab.models.compile_regions`)."""
         if not self.network_names:
             raise ConfigError(
                 f"compile=true: {type(self).__name__} names no networks to compile "
                 "(network_names); run it with compile=false"
             )
         for name in self.network_names:
-            getattr(self, name).compile(mode=mode)
+            network = getattr(self, name)
+            if regional:
+                compile_repeated_blocks(network, mode=mode)
+            else:
+                network.compile(mode=mode)
 
     @abstractmethod
     def forward_for_norm_statistics(self, batch: Any) -> None:
