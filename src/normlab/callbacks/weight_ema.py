@@ -149,8 +149,10 @@ class WeightEMA(WeightAveraging):
         return min(self.decay, 1.0 - (1.0 + t / self.warmup_gamma) ** -self.warmup_power)
 
     def kept_fraction(self, last: int, step: int) -> float:
-        """How much of the average an update at ``step`` keeps when the last was at ``last``."""
-        return math.prod(self.step_decay(u) for u in range(last + 1, step + 1))
+        """How much of the average an update at ``step`` keeps when the last was at ``last``
+        (steps up to ``start_step`` have no decay: the average starts after them)."""
+        first = max(last, self.start_step) + 1
+        return math.prod(self.step_decay(u) for u in range(first, step + 1))
 
     @property
     def num_updates(self) -> int:
