@@ -7,6 +7,7 @@ weights, as ``norm_buffers`` says; the checkpoint holds both models and the coun
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -242,5 +243,5 @@ def test_the_checkpoint_holds_both_models_and_the_counters(tmp_path):
     ],
 )
 def test_bad_arguments_are_one_line_naming_them(argument, value, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         WeightEMA(**{argument: value})
