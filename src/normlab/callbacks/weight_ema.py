@@ -179,6 +179,14 @@ class WeightEMA(WeightAveraging):
         else:
             torch._foreach_copy_(averaged, current)
 
+    def _update_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step > self._latest_update_step and self.should_update(step_idx=step - 1):
+            assert self._average_model is not None
+            self._kept = self.kept_fraction(self._latest_update_step, step)
+            self._average_model.update_parameters(pl_module)
+            self._latest_update_step = step
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -187,12 +195,7 @@ class WeightEMA(WeightAveraging):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
-        if step > self._latest_update_step and self.should_update(step_idx=step - 1):
-            assert self._average_model is not None
-            self._kept = self.kept_fraction(self._latest_update_step, step)
-            self._average_model.update_parameters(pl_module)
-            self._latest_update_step = step
+        self._update_if_due(trainer, pl_module)
 
     # -- the averaged copy ----------------------------------------------------------------------
 
@@ -355,5 +358,11 @@ class WeightEMA(WeightAveraging):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self._average_model is not None:
+            # A checkpoint of step k holds the average updated with step k's weights, whether
+            # the callback that saves it (last.ckpt every step) runs before this one or after;
+            # Lightning took this callback's state (the last update's step) before this hook.
+            self._update_if_due(trainer, pl_module)
+            if self.state_key in checkpoint.get("callbacks", {}):
+                checkpoint["callbacks"][self.state_key] = self.state_dict()
             self._refresh(pl_module)
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
