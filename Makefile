@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-norms pix2pix-bn-vs-in accumulation-vs-batch \
-  small-batch-norms
+  small-batch-norms bf16-vs-fp32
 
 .PHONY: install export train data-fashion-mnist test test-slow test-ddp test-gpu test-aot bench bench-gpu bench-bn \
   bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
@@ -99,7 +99,7 @@ test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf1
 test-aot: install ## compile every cuda_bn kernel configuration for sm_80/sm_90 (~1 h on 2 cores: 57.5 min in cuda_bn_aot.md; a progress line a minute); writes experiments/bench/cuda_bn_aot.md
 	TRITON_INTERPRET=0 $(BIN)/python -m experiments.bench.cuda_bn_aot $(ARGS)
 
-bench: install ## CPU benchmarks (~9 min on 2 cores): tables in experiments/bench/*.md
+bench: install ## CPU benchmarks (~13 min on 2 cores, precision estimated): tables in experiments/bench/*.md
 	$(BIN)/python -m experiments.bench.run $(ARGS)
 
 bench-gpu: install ## GPU benchmarks (bf16): tables in experiments/bench/*_gpu.md and bn_gpu.md
@@ -144,6 +144,10 @@ study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulatio
 
 study-small-batch-norms: install $(STUDY_DATA) ## study: bn/brn/ghost_bn/gn/gn+WS/frn/EvoNorm/rms at batch 2 and 32 on Fashion-MNIST, 3 seeds (~89 min on 2 cores)
 	$(BIN)/python -m experiments.small_batch_norms.run $(ARGS)
+
+# Its 32-true runs are small_batch_norms' (same overrides), copied when that study ran at this commit.
+study-bf16-vs-fp32: install data-fashion-mnist ## study: bn/gn/frn/evonorm_s0 at batch 2 and 32, bf16-mixed vs 32-true on Fashion-MNIST, 3 seeds (~45 min on 2 cores with small_batch_norms' runs to copy, estimated)
+	$(BIN)/python -m experiments.bf16_vs_fp32.run $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check src tests experiments

@@ -22,7 +22,7 @@ from normlab.norm.fold import fold_norms
 from normlab.ops.batchnorm import CudaBatchNorm
 from normlab.tasks import ClassificationModule, DetectionModule, Pix2PixModule
 from normlab.train import train
-from tiny_runs import compose_run, tiny_checkpoint
+from tiny_runs import compose_run, tiny_checkpoint, with_ema_weights
 
 CUDA_BN = {"name": "cuda_bn", "backend": "reference"}
 
@@ -402,3 +402,44 @@ def test_retinanet_onnx_takes_one_image(task_checkpoints, tmp_path):
     report = _export_to(task_checkpoints["detection"], tmp_path, "onnx")
     assert report["network"] == "DenseRetinaNet" and report["batch_size"] == "any"
     _onnx_one_and_all(Path(report["exported_file"]), report["example_input_shapes"][0])
+
+
+# -- the EMA or the raw weights ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ema_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    plain = tiny_checkpoint("classification", tmp_path_factory.mktemp("export_ema") / "run")
+    return {"plain": plain, "ema": with_ema_weights(plain, plain.parent / "ema.ckpt")}
+
+
+@pytest.mark.parametrize(("weights", "loaded_from"), [(None, "ema"), ("raw", "plain")])
+def test_export_folds_and_writes_the_weights_chosen(
+    ema_checkpoints, tmp_path, weights, loaded_from
+):
+    """Default: the EMA weights (the checkpoint's state_dict); weights=raw: the trained ones,
+    those of the same run's checkpoint without EMA."""
+    overrides = [] if weights is None else [f"weights={weights}"]
+    cfg = compose_run(
+        [f"ckpt_path={ema_checkpoints['ema']}", f"output_dir={tmp_path}", *overrides],
+        "export",
+        tmp_path / "export",
+    )
+    try:
+        report = export(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    assert report["weights"] == (weights or "ema") and len(report["folding"]["folded"]) == 18
+    assert f"weights: {report['weights']}" in (tmp_path / "report.md").read_text()
+    scripted = torch.jit.load(str(tmp_path / "model.pt"))
+    images = torch.randn(5, 1, 16, 16)
+    outputs = {}
+    for name, path in ema_checkpoints.items():
+        module = ClassificationModule.load_from_checkpoint(path, map_location="cpu").eval()
+        with torch.no_grad():
+            outputs[name] = module(images)
+    with torch.no_grad():
+        got = scripted(images)
+    expected, other = outputs[loaded_from], outputs["plain" if loaded_from == "ema" else "ema"]
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
+    assert float((got - other).abs().max() / other.abs().max()) > 1e-3

@@ -13,6 +13,7 @@ STUDIES = [
     "retinanet_norms",
     "pix2pix_bn_vs_in",
     "accumulation_vs_batch",
+    "bf16_vs_fp32",
 ]
 TARGETS = [
     "install",

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -85,3 +87,25 @@ def test_onnx_export_logs_none_of_the_graph_passes(caplog, tmp_path):
         r.getMessage() for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir"))
     ]
     assert passes == []
+
+
+def test_the_model_summary_does_not_call_its_exact_bf16_mixed_size_inexact():
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from normlab.utils.dependency_warnings import quiet_dependency_warnings
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(1000, 250)
+
+    module = Tiny()
+    module.trainer = pl.Trainer(precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_dependency_warnings()
+        summary = ModelSummary(module)
+    assert [str(w.message) for w in caught if "model summary" in str(w.message)] == []
+    # Mixed precision keeps the parameters in float32: 4 bytes each, as the summary counts them.
+    assert summary.model_size == pytest.approx(250_250 * 4e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -65,3 +66,24 @@ def tiny_checkpoint(task: str, run_dir: Path, *overrides: str) -> Path:
     finally:
         GlobalHydra.instance().clear()
     return run_dir / "checkpoints" / "last.ckpt"
+
+
+def with_ema_weights(checkpoint: Path, path: Path) -> Path:
+    """``checkpoint`` as Lightning's weight averaging (EMA) writes one, at ``path``: its weights
+    as ``current_model_state`` (the raw ones) and, as ``state_dict``, "averaged" ones: its
+    float weights moved by seeded noise (running statistics as they are), so that outputs tell
+    the two apart."""
+    data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    raw = data["state_dict"]
+    generator = torch.Generator().manual_seed(0)
+
+    def averaged(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point() or ".running_" in name:
+            return tensor.clone()
+        return tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+
+    data["state_dict"] = {name: averaged(name, tensor) for name, tensor in raw.items()}
+    data["current_model_state"] = raw
+    data["averaging_state"] = {"n_averaged": torch.tensor(2)}
+    torch.save(data, path)
+    return path

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.lib.benchmark import compare, write_report
+from experiments.lib.benchmark import compare, machine_load, write_report
 from normlab.ops.batchnorm import CudaBatchNorm
 
 HERE = Path(__file__).resolve().parent
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate")
     parser.add_argument("--out", type=Path, default=HERE / "bn_gpu.md")
     args = parser.parse_args(argv)
+    load_before = machine_load()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> str:
         "| GB/s | % of peak |\n|---|---|---|---|---|---|---:|---:|---:|\n" + "\n".join(rows),
         "Native backend chosen by torch (`torch._C._select_batch_norm_backend`):\n\n"
         + "\n".join(f"- {line}" for line in backends),
+        load_before=load_before,
     )
 
 

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.lib.benchmark import write_report
+from experiments.lib.benchmark import machine_load, write_report
 from normlab.callbacks.progress import time_left
 from normlab.ops.batchnorm.aot import TARGETS, compile_all, full_configs
 
@@ -49,7 +49,7 @@ def progress_printer(started: float, every_s: float = 60.0) -> Callable[[int, in
 
 
 def main() -> int:
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), machine_load()
     configs = full_configs()
     rows = [c for c, _ in compile_all(configs, on_layer=progress_printer(started))]
     minutes = (time.perf_counter() - started) / 60
@@ -92,6 +92,7 @@ def main() -> int:
             verdict,
             "\n".join(summary),
             "\n".join(table),
+            load_before=load_before,
         )[:3000]
     )
     return 1 if spilling else 0

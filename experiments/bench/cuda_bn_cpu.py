@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.lib.benchmark import compare, markdown_table, write_report
+from experiments.lib.benchmark import compare, machine_load, markdown_table, write_report
 from normlab.data import DigitsDataModule
 from normlab.models import densenet_bc_100
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=HERE / "cuda_bn_cpu.md")
     args = parser.parse_args(argv)
+    load_before = machine_load()
 
     data = DigitsDataModule(batch_size=args.batch_size, image_size=28, augment=False, seed=0)
     data.setup("fit")
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.repeats} alternating rounds after 2 warm-up steps each.",
         markdown_table(timings),
         f"cuda_bn / bn = {ratio:.3f} (median of per-round ratios): {verdict} the goal ≤ {GOAL}.",
+        load_before=load_before,
     )
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from experiments.lib.benchmark import timed_epoch, write_report
+from experiments.lib.benchmark import machine_load, timed_epoch, write_report
 from normlab.runs import fill_from_datamodule, instantiate_data
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--only", nargs="*", help="data modules to run (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "data_loading.md")
     args = parser.parse_args(argv)
+    load_before = machine_load()
     register_resolvers()
     quiet_dependency_warnings()
 
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> str:
         "| data module | experiment | batch | loader, 0 workers (img/s) "
         "| loader, 2 workers (img/s) | training step (img/s) | loader the bottleneck? |\n"
         "|---|---|---:|---:|---:|---:|---|\n" + "\n".join(rows),
+        load_before=load_before,
     )
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.lib.benchmark import compare, markdown_table, write_report
+from experiments.lib.benchmark import compare, machine_load, markdown_table, write_report
 from normlab.models import densenet121
 
 HERE = Path(__file__).resolve().parent
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--measure", type=int, choices=[0, 1], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=HERE / "densenet_memory.md")
     args = parser.parse_args(argv)
+    load_before = machine_load()
     if args.measure is not None:
         _measure(bool(args.measure), args.batch_size, args.image_size)
         return ""
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> str:
         ),
         markdown_table(timings, unit="s"),
         verdict,
+        load_before=load_before,
     )
 
 

@@ -21,16 +21,13 @@ agree to float32 rounding (checked here before timing).
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from experiments.lib.benchmark import Timing, compare, markdown_table, write_report
-from experiments.lib.jobs import REPO_ROOT
+from experiments.lib.benchmark import Timing, compare, machine_load, markdown_table, write_report
 from normlab.norm import NORMS, build_norm
-from normlab.utils.run_info import git_sha
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
@@ -112,8 +109,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--inner", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "norm_cost.md")
     args = parser.parse_args(argv)
+    load_before = machine_load()
 
-    commit, load_before = git_sha(REPO_ROOT), os.getloadavg()[0]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.shape, generator=generator)
     grad = torch.randn(args.shape, generator=generator)
@@ -153,9 +150,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Norm cost: forward+backward on {shape}, relative to bn",
         f"python -m experiments.bench.norm_cost --shape {' '.join(map(str, args.shape))} "
         f"--repeats {args.repeats} --inner {args.inner}",
-        f"Code: commit {commit}. Machine load (1-minute load average): {load_before:.1f} "
-        f"before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; other work shares "
-        "them, so absolute times are noisy and the per-round ratios to bn are what to read.",
+        "Other work may share the cores (the load above says how much), so absolute times are "
+        "noisy and the per-round ratios to bn are what to read.",
         f"Training mode, float32, CPU; each measurement averages {args.inner} calls, "
         f"{args.repeats} rounds in which every norm runs once. `syncbn` outside a process group "
         "and `cuda_bn` on CPU tensors (backend auto) run PyTorch's BatchNorm; `ghost_bn` splits "
@@ -167,6 +163,7 @@ def main(argv: list[str] | None = None) -> str:
             f"## {layout} input\n\n{with_memory_column(markdown_table(rows), saved[layout])}"
             for layout, rows in by_format.items()
         ),
+        load_before=load_before,
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from experiments.lib.benchmark import compare, markdown_table, write_report
+from experiments.lib.benchmark import compare, machine_load, markdown_table, write_report
 from normlab.models import retinanet_resnet50_fpn
 
 HERE = Path(__file__).resolve().parent
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--out", type=Path, default=HERE / "retinanet_inference.md")
     args = parser.parse_args(argv)
+    load_before = machine_load()
 
     generator = torch.Generator().manual_seed(0)
     images = [
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> str:
         markdown_table(timings, unit="s"),
         f"{rates}. normlab / torchvision throughput = {speed:.3f}: "
         f"{'meets' if speed >= GOAL else 'misses'} the goal ≥ {GOAL}.",
+        load_before=load_before,
     )
 
 

@@ -27,6 +27,7 @@ CPU = [
     "retinanet_inference",
     "data_loading",
     "norm_cost",
+    "precision",
 ]
 GPU_ARGS = ["--device", "cuda", "--precision", "bf16-mixed"]
 GPU = {

@@ -17,14 +17,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from experiments.lib.benchmark import compare, timed_epoch, write_report
-from normlab.runs import fill_from_datamodule, instantiate_data
+from experiments.lib.benchmark import (
+    FAMILY_EXPERIMENTS,
+    TINY,
+    compare,
+    experiment_step,
+    machine_load,
+    write_report,
+)
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
-from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
+from normlab.utils.hydra_run import register_resolvers
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
@@ -41,37 +44,14 @@ SMOKE = [
     "--experiments",
     "pix2pix_digits",
 ]
-EXPERIMENTS = ["densenet_digits", "convnext_digits", "retinanet_digits", "pix2pix_digits"]
-# Small models and data for a smoke run (--tiny).
-TINY = {
-    "densenet_digits": ["data.image_size=8"],
-    "convnext_digits": [],
-    "retinanet_digits": ["data.num_train=16", "data.num_val=4", "data.num_test=4"],
-    "pix2pix_digits": ["data.num_train=8", "data.num_val=4", "data.num_test=4"],
-}
+EXPERIMENTS = FAMILY_EXPERIMENTS
 
 
 def candidate(experiment: str, norm: str, overrides: list[str], args, root: Path):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[f"experiment={experiment}", f"norm={norm}", f"paths.data_dir={root}",
-                       *overrides],
-        )  # fmt: skip
-    datamodule = instantiate_data(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    fill_from_datamodule(cfg, datamodule)
-    torch.manual_seed(0)
-    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
-    batch_size = cfg.data.batch_size
-
-    def run() -> float:
-        loader = datamodule.train_dataloader()
-        seconds = timed_epoch(module, loader, args.steps, args.device, args.precision)
-        return seconds / (args.steps * batch_size)  # seconds per image
-
-    return run
+    run, batch_size = experiment_step(
+        experiment, [f"norm={norm}", *overrides], root, args.steps, args.device, args.precision
+    )
+    return lambda: run() / batch_size  # seconds per image
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -84,6 +64,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--tiny", action="store_true", help="small data (a smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "training_throughput.md")
     args = parser.parse_args(argv)
+    load_before = machine_load()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine (or --device cpu for a smoke run)")
     register_resolvers()
@@ -116,6 +97,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.repeats} alternating rounds; speed-up = median of per-round bn/cuda_bn ratios.",
         "| experiment | bn (img/s) | cuda_bn (img/s) | speed-up |\n|---|---:|---:|---:|\n"
         + "\n".join(rows),
+        load_before=load_before,
     )
 
 

@@ -8,6 +8,7 @@ baseline, the number a speed claim should quote.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -16,8 +17,32 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from experiments.lib.jobs import machine_line
+from experiments.lib.jobs import REPO_ROOT, machine_line
+from normlab.runs import fill_from_datamodule, instantiate_data
+from normlab.utils.hydra_run import CONFIG_DIR
+from normlab.utils.run_info import git_sha
+
+# The experiment of each model family, and the overrides that make it a smoke run's size.
+FAMILY_EXPERIMENTS = ["densenet_digits", "convnext_digits", "retinanet_digits", "pix2pix_digits"]
+TINY = {
+    "densenet_digits": ["data.image_size=8", "data.batch_size=8"],
+    "convnext_digits": ["data.batch_size=8"],
+    "retinanet_digits": [
+        "model.fpn_channels=64",
+        "data.batch_size=2",
+        *(f"data.num_{split}=4" for split in ("train", "val", "test")),
+    ],
+    "pix2pix_digits": [
+        "model.generator.ngf=4",
+        "model.discriminator.ndf=4",
+        "data.batch_size=2",
+        *(f"data.num_{split}=4" for split in ("train", "val", "test")),
+    ],
+}
 
 
 @dataclass
@@ -74,6 +99,32 @@ def timed_epoch(
         callbacks=[timer],
     ).fit(module, train_dataloaders=loader)
     return timer.seconds
+
+
+def experiment_step(
+    experiment: str, overrides: list[str], data_root: Path, steps: int, device: str, precision: str
+) -> tuple[Callable[[], float], int]:
+    """(a call that trains ``experiment``'s own model, data module, optimizer and Trainer loop
+    for ``steps`` steps and returns the seconds per step, data loading included; the batch
+    size). The model is built once, seeded, and keeps training from call to call; data is
+    generated under ``data_root``."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"experiment={experiment}", f"paths.data_dir={data_root}", *overrides],
+        )
+    datamodule = instantiate_data(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    fill_from_datamodule(cfg, datamodule)
+    torch.manual_seed(0)
+    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+
+    def run() -> float:
+        loader = datamodule.train_dataloader()
+        return timed_epoch(module, loader, steps, device, precision) / steps
+
+    return run, cfg.data.batch_size
 
 
 def _synchronize(device: torch.device | None) -> None:
@@ -134,13 +185,24 @@ def markdown_table(timings: list[Timing], unit: str = "ms") -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, title: str, command: str, *sections: str) -> str:
-    """A benchmark's markdown file: title, the command that reproduces it, the machine, sections."""
+def machine_load() -> float:
+    """The 1-minute load average: taken before and after a benchmark, it says whether other work
+    shared the cores while it ran (the tables print both)."""
+    return os.getloadavg()[0]
+
+
+def write_report(path: Path, title: str, command: str, *sections: str, load_before: float) -> str:
+    """A benchmark's markdown file: title, the command that reproduces it, the machine and torch
+    build, the commit of the code measured (``-dirty`` if tracked files differed from it), the
+    machine load before (``load_before``, from :func:`machine_load`) and after, then sections."""
     text = "\n\n".join(
         [
             f"# {title}",
             f"Command: `{command}`  \nMachine: {machine_line()}, "
-            f"{torch.get_num_threads()} intra-op threads",
+            f"{torch.get_num_threads()} intra-op threads  \n"
+            f"Code: commit {git_sha(REPO_ROOT)}  \n"
+            f"Machine load (1-minute load average on {os.cpu_count()} cores): "
+            f"{load_before:.1f} before, {machine_load():.1f} after",
             *sections,
         ]
     )

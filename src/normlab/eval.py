@@ -12,9 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks.checkpointing import CheckpointPosition
+from normlab.norm import NORM_STATISTICS
+from normlab.ranges import check_choice
 from normlab.runs import (
     check_data_fits,
     check_required,
+    chosen_weights,
     exit_on_config_error,
     instantiate_data,
     instantiate_group,
@@ -71,16 +74,31 @@ def differences_from_training_test(
     return differences
 
 
+def evaluated_data(trained: DictConfig, cfg: DictConfig) -> DictConfig:
+    """The data config to test on: the training run's; a ``data=`` option's instead; or the
+    training run's with the options given without one on top (``+data.eval_batch_size=8``)."""
+    given = cfg.get("data")
+    if not given:
+        return trained.data
+    if "_target_" in given:
+        return given
+    return OmegaConf.merge(trained.data, given)
+
+
 @name_config_keys
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_required(cfg)
+    norm_statistics = check_choice("norm_statistics", cfg.norm_statistics, NORM_STATISTICS)
     pl.seed_everything(cfg.seed, workers=True)
     info = load_run_info(cfg.ckpt_path, cfg.get("imports"))
+    weights = chosen_weights(cfg.ckpt_path, info, cfg.get("weights"))
     trained = OmegaConf.create(info["config"])
-    data_cfg = cfg.data if cfg.get("data") else trained.data
+    data_cfg = evaluated_data(trained, cfg)
     datamodule = instantiate_data(data_cfg)
     check_data_fits(cfg.ckpt_path, trained, datamodule)
-    module = load_trained_module(cfg.ckpt_path, trained)
+    module = load_trained_module(cfg.ckpt_path, trained, weights)
+    # This command's choice, whatever the training run validated with.
+    module.eval_norm_statistics = norm_statistics
     output_dir = Path(cfg.paths.output_dir)
     # What training records too: the resolved (eval) config and the code's commit.
     save_run_info(cfg, output_dir, git_sha())

@@ -25,12 +25,12 @@ from normlab.errors import ConfigError
 from normlab.norm.fold import FoldReport, fold_norms, max_difference, run_example
 from normlab.runs import (
     check_data_fits,
+    chosen_weights,
     exit_on_config_error,
     instantiate_data,
     load_run_info,
     load_trained_module,
 )
-from normlab.tasks.base import Task
 from normlab.utils.dependency_warnings import quiet_dependency_warnings
 from normlab.utils.hydra_run import CONFIG_DIR, register_resolvers
 from normlab.validation import name_config_keys
@@ -138,13 +138,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         _check_onnx_installed()
     pl.seed_everything(cfg.seed, workers=True)
     info = load_run_info(cfg.ckpt_path, cfg.get("imports"))
+    weights = chosen_weights(cfg.ckpt_path, info, cfg.get("weights"))
     trained = OmegaConf.create(info["config"])
-    module = load_trained_module(cfg.ckpt_path, trained).eval()
-    if not isinstance(module, Task):
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: {type(module).__name__} is not a normlab.tasks.Task, so "
-            "it has no inference_network(batch)"
-        )
+    module = load_trained_module(cfg.ckpt_path, trained, weights).eval()
     datamodule = instantiate_data(cfg.data if cfg.get("data") else trained.data)
     check_data_fits(cfg.ckpt_path, trained, datamodule)
     network, example_inputs = module.inference_network(_first_batch(datamodule))
@@ -172,6 +168,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "model": _model_targets(trained.model),
         "norm": trained.norm.name,
         "network": type(network).__name__,
+        "weights": weights,
         "format": cfg.format,
         "exported_file": str(path.resolve()),
         "example_input_shapes": [list(t.shape) for t in example_inputs],
@@ -200,7 +197,8 @@ def _markdown(report: dict[str, Any], fold_report: FoldReport | None) -> str:
         f"# Export of `{Path(report['checkpoint']).name}`",
         "",
         f"- checkpoint: `{report['checkpoint']}` (trained at git {report['trained_at_git_sha']})",
-        f"- task: `{report['task']}`, model: {model}, norm: `{report['norm']}`",
+        f"- task: `{report['task']}`, model: {model}, norm: `{report['norm']}`, weights: "
+        f"{report['weights']}",
         f"- exported: `{report['exported_file']}` ({report['format']}, network "
         f"`{report['network']}`, example input {report['example_input_shapes']}"
         + (f", batch size {report['batch_size']})" if report["batch_size"] else ")"),

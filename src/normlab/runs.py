@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import pickle
 import sys
 from collections.abc import Iterator, Mapping
@@ -22,11 +23,14 @@ import normlab.models
 import normlab.tasks
 from normlab.errors import ConfigError, TrainingError
 from normlab.norm.registry import NORMS, DeferredClass
+from normlab.ranges import check_choice
 from normlab.tasks.base import Task
 from normlab.utils.config_keys import config_keys_named
 from normlab.utils.hydra_run import CONFIG_DIR
 from normlab.utils.run_identity import missing_keys
 from normlab.utils.secrets import mask_secrets
+
+log = logging.getLogger(__name__)
 
 # -- a run's parts from its config -----------------------------------------------------------------
 
@@ -158,6 +162,12 @@ def check_targets(
 # -- reading a checkpoint back ---------------------------------------------------------------------
 
 
+# The weights a checkpoint may hold: Lightning's weight-averaging callbacks (EMA) write the
+# averaged weights as its state_dict and the trained ones under this key.
+WEIGHTS = ("ema", "raw")
+RAW_WEIGHTS_KEY = "current_model_state"
+
+
 # torch.save has written zip archives since torch 1.6; a file that starts like one but does not
 # load was cut short or damaged.
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -208,12 +218,30 @@ def _read_checkpoint(ckpt_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise ConfigError(f"ckpt_path={ckpt_path} was not written by normlab.train (no run config)")
     position = {key: checkpoint.get(key, 0) for key in ("global_step", "epoch")}
-    return checkpoint, {**record, **position}
+    return checkpoint, {**record, **position, "ema_weights": RAW_WEIGHTS_KEY in checkpoint}
+
+
+def _check_raw_weights(ckpt_path: str, checkpoint: dict[str, Any]) -> None:
+    """The trained weights of an EMA checkpoint are loaded into the model: they must be tensors
+    by name and nothing else."""
+    raw = checkpoint.get(RAW_WEIGHTS_KEY, {})
+    if not isinstance(raw, Mapping):
+        found = f"a {type(raw).__name__}"
+    else:
+        bad = [(key, value) for key, value in raw.items() if not isinstance(value, torch.Tensor)]
+        bad += [(key, key) for key in raw if not isinstance(key, str)]
+        if not bad:
+            return
+        found = f"{bad[0][0]!r}: a {type(bad[0][1]).__name__}"
+    raise ConfigError(
+        f"ckpt_path={ckpt_path} {RAW_WEIGHTS_KEY} holds {found}, where only tensors named by "
+        "their parameter may be: not a checkpoint normlab.train wrote, refused"
+    )
 
 
 def read_run_record(ckpt_path: str) -> dict[str, Any]:
     """The resolved training config and git SHA stored in a normlab checkpoint, with its
-    ``global_step`` and ``epoch``; for comparing it with a config, never for building from it
+    ``global_step``, ``epoch`` and ``ema_weights`` (whether it holds EMA weights); for comparing it with a config, never for building from it
     (that is :func:`load_run_info`). A ConfigError naming the file when it is missing,
     unreadable or not one of ours."""
     return _read_checkpoint(ckpt_path)[1]
@@ -225,6 +253,7 @@ def load_run_info(ckpt_path: str, imports: list[str] | None = None) -> dict[str,
     :func:`normlab_targets`); a ConfigError naming the file when it names anything else."""
     imports = list(imports or [])
     checkpoint, record = _read_checkpoint(ckpt_path)
+    _check_raw_weights(ckpt_path, checkpoint)
     _check_trained_imports(ckpt_path, record["config"].get("imports"), imports)
     import_user_modules(imports)
     # The stored config, and the hyperparameters load_from_checkpoint rebuilds the task from
@@ -320,14 +349,47 @@ def check_data_fits(ckpt_path: str, trained: DictConfig, datamodule: object) -> 
         )
 
 
-def load_trained_module(ckpt_path: str, trained: DictConfig) -> pl.LightningModule:
-    """The task module of a checkpoint, of the class its training config names, on the CPU."""
+def chosen_weights(ckpt_path: str, info: dict[str, Any], weights: str | None) -> str:
+    """``weights`` (``ema`` or ``raw``) checked against what the checkpoint of ``info``
+    (:func:`load_run_info`) holds, and logged; None: ``ema`` where it holds EMA weights, else
+    ``raw``."""
+    if weights is not None:
+        check_choice("weights", weights, WEIGHTS)
+    if weights == "ema" and not info["ema_weights"]:
+        raise ConfigError(
+            f"weights=ema: ckpt_path={ckpt_path} holds no EMA weights (it was trained without "
+            "weight averaging); use weights=raw, or leave weights unset"
+        )
+    if not info["ema_weights"]:
+        log.info("weights: raw (the checkpoint holds no EMA weights)")
+        return "raw"
+    weights = weights or "ema"
+    other = "raw" if weights == "ema" else "ema"
+    log.info(
+        "weights: %s (the checkpoint holds EMA and raw weights; weights=%s for the other)",
+        weights,
+        other,
+    )
+    return weights
+
+
+def load_trained_module(ckpt_path: str, trained: DictConfig, weights: str = "ema") -> Task:
+    """The task module of a checkpoint, of the class its training config names, on the CPU;
+    ``weights=raw`` loads the trained weights of a checkpoint that holds EMA ones too
+    (:func:`chosen_weights`)."""
     module_class = get_class(trained.task._target_)
     if not (isinstance(module_class, type) and issubclass(module_class, Task)):
         raise ConfigError(
             f"ckpt_path={ckpt_path} task._target_={trained.task._target_} is not a normlab task"
         )
-    return module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    # Its state_dict holds the EMA weights where it holds any, so that is what this loads.
+    module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    if weights == "raw":
+        # Only tensors by name (load_run_info checked).
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        if RAW_WEIGHTS_KEY in checkpoint:
+            module.load_state_dict(checkpoint[RAW_WEIGHTS_KEY])
+    return module
 
 
 # -- reporting a failed run ------------------------------------------------------------------------

@@ -44,6 +44,7 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
         "norm_cost": "| cuda_bn |",
         "bn_gpu": "| 2×3×5×7 | channels_last | bf16 | forward+backward |",
         "training_throughput": "| pix2pix_digits |",
+        "precision": "| pix2pix_digits |",
     }
     assert reports.keys() == expected.keys()
     for name, marker in expected.items():
@@ -60,6 +61,29 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
         assert reports["norm_cost"].count(f"\n| {norm} | ") == 2, norm
     assert "## NCHW input" in reports["norm_cost"]
     assert "## channels_last input" in reports["norm_cost"]
+
+
+def test_precision_bench_times_both_precisions_at_a_tiny_size(tmp_path):
+    """pix2pix at a tiny size (the other families take 2-4× as long): a step at 32-true and at
+    bf16-mixed, in a table that names the commit, the torch build and the CPU's bf16 support."""
+    from experiments.bench import precision
+
+    report = precision.main([*precision.SMOKE, "--out", str(tmp_path / "precision.md")])
+    assert (tmp_path / "precision.md").read_text() == report + "\n"
+    for line in ("Code: commit ", "torch ", "oneDNN bf16 supported: "):
+        assert line in report, line
+    (row,) = [line for line in report.splitlines() if line.startswith("| pix2pix_digits |")]
+    _, batch, fp32_ms, bf16_ms, ratio, verdict, _ = (cell.strip() for cell in row.split("|")[1:])
+    assert batch == "2" and float(fp32_ms) > 0 and float(bf16_ms) > 0 and float(ratio) > 0
+    assert verdict == precision.verdict(float(ratio))
+
+
+def test_precision_verdict_calls_ratios_within_the_noise_no_difference():
+    from experiments.bench.precision import verdict
+
+    assert verdict(0.5) == "bf16-mixed is faster (2.00× the steps per second)"
+    assert verdict(1.04) == verdict(0.96) == "no difference beyond the noise (±5%)"
+    assert verdict(1.25) == "bf16-mixed is slower (1.25× the time per step)"
 
 
 def test_kernels_import_without_a_gpu_or_the_interpreter():

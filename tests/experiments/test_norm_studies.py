@@ -14,8 +14,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.accumulation_vs_batch import run as accumulation_vs_batch
+from experiments.bf16_vs_fp32 import run as bf16_vs_fp32
 from experiments.lib import command_line
-from experiments.lib.jobs import StudyJob
+from experiments.lib.jobs import StudyJob, job_identity
 from experiments.lib.recipes import FASHION_MNIST, SMALL_DENSENET_DIGITS, DataRecipe
 from experiments.lib.results import RunTable, write_runs_csv
 from experiments.norm_vs_batch_size import run as norm_vs_batch_size
@@ -178,7 +179,42 @@ def test_a_study_of_one_seed_decides_nothing(tmp_path):
     assert "**agrees**" not in text and "**disagrees**" not in text
 
 
-@pytest.mark.parametrize("study", [small_batch_norms, norm_vs_batch_size, accumulation_vs_batch])
+def test_bf16_vs_fp32_trains_small_batch_norms_fp32_runs_and_judges_each_cell(tmp_path):
+    jobs = bf16_vs_fp32.jobs(FASHION_MNIST, SEEDS)
+    assert len(jobs) == 4 * 2 * 2 * 3
+    bf16 = [job for job in jobs if "trainer.precision=bf16-mixed" in job.overrides]
+    fp32 = [job for job in jobs if job not in bf16]
+    assert len(bf16) == len(fp32) == 24
+    # Each fp32 run is one of small_batch_norms' (so it is copied, not trained, at one commit).
+    twins = {tuple(job_identity(job)) for job in small_batch_norms.jobs(FASHION_MNIST, SEEDS)}
+    assert all(tuple(job_identity(job)) in twins for job in fp32)
+    assert not any(tuple(job_identity(job)) in twins for job in bf16)
+
+    def error(job: StudyJob) -> float:
+        norm, batch = override(job, "norm"), int(override(job, "data.batch_size"))
+        if job in bf16 and norm == "frn" and batch == 2:
+            return 15.0 + seed_noise(job)  # bf16 costs frn 5 points at batch 2
+        if job in bf16 and norm == "gn" and batch == 32:  # 1 point, and seeds far apart
+            return 11.0 + {"42": 0.0, "1": 3.0, "2": -3.0}[override(job, "seed")]
+        return 10.0 + seed_noise(job)
+
+    fake_runs(tmp_path, jobs, error)
+    text = report(bf16_vs_fp32, FASHION_MNIST, tmp_path, jobs)
+    assert "| bn | 2 | 10.0 ± 0.1 | 10.0 ± 0.1 | +0.0 [95 % CI -0.2, +0.2] | no | 1.00 |" in text
+    assert (
+        "| frn | 2 | 10.0 ± 0.1 | 15.0 ± 0.1 | +5.0 [95 % CI +4.8, +5.2] | yes (higher) |" in text
+    )
+    assert "| gn | 32 | 10.0 ± 0.1 | 11.0 ± 3.0 | +1.0 [95 % CI -6.4, +8.4] | no |" in text
+    assert "bn at 2: +0.0 [95 % CI -0.2, +0.2] — **agrees**" in text
+    assert "frn at 2: +5.0 [95 % CI +4.8, +5.2] — **disagrees**" in text
+    assert "gn at 32: +1.0 [95 % CI -6.4, +8.4] — **inconclusive**" in text
+    assert text.count("— **agrees**") == 6
+    assert (tmp_path / "error_by_precision.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "study", [small_batch_norms, norm_vs_batch_size, accumulation_vs_batch, bf16_vs_fp32]
+)
 def test_collect_before_the_runs_finish_stops_with_one_line(
     study: ModuleType, tmp_path, monkeypatch
 ):

@@ -314,7 +314,23 @@ def test_torch_compile_traces_the_custom_ops_with_running_stat_updates():
         torch.testing.assert_close(compiled.state_dict()[key], value, msg=lambda m, k=key: k + m)
 
 
+CUSTOM_OPS = ("batch_norm_stats", "batch_norm_train", "batch_norm_eval", "batch_norm_backward")
+
+
+@pytest.mark.parametrize("device_type", ["CPU", "CUDA"])
+def test_the_ops_register_no_autocast_rule(device_type):
+    """A rule would cast the running buffers to bf16 copies (their update lost) or the input to
+    float32 (its saved copy doubled): see normlab.ops.batchnorm.ops."""
+    for op in CUSTOM_OPS:
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"normlab::{op}", f"Autocast{device_type}"
+        ), op
+
+
 def test_autocast_bf16_conv_output_goes_through_the_kernels():
+    """Under CPU autocast the kernels do what native BN does: the bf16 input stays bf16 (output
+    and input gradient too), the statistics and the running buffers are float32, the parameter
+    gradients float32; eval mode likewise, and a float32 input stays float32."""
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 4, 3)
     ours = CudaBatchNorm(4, backend="triton", activation="relu")
@@ -325,7 +341,28 @@ def test_autocast_bf16_conv_output_goes_through_the_kernels():
         y_ours, y_plain = ours(features), F.relu(plain(features))
     assert features.dtype == torch.bfloat16 and y_ours.dtype == torch.bfloat16
     torch.testing.assert_close(y_ours, y_plain)
-    torch.testing.assert_close(ours.running_var, plain.running_var)
+    for name in ("running_mean", "running_var"):
+        assert getattr(ours, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(ours, name), getattr(plain, name))
+    assert int(ours.num_batches_tracked) == 1
+
+    upstream = torch.randn(y_ours.shape).bfloat16()
+    grads_ours = torch.autograd.grad(y_ours, (features, ours.weight, ours.bias), upstream)
+    grads_plain = torch.autograd.grad(y_plain, (features, plain.weight, plain.bias), upstream)
+    assert [g.dtype for g in grads_ours] == [torch.bfloat16, torch.float32, torch.float32]
+    for mine, native in zip(grads_ours, grads_plain, strict=True):
+        # The bf16 input gradients, rounded from float32 values computed in different orders,
+        # may be one bf16 step apart: 2^-7 relative at most.
+        torch.testing.assert_close(mine, native, rtol=2**-7, atol=2**-8)
+
+    ours.eval(), plain.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = conv(x)
+        y_ours, y_plain = ours(features), F.relu(plain(features))
+        assert y_ours.dtype == torch.bfloat16
+        torch.testing.assert_close(y_ours, y_plain)
+        y_float = ours(x.repeat(1, 2, 1, 1))
+    assert y_float.dtype == torch.float32
 
 
 def test_lightning_sync_plugin_keeps_cuda_bn_and_turns_its_sync_on():

@@ -18,7 +18,7 @@ from data_files import make_cifar, write_png
 from normlab.eval import evaluate
 from normlab.export import export
 from normlab.runs import exit_on_config_error
-from tiny_runs import compose_run, tiny_checkpoint
+from tiny_runs import compose_run, tiny_checkpoint, with_ema_weights
 
 ERROR = "normlab: configuration error: "
 ENTRY_POINTS = {"eval": evaluate, "export": export}
@@ -219,6 +219,35 @@ def test_the_command_line_refuses_a_code_running_checkpoint_in_one_line(
     errors = [line for line in result.stderr.splitlines() if line.startswith(ERROR)]
     assert len(errors) == 1 and "model._target_=torch.hub.load is not a normlab target" in errors[0]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize(
+    ("raw", "found"),
+    [
+        (
+            {"model.features.conv0.weight": "__import__('os')"},
+            "'model.features.conv0.weight': a str",
+        ),
+        ({"model.features.conv0.weight": {"nested": torch.zeros(1)}}, "a dict"),
+        ([torch.zeros(1)], "holds a list"),
+    ],
+    ids=["string", "nested", "list"],
+)
+def test_raw_weights_other_than_tensors_are_refused(
+    entry, raw, found, digits_checkpoint, tmp_path, capsys
+):
+    """An EMA checkpoint's raw weights (Lightning's current_model_state) are loaded into the
+    model: anything but tensors by name is refused in one line, whichever weights were asked."""
+    path = with_ema_weights(digits_checkpoint, tmp_path / "ema.ckpt")
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(raw, dict):
+        raw = {**stored["current_model_state"], **raw}
+    stored["current_model_state"] = raw
+    torch.save(stored, path)
+    line = _one_error_line(entry, [f"ckpt_path={path}", "weights=ema"], tmp_path, capsys)
+    assert f"ckpt_path={path} current_model_state holds " in line and found in line
+    assert "only tensors" in line
 
 
 # -- a checkpoint on another task's data ------------------------------------------------------------

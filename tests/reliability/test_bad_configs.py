@@ -269,5 +269,7 @@ def test_a_2d_norm_on_pooled_features_is_named():
     """No model here applies a registry norm to features without H and W (ConvNeXt's head
     normalises N×C×1×1 before flattening), but a model that did would be refused like this."""
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), build_norm("ln", 8))
-    with pytest.raises(ConfigError, match=r"norm layer 2 \(LayerNorm2d\) gets input of shape"):
+    with pytest.raises(
+        ConfigError, match=r"norm layer 2 \(Float32LayerNorm2d\) gets input of shape"
+    ):
         check_norm_inputs(head, (4, 8, 5, 5), where="test")

@@ -43,7 +43,8 @@ class SplitDataModule(pl.LightningDataModule):
     may set ``collate_fn``."""
 
     # Validation and test batch; None: batch_size. Only modules whose evaluation does not depend
-    # on the batch (classification: every norm is in eval mode) offer it.
+    # on the batch with population statistics (classification) offer it; with batch statistics
+    # (task.eval_norm_statistics=batch) it is the normalization batch.
     eval_batch_size: int | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
     # Why a training batch of a single image cannot be trained on (a norm's batch statistics

@@ -158,6 +158,16 @@ def has_running_statistics(module: nn.Module) -> bool:
     )
 
 
+def normalises_with_stored_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm whose eval mode may normalise with statistics stored in
+    training where its training mode takes them from its input: one whose traits say it keeps
+    running statistics, or normalises with batch statistics in training (EvoNorm-B0 keeps a
+    running variance only). Per-sample norms and frozen statistics compute the same in both
+    modes."""
+    traits = layer_traits(module)
+    return traits is not None and (traits.batch_statistics or traits.running_statistics)
+
+
 def synchronises(module: nn.Module) -> bool:
     """Whether ``module`` shares its batch statistics with other processes by itself."""
     traits = layer_traits(module)

@@ -17,13 +17,21 @@ probing for them:
 - :meth:`Task.evaluated_models`: the models validation and test evaluate, the task itself and,
   with weight averaging (``callbacks=ema``, :class:`~normlab.callbacks.WeightEMA`), its averaged
   copy, whose metrics carry :data:`AVERAGED_SUFFIX` (``val/acc_ema`` beside ``val/acc``).
+
+Every task also evaluates (validation and test) with the norm statistics
+:attr:`Task.eval_norm_statistics` names (``task.eval_norm_statistics``; ``normlab.eval`` sets it
+from its ``norm_statistics``): ``population``, those stored in training, or ``batch``, each
+evaluation batch's own (:func:`normlab.norm.batch_statistics`).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,7 +40,11 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from normlab.errors import ConfigError
+from normlab.norm import NORM_STATISTICS, batch_statistics
+from normlab.ranges import check_choice
 from normlab.tasks.guard import LossGuard
+
+log = logging.getLogger(__name__)
 
 # What the names of the averaged model's metrics end with: val/acc_ema beside val/acc.
 AVERAGED_SUFFIX = "_ema"
@@ -49,7 +61,8 @@ def take_values(metrics: MetricCollection | Metric) -> Any:
 
 class Task(pl.LightningModule, ABC):
     """The base of the task modules: saves the subclass's ``__init__`` arguments as
-    hyperparameters and sets up the non-finite loss policy (``loss_guard``).
+    hyperparameters, sets up the non-finite loss policy (``loss_guard``) and evaluates with the
+    norm statistics ``eval_norm_statistics`` names (``population`` or ``batch``).
 
     The hyperparameters hold the Hydra configs resolved to plain dicts (``${norm}`` replaced by
     its value), so ``load_from_checkpoint(path)`` rebuilds the module from the checkpoint alone.
@@ -70,7 +83,10 @@ class Task(pl.LightningModule, ABC):
     _averaged: Task | None = None
 
     def __init__(
-        self, on_nonfinite_loss: str = "stop", max_nonfinite_fraction: float = 0.25
+        self,
+        on_nonfinite_loss: str = "stop",
+        max_nonfinite_fraction: float = 0.25,
+        eval_norm_statistics: str = "population",
     ) -> None:
         super().__init__()
         # Lightning reads the arguments from the frame it is given: the subclass's __init__,
@@ -80,6 +96,56 @@ class Task(pl.LightningModule, ABC):
             if isinstance(value, DictConfig):
                 self.hparams[name] = OmegaConf.to_container(value, resolve=True)
         self.loss_guard = LossGuard(on_nonfinite_loss, max_nonfinite_fraction)
+        self.eval_norm_statistics = check_choice(
+            "eval_norm_statistics", eval_norm_statistics, NORM_STATISTICS
+        )
+        self._evaluation_statistics = ExitStack()
+        self._batch_statistics_logged = False
+
+    # Lightning puts the module in eval mode before these hooks return and restores each
+    # submodule's mode after the loop; the norms' switch sits inside, undone at the loop's end.
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        self._enter_eval_norm_statistics(self.trainer.val_dataloaders)
+
+    def on_test_model_eval(self) -> None:
+        super().on_test_model_eval()
+        self._enter_eval_norm_statistics(self.trainer.test_dataloaders)
+
+    def on_validation_end(self) -> None:
+        self._evaluation_statistics.close()
+
+    def on_test_end(self) -> None:
+        self._evaluation_statistics.close()
+
+    def _enter_eval_norm_statistics(self, loaders: Any) -> None:
+        if self._averaged is not None:
+            self._averaged.eval()  # Lightning sets the modes of this task only
+        if self.eval_norm_statistics != "batch":
+            return
+        if self._averaged is not None:
+            self._evaluation_statistics.enter_context(batch_statistics(self._averaged))
+        layers = self._evaluation_statistics.enter_context(batch_statistics(self))
+        if self._batch_statistics_logged or not self.trainer.is_global_zero:
+            return
+        self._batch_statistics_logged = True
+        if not layers:
+            log.info(
+                "norm statistics: batch; no norm of %s keeps statistics from training, so batch "
+                "and population statistics evaluate alike",
+                type(self).__name__,
+            )
+            return
+        kinds = Counter(type(layer).__name__ for layer in layers.values())
+        batch_size = getattr(loaders, "batch_size", None)
+        log.info(
+            "norm statistics: batch; %d norm layers (%s) normalise each evaluation batch%s with "
+            "its own statistics as in training, their running statistics untouched; every other "
+            "layer (dropout, ...) in eval mode",
+            len(layers),
+            ", ".join(f"{kind} ×{count}" for kind, count in kinds.items()),
+            f" ({batch_size} images per process)" if batch_size else "",
+        )
 
     def on_train_epoch_end(self) -> None:
         self.loss_guard.check_skipped_fraction()
@@ -141,11 +207,11 @@ class Task(pl.LightningModule, ABC):
     def evaluated_models(self) -> list[tuple[str, Task]]:
         """What validation and test evaluate, each with the suffix of its metric names: this
         task (``""``) and, while one is attached, its averaged copy (:data:`AVERAGED_SUFFIX`),
-        put in this task's train/eval mode. Each model's metric objects are its own attributes
-        (the copy has its own ``val_metrics``, ``val_acc_best``, ...); this task logs them all."""
+        which evaluation puts in eval mode and normalises with the statistics this task's
+        ``eval_norm_statistics`` names. Each model's metric objects are its own attributes (the
+        copy has its own ``val_metrics``, ``val_acc_best``, ...); this task logs them all."""
         if self._averaged is None:
             return [("", self)]
-        self._averaged.train(self.training)
         return [("", self), (AVERAGED_SUFFIX, self._averaged)]
 
     def log_evaluation(

@@ -51,8 +51,9 @@ class ClassificationModule(Task):
         channels_last: bool = False,
         on_nonfinite_loss: str = "stop",
         max_nonfinite_fraction: float = 0.25,
+        eval_norm_statistics: str = "population",
     ) -> None:
-        super().__init__(on_nonfinite_loss, max_nonfinite_fraction)
+        super().__init__(on_nonfinite_loss, max_nonfinite_fraction, eval_norm_statistics)
         self.model: nn.Module = instantiate(self.hparams.model)
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:

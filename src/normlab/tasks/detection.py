@@ -118,8 +118,9 @@ class DetectionModule(Task):
         display_score_thresh: float = 0.3,
         on_nonfinite_loss: str = "stop",
         max_nonfinite_fraction: float = 0.25,
+        eval_norm_statistics: str = "population",
     ) -> None:
-        super().__init__(on_nonfinite_loss, max_nonfinite_fraction)
+        super().__init__(on_nonfinite_loss, max_nonfinite_fraction, eval_norm_statistics)
         self.model: nn.Module = instantiate(self.hparams.model)
         self.val_map = build_map_metric(map_backend)
         self.test_map = build_map_metric(map_backend)

@@ -103,8 +103,9 @@ class Pix2PixModule(Task):
         num_logged_images: int = 8,
         on_nonfinite_loss: str = "stop",
         max_nonfinite_fraction: float = 0.25,
+        eval_norm_statistics: str = "population",
     ) -> None:
-        super().__init__(on_nonfinite_loss, max_nonfinite_fraction)
+        super().__init__(on_nonfinite_loss, max_nonfinite_fraction, eval_norm_statistics)
         check_choice("gan_mode", gan_mode, GAN_MODES)
         check_choice("test_mode", test_mode, TEST_MODES)
         for argument, epochs in (("n_epochs", n_epochs), ("n_epochs_decay", n_epochs_decay)):

@@ -36,6 +36,12 @@ def quiet_dependency_warnings() -> None:
     # started without srun here is meant to run in this process (hydra/launcher=slurm starts
     # Slurm jobs itself, and Lightning finds their tasks without the hint).
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
+    # The model summary's size estimate under 16-mixed / bf16-mixed: it says the size is inexact
+    # and counts 32 bits a parameter, which is exact, since mixed precision keeps the parameters
+    # in float32 (bf16-true and 16-true, which do not, are in its table and not warned about).
+    warnings.filterwarnings(
+        "ignore", message=r"Precision (bf)?16-mixed is not supported by the model summary"
+    )
     # torch's ONNX exporter runs onnxscript's graph passes, which log each rewrite at INFO (~18
     # lines per export that say nothing about the exported file).
     for name in ("onnxscript", "onnx_ir"):

@@ -52,7 +52,8 @@ TRAJECTORY_NEUTRAL: tuple[str, ...] = (
     "trainer.max_epochs",
     "trainer.max_steps",
     # Evaluation and loading: samples look the same with any number of workers
-    # (normlab.data.samplers.SeededSamples), and evaluation runs every norm in eval mode.
+    # (normlab.data.samplers.SeededSamples), and evaluation never changes the weights (with
+    # task.eval_norm_statistics=batch the eval batch changes the validation metrics only).
     "train",
     "test",
     "optimized_metric",

@@ -5,6 +5,16 @@ statistics (updating the running ones in place), training forward and eval forwa
 autograd formula) and their backward, so ``torch.compile`` treats each as one opaque node instead
 of tracing into Triton's launcher.
 The synchronised path needs collectives between the kernels and is an ``autograd.Function``.
+
+Autocast: the ops register no autocast rule (``torch.library.register_autocast``), so autocast
+passes them the tensors as they are, as it passes ATen's ``batch_norm``, which is on none of its
+cast lists: a bf16 convolution's output goes in as bf16, the kernels compute the statistics in
+float32 and update the float32 running buffers, and the output has the input's dtype. A rule
+would cast every floating-point input to one dtype, and neither fits: to bfloat16, it would hand
+``batch_norm_stats`` bf16 copies of the running buffers, so their in-place update would be lost
+without a word; to float32, it would double the size of the input saved for backward and of the
+output, which native BN under autocast keeps in bf16. ``tests/ops/test_cuda_bn.py`` checks that
+no rule is registered and what the ops do under CPU autocast.
 """
 
 from __future__ import annotations
