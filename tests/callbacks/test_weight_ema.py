@@ -25,8 +25,8 @@ BATCH = 8
 
 
 class BatchNormTask(Task):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, eval_norm_statistics: str = "population") -> None:
+        super().__init__(eval_norm_statistics=eval_norm_statistics)
         self.net = nn.Sequential(
             nn.Conv2d(3, 4, 3, padding=1),
             nn.BatchNorm2d(4, momentum=0.5),
@@ -76,9 +76,11 @@ def _images() -> TensorDataset:
     return TensorDataset(images, torch.randint(0, 3, (48,), generator=generator))
 
 
-def _fit(tmp_path: Path, ema: WeightEMA) -> tuple[BatchNormTask, RecordRawStates, pl.Trainer]:
+def _fit(
+    tmp_path: Path, ema: WeightEMA, statistics: str = "population"
+) -> tuple[BatchNormTask, RecordRawStates, pl.Trainer]:
     pl.seed_everything(0)
-    task = BatchNormTask().double()
+    task = BatchNormTask(statistics).double()
     record = RecordRawStates()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -229,6 +231,25 @@ def test_the_checkpoint_holds_both_models_and_the_counters(tmp_path):
     for key in raw:
         assert torch.equal(fresh.averaged_task.state_dict()[key], averaged[key]), key
         assert torch.equal(other.state_dict()[key], raw[key]), key
+
+
+@pytest.mark.parametrize("statistics", ["population", "batch"])
+def test_the_averaged_model_is_evaluated_with_the_statistics_the_task_asks_for(
+    tmp_path, statistics
+):
+    ema = WeightEMA(decay=0.7)
+    _, _, trainer = _fit(tmp_path, ema, statistics)
+    averaged = copy.deepcopy(ema.averaged_task.net).eval()
+    if statistics == "batch":
+        for layer in averaged.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.train()
+    losses = [F.cross_entropy(averaged(x), y) for x, y in DataLoader(_images(), batch_size=24)]
+    expected = torch.stack(losses).mean()
+    torch.testing.assert_close(trainer.callback_metrics["val/loss_ema"], expected)
+    # The other statistics give another loss: the check above can tell them apart.
+    other = copy.deepcopy(ema.averaged_task.net).train(statistics == "population")
+    assert not torch.allclose(other(_images().tensors[0][:24]), averaged(_images().tensors[0][:24]))
 
 
 @pytest.mark.parametrize(
