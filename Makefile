@@ -11,7 +11,7 @@ STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-nor
   small-batch-norms bf16-vs-fp32
 
 .PHONY: install export train data-fashion-mnist test test-slow test-ddp test-gpu test-aot bench bench-gpu bench-bn \
-  bench-cuda-bn-cpu lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
+  bench-cuda-bn-cpu bench-compile lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
   sweep-norms sweep-optuna sweep-slurm slurm-packages slurm-local slurm-down test-slurm $(addprefix study-,$(STUDIES))
 
 help:
@@ -99,7 +99,7 @@ test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf1
 test-aot: install ## compile every cuda_bn kernel configuration for sm_80/sm_90 (~1 h on 2 cores: 57.5 min in cuda_bn_aot.md; a progress line a minute); writes experiments/bench/cuda_bn_aot.md
 	TRITON_INTERPRET=0 $(BIN)/python -m experiments.bench.cuda_bn_aot $(ARGS)
 
-bench: install ## CPU benchmarks (~13 min on 2 cores, precision estimated): tables in experiments/bench/*.md
+bench: install ## CPU benchmarks (~13 min on 2 cores, precision estimated; compile is bench-compile): tables in experiments/bench/*.md
 	$(BIN)/python -m experiments.bench.run $(ARGS)
 
 bench-gpu: install ## GPU benchmarks (bf16): tables in experiments/bench/*_gpu.md and bn_gpu.md
@@ -110,6 +110,9 @@ bench-bn: install ## GPU: cuda_bn vs native BN (and BN+ReLU), writes experiments
 
 bench-cuda-bn-cpu: install ## CPU: a DenseNet step with norm=cuda_bn vs norm=bn (goal ≤ 1.05×)
 	$(BIN)/python -m experiments.bench.cuda_bn_cpu $(ARGS)
+
+bench-compile: install ## CPU: compile=true vs eager per family × norm (step time, warm-up, break-even; about 3 h on 2 cores, estimated), writes experiments/bench/compile.md
+	$(BIN)/python -m experiments.bench.compile $(ARGS)
 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
 	$(BIN)/python -m experiments.retinanet_digits.run $(ARGS)

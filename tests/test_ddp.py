@@ -48,6 +48,7 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 from normlab.callbacks.checkpointing import RunInfo
 
@@ -62,6 +63,17 @@ class RecordConfig(pl.Callback):
         info = next(c for c in trainer.callbacks if isinstance(c, RunInfo)).info
         path = Path(self.directory) / f"config_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(info["config"], sort_keys=True))
+
+
+class RecordAveraged(pl.Callback):
+    """Each rank saves the raw and the averaged model (callbacks=ema) it ends training with."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        state = {"raw": pl_module.state_dict(), "ema": pl_module.averaged.state_dict()}
+        torch.save(state, Path(self.directory) / f"models_rank{trainer.global_rank}.pt")
 
 
 class CrashAt(pl.Callback):
@@ -201,6 +213,41 @@ def test_two_process_syncbn_retinanet_equals_one_process_bn_on_the_doubled_batch
     _assert_same_float64_weights(tmp_path / "one", tmp_path / "two")
     for run in ("one", "two"):
         assert torch.load(tmp_path / run / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+@pytest.mark.parametrize("norm_buffers", ["average", "recompute"])
+def test_every_rank_holds_the_same_averaged_model(helpers: Path, norm_buffers: str):
+    """With bn, whose running statistics differ between the processes, the averaged model is
+    still the same on both: rank 0's averaged statistics, or those PreciseBN merges."""
+    two = run_cli(
+        *SHORT,
+        "trainer=ddp_cpu",
+        "norm=bn",
+        "data.global_batch_size=16",
+        "callbacks=ema",
+        f"ema.norm_buffers={norm_buffers}",
+        "ema.recompute_images=32",
+        "ema.decay=0.5",
+        "+callbacks.record={_target_:ddp_test_helpers.RecordAveraged,directory:two}",
+        "hydra.run.dir=two",
+        cwd=helpers,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    ranks = [torch.load(helpers / "two" / f"models_rank{r}.pt") for r in (0, 1)]
+    raw, averaged = [r["raw"] for r in ranks], [r["ema"] for r in ranks]
+    assert raw[0].keys() == averaged[0].keys() == averaged[1].keys()
+    statistics = [k for k in raw[0] if k.endswith("running_mean")]
+    # What the test can tell apart: the processes' own statistics differ, and the average is not
+    # the raw model.
+    assert any(not torch.equal(raw[0][k], raw[1][k]) for k in statistics)
+    assert any(not torch.equal(averaged[0][k], raw[0][k]) for k in averaged[0])
+    different = [k for k in averaged[0] if not torch.equal(averaged[0][k], averaged[1][k])]
+    assert not different, different[:3]
+    log = (helpers / "two" / "train.log").read_text()
+    if norm_buffers == "average":
+        assert "the averaged model takes rank 0's norm statistics" in log
+    else:
+        assert "ema: recomputed the averaged model's statistics of 99 norm layers" in log
 
 
 def test_global_batch_size_must_divide_by_the_processes(tmp_path: Path):

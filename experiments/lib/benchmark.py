@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.lib.jobs import REPO_ROOT, machine_line
 from normlab.runs import fill_from_datamodule, instantiate_data
@@ -101,6 +101,22 @@ def timed_epoch(
     return timer.seconds
 
 
+def experiment_task(
+    overrides: list[str], data_root: Path
+) -> tuple[DictConfig, pl.LightningModule, pl.LightningDataModule]:
+    """What ``python -m normlab.train *overrides`` builds before fitting: its config, its task
+    module (seed 0) and its data module, set up for fit with data under ``data_root``."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.data_dir={data_root}"])
+    datamodule = instantiate_data(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    fill_from_datamodule(cfg, datamodule)
+    torch.manual_seed(0)
+    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    return cfg, module, datamodule
+
+
 def experiment_step(
     experiment: str, overrides: list[str], data_root: Path, steps: int, device: str, precision: str
 ) -> tuple[Callable[[], float], int]:
@@ -108,17 +124,7 @@ def experiment_step(
     for ``steps`` steps and returns the seconds per step, data loading included; the batch
     size). The model is built once, seeded, and keeps training from call to call; data is
     generated under ``data_root``."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[f"experiment={experiment}", f"paths.data_dir={data_root}", *overrides],
-        )
-    datamodule = instantiate_data(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    fill_from_datamodule(cfg, datamodule)
-    torch.manual_seed(0)
-    module = instantiate(OmegaConf.to_container(cfg.task, resolve=True), _recursive_=False)
+    cfg, module, datamodule = experiment_task([f"experiment={experiment}", *overrides], data_root)
 
     def run() -> float:
         loader = datamodule.train_dataloader()

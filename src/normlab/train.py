@@ -71,7 +71,7 @@ from normlab.utils.run_lock import hold_run_dir
 from normlab.utils.secrets import mask_secrets, mask_secrets_in_logs, masked_config
 from normlab.utils.wandb_logger import attach_wandb_run
 from normlab.utils.writable_dirs import check_free_space, check_writable
-from normlab.validation import name_config_keys, validate_config
+from normlab.validation import apply_ema_selection, name_config_keys, validate_config
 
 log = logging.getLogger("normlab.train")
 register_resolvers()
@@ -144,6 +144,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     cfg = inherited_run_config() or cfg
     mask_secrets_in_logs()
     check_required(cfg)
+    apply_ema_selection(cfg)
     validate_config(cfg)
     apply_extras(cfg)
     import_user_modules(cfg.get("imports"))
@@ -176,7 +177,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if resume is not None and resume.mode == "weights":
         load_weights(module, resume.path)
     if cfg.get("compile"):  # after loading: the weights go into the uncompiled module tree
-        module.compile_networks(cfg.compile_mode)
+        module.compile_networks(cfg.compile_mode, cfg.get("compile_regional", False))
     check_free_space(
         output_dir / "checkpoints",
         checkpoint_size_estimate(module),

@@ -24,6 +24,7 @@ from hydra.utils import get_class, get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from normlab.callbacks.weight_ema import NORM_BUFFERS, WeightEMA
 from normlab.errors import ConfigError
 from normlab.norm.registry import NORMS, check_arguments, norm_traits, norms_with
 from normlab.norm.traits import NormTraits
@@ -35,11 +36,12 @@ from normlab.ranges import (
     SEED,
     ArgumentError,
     ValueRange,
+    check_choice,
     declared_ranges,
     is_int,
     is_number,
 )
-from normlab.tasks.base import Task
+from normlab.tasks.base import AVERAGED_SUFFIX, Task
 from normlab.utils.config_keys import config_keys_named
 from normlab.utils.distributed import world_size
 
@@ -57,6 +59,7 @@ def validate_config(cfg: DictConfig) -> None:
     if seed is not None and not SEED.allows(seed):
         allowed = SEED if is_int(seed) else "an integer"
         raise ConfigError(f"seed must be {allowed} (or null for a random seed), got {seed!r}")
+    _check_ema(cfg)
     _check_argument_ranges(cfg)
     _check_monitored_metrics(cfg)
     _check_compile(cfg)
@@ -271,7 +274,10 @@ def _declared_metrics(cfg: DictConfig) -> list[str] | None:
         for name in inspect.signature(declare).parameters
         if (value := _option(cfg, name)) is not None
     }
-    return sorted(declare(**options))
+    names = declare(**options)
+    if _averages_weights(cfg):
+        names += task_class.averaged_metrics(names)
+    return sorted(names)
 
 
 def _check_monitored_metrics(cfg: DictConfig) -> None:
@@ -301,6 +307,55 @@ def _check_monitored_metrics(cfg: DictConfig) -> None:
             f"optimized_metric={optimized!r} is not a metric {task_name} logs; one of: "
             f"{', '.join(sorted((*logged, *_EXTRA_RESULTS)))}"
         )
+
+
+# -- weight EMA -----------------------------------------------------------------------------------
+
+EMA_SELECTIONS = ("ema", "raw")
+
+
+def _averages_weights(cfg: DictConfig) -> bool:
+    """Whether a configured callback is a :class:`~normlab.callbacks.WeightEMA`."""
+    nodes = (cfg.get("callbacks") or {}).values()
+    return any(
+        isinstance(c := _target(node), type) and issubclass(c, WeightEMA)
+        for node in nodes
+        if isinstance(node, DictConfig)
+    )
+
+
+def _check_ema(cfg: DictConfig) -> None:
+    """The ``ema`` block (``callbacks=ema``) against WeightEMA's ranges and choices, naming
+    ``ema.<key>`` (the callback's own keys only repeat them)."""
+    ema = cfg.get("ema")
+    if not isinstance(ema, DictConfig):
+        return
+    _check_node_ranges(ema, "ema", dict(declared_ranges(WeightEMA)))
+    try:
+        check_choice("norm_buffers", ema.get("norm_buffers", "average"), NORM_BUFFERS)
+        check_choice("select", ema.get("select", "ema"), EMA_SELECTIONS)
+    except ArgumentError as error:
+        raise error.at(f"ema.{error.argument}") from None
+
+
+def apply_ema_selection(cfg: DictConfig) -> None:
+    """With ``ema.select=ema`` (``callbacks=ema``'s default) the best checkpoint and the sweeps
+    follow the averaged model: ``monitor.metric`` and ``optimized_metric`` get the suffix
+    ``_ema`` (``val/acc`` -> ``val/acc_ema``; not training metrics), once; said in one line.
+    ``raw`` leaves them."""
+    _check_ema(cfg)
+    if OmegaConf.select(cfg, "ema.select") != "ema":
+        return
+    changed = []
+    for key in ("monitor.metric", "optimized_metric"):
+        name = OmegaConf.select(cfg, key)
+        # Training metrics are the raw model's alone; a name already suffixed stays as it is.
+        if isinstance(name, str) and not name.endswith(AVERAGED_SUFFIX):
+            for averaged in Task.averaged_metrics([name]):
+                OmegaConf.update(cfg, key, averaged)
+                changed.append(f"{key}={averaged}")
+    if changed:
+        log.info("ema.select=ema: the averaged model's metrics decide: %s", ", ".join(changed))
 
 
 # -- BatchNorm synchronisation --------------------------------------------------------------------
@@ -374,14 +429,20 @@ def _named_traits(spec: Any) -> NormTraits | None:
 
 
 def _check_compile(cfg: DictConfig) -> None:
-    """``compile`` is a switch and ``compile_mode`` one of torch.compile's modes; a norm that
-    syncs across processes breaks the graph at its collective, so compiling it is refused."""
+    """``compile`` and ``compile_regional`` are switches (the second only with the first) and
+    ``compile_mode`` one of torch.compile's modes; a norm that syncs across processes breaks the
+    graph at its collective, so compiling it is refused."""
     enabled = cfg.get("compile", False)
     if not isinstance(enabled, bool):
         raise ConfigError(f"compile must be true or false, got {enabled!r}")
+    regional = cfg.get("compile_regional", False)
+    if not isinstance(regional, bool):
+        raise ConfigError(f"compile_regional must be true or false, got {regional!r}")
     mode = cfg.get("compile_mode", "default")
     if mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if regional and not enabled:
+        raise ConfigError("compile_regional=true compiles nothing without compile=true: set both")
     if not enabled or world_size(cfg.trainer) == 1:
         return
     # trainer.sync_batchnorm converts only norms with the syncs trait: with none, nothing syncs.

@@ -45,6 +45,7 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
         "bn_gpu": "| 2×3×5×7 | channels_last | bf16 | forward+backward |",
         "training_throughput": "| pix2pix_digits |",
         "precision": "| pix2pix_digits |",
+        "compile": "| densenet | bn | true |",
     }
     assert reports.keys() == expected.keys()
     for name, marker in expected.items():

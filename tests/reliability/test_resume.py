@@ -59,6 +59,19 @@ PIX2PIX = (
 )
 
 
+# The digits run with a weight EMA whose every part carries state across the kill: an update
+# every 2 steps from step 2 (the counter and the last update's step), warm-up decays, and the
+# averaged model's statistics recomputed from training batches before each validation.
+DIGITS_EMA = (
+    *DIGITS,
+    "callbacks=ema",
+    "ema.update_every_n_steps=2",
+    "ema.start_step=1",
+    "ema.norm_buffers=recompute",
+    "ema.recompute_images=32",
+)
+
+
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
     return start_train(f"hydra.run.dir={run_dir}", *overrides, env=ENV)
 
@@ -175,6 +188,44 @@ def test_pix2pix_with_two_optimizers_resumes_bit_identical(tmp_path, uninterrupt
     # in the middle of the second epoch, after the learning rate started to decay.
     kill_and_resume(tmp_path, PIX2PIX, step, logger="csv")
     assert_identical(final_state(tmp_path), uninterrupted_pix2pix)
+
+
+def weight_ema_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The raw and the averaged model of ``last.ckpt`` and the averaging's counters."""
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return {
+        **{f"raw/{k}": v for k, v in checkpoint["current_model_state"].items()},
+        **{f"ema/{k}": v for k, v in checkpoint["state_dict"].items()},
+        "n_averaged": checkpoint["averaging_state"]["n_averaged"],
+        "latest_update_step": torch.tensor(
+            checkpoint["callbacks"]["WeightEMA"]["latest_update_step"]
+        ),
+        "global_step": torch.tensor(checkpoint["global_step"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_digits_ema(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("digits_ema")
+    finish(start(run_dir, *DIGITS_EMA, "logger=csv"))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [3, 8])
+def test_killed_with_a_weight_ema_resumes_both_models_and_its_counter_bit_identical(
+    tmp_path, uninterrupted_digits_ema, step
+):
+    # 3: before any validation; 8: after the first, whose best-of the averaged copy keeps.
+    reached, _ = kill_and_resume(tmp_path, DIGITS_EMA, step, logger="csv")
+    assert step <= reached < 12
+    expected = weight_ema_state(uninterrupted_digits_ema)
+    assert int(expected["n_averaged"]) == 6 and int(expected["latest_update_step"]) == 12
+    assert_identical(weight_ema_state(tmp_path), expected)
+    # val/acc_ema and val/acc_best_ema included: the averaged copy's metric states resume too.
+    rows = csv_rows(uninterrupted_digits_ema)
+    assert any(row.get("val/acc_best_ema") for row in rows)
+    assert csv_rows(tmp_path) == rows
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_not_a_fresh_start(compose_config):
@@ -355,3 +406,17 @@ def test_a_stop_in_the_sanity_check_saves_nothing_and_says_so(tmp_path):
     )
     assert "ckpt_path=last" not in output  # no hint that would fail
     assert not list((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+# The digits recipe compiled (compile=true), on the smallest DenseNet-BC (one layer per block):
+# every process compiles again, and a small network keeps that to seconds.
+COMPILED_DIGITS = (*DIGITS, "model.depth=10", "compile=true")
+
+
+@pytest.mark.slow
+def test_a_compiled_run_killed_mid_epoch_and_resumed_ends_bit_identical(tmp_path):
+    expected = uninterrupted_state(tmp_path / "uninterrupted", COMPILED_DIGITS)
+    reached, output = kill_and_resume(tmp_path / "killed", COMPILED_DIGITS, 3, logger="csv")
+    assert 3 <= reached < 12
+    assert re.search(r"resumed in epoch 0 after its batch [3-5]:", output), output[-3000:]
+    assert_identical(final_state(tmp_path / "killed"), expected)

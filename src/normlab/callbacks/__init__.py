@@ -1,10 +1,12 @@
 """Lightning callbacks for norm research: exact running statistics (``PreciseBN``), per-layer
-statistics monitoring (``NormStatistics``) and gradient-norm curves (``GradientNorm``)."""
+statistics monitoring (``NormStatistics``), gradient-norm curves (``GradientNorm``) and a weight
+EMA evaluated beside the trained weights (``WeightEMA``)."""
 
 from normlab.callbacks.gradient_norm import GradientNorm
 from normlab.callbacks.norm_stats import NormStatistics, statistic_gaps
 from normlab.callbacks.precise_bn import PreciseBN, PreciseStatistics, recompute_norm_statistics
 from normlab.callbacks.resume import ExactResume, ResumeRecord
+from normlab.callbacks.weight_ema import WeightEMA
 
 __all__ = [
     "ExactResume",
@@ -13,6 +15,7 @@ __all__ = [
     "PreciseBN",
     "PreciseStatistics",
     "ResumeRecord",
+    "WeightEMA",
     "recompute_norm_statistics",
     "statistic_gaps",
 ]

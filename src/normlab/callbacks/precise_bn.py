@@ -249,6 +249,45 @@ def independent_loader(loader: DataLoader) -> DataLoader:
     )
 
 
+def recompute_on_training_batches(
+    trainer: pl.Trainer,
+    runner: pl.LightningModule,
+    model: nn.Module,
+    num_batches: int,
+    key: str,
+) -> PreciseStatistics:
+    """:func:`recompute_norm_statistics` of the norms in ``model`` over ``num_batches`` batches
+    of the trainer's training loader (at most its length, or ``trainer.limit_train_batches``),
+    each prepared as Lightning's training loop prepares one and run through ``runner``'s
+    :meth:`~normlab.tasks.Task.forward_for_norm_statistics` under the training precision (the
+    trained task itself, or a copy of it holding other weights). The random generators are
+    restored afterwards. ``key`` names the option asking for it in errors."""
+    if not isinstance(runner, Task):
+        raise ConfigError(
+            f"{key}: {type(runner).__name__} is not a normlab.tasks.Task, "
+            "so it has no forward_for_norm_statistics(batch) to run its networks on a batch"
+        )
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader):
+        raise ConfigError(f"{key} needs one training DataLoader, got {type(loader).__name__}")
+    limit = trainer.num_training_batches
+    num_batches = num_batches if limit == float("inf") else min(num_batches, limit)
+    pl_module = trainer.lightning_module
+
+    def forward(batch: Any) -> None:
+        # What Lightning's training loop does to a batch before training_step sees it.
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        with trainer.precision_plugin.train_step_context():
+            runner.forward_for_norm_statistics(batch)
+
+    with preserved_rng_state():
+        return recompute_norm_statistics(
+            model, independent_loader(loader), forward, int(num_batches)
+        )
+
+
 class PreciseBN(pl.Callback):
     """Recompute every norm's running statistics as exact averages (see the module docstring)
     over ``num_batches`` training batches before each validation during ``fit``, in epochs
@@ -289,31 +328,9 @@ class PreciseBN(pl.Callback):
 
     def recompute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PreciseStatistics:
         """Recompute now, from the trainer's training loader."""
-        if not isinstance(pl_module, Task):
-            raise ConfigError(
-                f"callbacks.precise_bn: {type(pl_module).__name__} is not a normlab.tasks.Task, "
-                "so it has no forward_for_norm_statistics(batch) to run its networks on a batch"
-            )
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise ConfigError(
-                f"callbacks.precise_bn needs one training DataLoader, got {type(loader).__name__}"
-            )
-        limit = trainer.num_training_batches
-        num_batches = self.num_batches if limit == float("inf") else min(self.num_batches, limit)
-
-        def forward(batch: Any) -> None:
-            # What Lightning's training loop does to a batch before training_step sees it.
-            batch = trainer.precision_plugin.convert_input(batch)
-            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
-            with trainer.precision_plugin.train_step_context():
-                pl_module.forward_for_norm_statistics(batch)
-
-        with preserved_rng_state():
-            result = recompute_norm_statistics(
-                pl_module, independent_loader(loader), forward, int(num_batches)
-            )
+        result = recompute_on_training_batches(
+            trainer, pl_module, pl_module, self.num_batches, "callbacks.precise_bn"
+        )
         self._done_at = (trainer.current_epoch, trainer.global_step)
         if trainer.is_global_zero:
             log.info(

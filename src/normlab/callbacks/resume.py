@@ -17,6 +17,7 @@ from torchmetrics import Metric
 
 from normlab.data.samplers import EpochSeededSampler
 from normlab.errors import ConfigError
+from normlab.tasks.base import AVERAGED_SUFFIX, Task
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +44,35 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _metric_holders(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``module`` and, for a task evaluated beside its averaged copy (weight EMA), that copy,
+    by the prefix of their metric names (the copy's are not among the task's modules)."""
+    holders = {"": module}
+    if isinstance(module, Task) and module.averaged is not None:
+        holders[f"{AVERAGED_SUFFIX}/"] = module.averaged
+    return holders
+
+
 def metric_states(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """The accumulated states of the torchmetrics metrics in ``module``, by module name. They are
-    not in its state_dict (torchmetrics keeps them out by default), so a run resumed in the
-    middle of an epoch would compute that epoch's metrics over the batches after the resume
-    only. With each state its number of updates, which says whether it has any to compute."""
+    """The accumulated states of the torchmetrics metrics in ``module`` (and in its averaged
+    copy, prefixed ``_ema/``), by module name. They are not in its state_dict (torchmetrics
+    keeps them out by default), so a run resumed in the middle of an epoch would compute that
+    epoch's metrics over the batches after the resume only. With each state its number of
+    updates, which says whether it has any to compute."""
     return {
-        name: {**metric.metric_state, "_update_count": metric.update_count}
-        for name, metric in module.named_modules()
+        prefix + name: {**metric.metric_state, "_update_count": metric.update_count}
+        for prefix, holder in _metric_holders(module).items()
+        for name, metric in holder.named_modules()
         if isinstance(metric, Metric)
     }
 
 
 def set_metric_states(module: torch.nn.Module, states: dict[str, dict[str, Any]]) -> None:
-    metrics = dict(module.named_modules())
+    metrics = {
+        prefix + name: metric
+        for prefix, holder in _metric_holders(module).items()
+        for name, metric in holder.named_modules()
+    }
     for name, state in states.items():
         metric = metrics.get(name)
         if not isinstance(metric, Metric):

@@ -1,7 +1,7 @@
 """What every task module offers the callbacks and entry points that drive it.
 
 A task is a LightningModule built from Hydra configs. Besides Lightning's hooks, the code above
-the tasks layer relies on six things, declared here so that it can call them instead of
+the tasks layer relies on seven things, declared here so that it can call them instead of
 probing for them:
 
 - :attr:`Task.batch_format`: what the batches it takes hold, matched against the data module's
@@ -13,7 +13,10 @@ probing for them:
 - :meth:`Task.forward_for_norm_statistics`: run the networks on a training batch
   (``normlab.callbacks.precise_bn``);
 - :meth:`Task.inference_network`: the network to export and its input (``normlab.export``);
-- :meth:`Task.compile_networks`: ``torch.compile`` the networks it trains (``compile=true``).
+- :meth:`Task.compile_networks`: ``torch.compile`` the networks it trains (``compile=true``);
+- :meth:`Task.evaluated_models`: the models validation and test evaluate, the task itself and,
+  with weight averaging (``callbacks=ema``, :class:`~normlab.callbacks.WeightEMA`), its averaged
+  copy, whose metrics carry :data:`AVERAGED_SUFFIX` (``val/acc_ema`` beside ``val/acc``).
 
 Every task also evaluates (validation and test) with the norm statistics
 :attr:`Task.eval_norm_statistics` names (``task.eval_norm_statistics``; ``normlab.eval`` sets it
@@ -27,19 +30,34 @@ import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable, Collection, Mapping
 from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
 
 from normlab.errors import ConfigError
+from normlab.models.compile_regions import compile_repeated_blocks
 from normlab.norm import NORM_STATISTICS, batch_statistics
 from normlab.ranges import check_choice
 from normlab.tasks.guard import LossGuard
 
 log = logging.getLogger(__name__)
+
+# What the names of the averaged model's metrics end with: val/acc_ema beside val/acc.
+AVERAGED_SUFFIX = "_ema"
+# The stages whose metrics are logged for both models (training is the raw model's alone).
+EVALUATION_STAGES = ("val/", "test/")
+
+
+def take_values(metrics: MetricCollection | Metric) -> Any:
+    """What ``metrics`` computes over the epoch; their states are reset for the next."""
+    values = metrics.compute()
+    metrics.reset()
+    return values
 
 
 class Task(pl.LightningModule, ABC):
@@ -59,6 +77,11 @@ class Task(pl.LightningModule, ABC):
     optimizer_names: tuple[str, ...] = ()
     # Attributes holding the networks it trains: what ``compile=true`` compiles.
     network_names: tuple[str, ...] = ()
+    # The networks weight averaging averages (empty: all of network_names); in the averaged copy
+    # the others are the live ones (a GAN's discriminator, which inference does not run).
+    averaged_network_names: tuple[str, ...] = ()
+    # Weight averaging's copy of this task (attach_averaged), evaluated beside it.
+    _averaged: Task | None = None
 
     def __init__(
         self,
@@ -97,8 +120,12 @@ class Task(pl.LightningModule, ABC):
         self._evaluation_statistics.close()
 
     def _enter_eval_norm_statistics(self, loaders: Any) -> None:
+        if self._averaged is not None:
+            self._averaged.eval()  # Lightning sets the modes of this task only
         if self.eval_norm_statistics != "batch":
             return
+        if self._averaged is not None:
+            self._evaluation_statistics.enter_context(batch_statistics(self._averaged))
         layers = self._evaluation_statistics.enter_context(batch_statistics(self))
         if self._batch_statistics_logged or not self.trainer.is_global_zero:
             return
@@ -149,17 +176,74 @@ class Task(pl.LightningModule, ABC):
             example = trainer.precision_plugin.convert_input(example)
         self.example_input_array = example
 
-    def compile_networks(self, mode: str) -> None:
+    def compile_networks(self, mode: str, regional: bool = False) -> None:
         """``torch.compile`` each network in :attr:`network_names` in place
         (``nn.Module.compile``): unlike wrapping it, this leaves the module tree, and so the
-        state dict's keys, those of the uncompiled network, so checkpoints load either way."""
+        state dict's keys, those of the uncompiled network, so checkpoints load either way.
+        ``regional``: compile each repeated block on its own instead
+        (:mod:`normlab.models.compile_regions`)."""
         if not self.network_names:
             raise ConfigError(
                 f"compile=true: {type(self).__name__} names no networks to compile "
                 "(network_names); run it with compile=false"
             )
         for name in self.network_names:
-            getattr(self, name).compile(mode=mode)
+            network = getattr(self, name)
+            if regional:
+                compile_repeated_blocks(network, mode=mode)
+            else:
+                network.compile(mode=mode)
+
+    @classmethod
+    def averaged_metrics(cls, names: list[str]) -> list[str]:
+        """The names the averaged model's metrics are logged under, for the validation and test
+        metrics among ``names``."""
+        return [name + AVERAGED_SUFFIX for name in names if name.startswith(EVALUATION_STAGES)]
+
+    def attach_averaged(self, averaged: Task | None) -> None:
+        """Evaluate ``averaged`` (a copy of this task holding averaged weights) beside this
+        task from now on; None: this task alone."""
+        # Not a submodule: its weights stay out of this task's state_dict, optimizer and DDP.
+        object.__setattr__(self, "_averaged", averaged)
+
+    @property
+    def averaged(self) -> Task | None:
+        """The attached averaged copy, or None."""
+        return self._averaged
+
+    def evaluated_models(self) -> list[tuple[str, Task]]:
+        """What validation and test evaluate, each with the suffix of its metric names: this
+        task (``""``) and, while one is attached, its averaged copy (:data:`AVERAGED_SUFFIX`),
+        which evaluation puts in eval mode and normalises with the statistics this task's
+        ``eval_norm_statistics`` names. Each model's metric objects are its own attributes (the
+        copy has its own ``val_metrics``, ``val_acc_best``, ...); this task logs them all."""
+        if self._averaged is None:
+            return [("", self)]
+        return [("", self), (AVERAGED_SUFFIX, self._averaged)]
+
+    def log_evaluation(
+        self,
+        compute: Callable[[Task], Mapping[str, Tensor]],
+        best_of: str | None = None,
+        prog_bar: Collection[str] = (),
+    ) -> None:
+        """At the end of a validation or test epoch, log for every evaluated model the values
+        ``compute(model)`` gives (read from, and resetting, that model's metrics) under their
+        names plus the model's suffix. ``best_of`` (``val/acc``): also update the model's best-of
+        tracker (its attribute ``val_acc_best``) with that value and log it (``val/acc_best``),
+        after real validations only: the sanity check's batches are no validation. ``prog_bar``:
+        the names shown in the progress bar (this model's only)."""
+        for suffix, task in self.evaluated_models():
+            values = compute(task)
+            for name, value in values.items():
+                shown = name in prog_bar and not suffix
+                self.log(name + suffix, value, prog_bar=shown, sync_dist=True)
+            if best_of is None or self.trainer.sanity_checking:
+                continue
+            tracker = getattr(task, best_of.replace("/", "_") + "_best")
+            tracker.update(values[best_of])
+            shown = f"{best_of}_best" in prog_bar and not suffix
+            self.log(f"{best_of}_best{suffix}", tracker.compute(), prog_bar=shown, sync_dist=True)
 
     @abstractmethod
     def forward_for_norm_statistics(self, batch: Any) -> None:

@@ -14,7 +14,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from normlab.ranges import FRACTION, checked_arguments
-from normlab.tasks.base import Task
+from normlab.tasks.base import Task, take_values
 from normlab.tasks.checks import check_norm_inputs, check_num_classes
 from normlab.tasks.optim import configure_optimization
 from normlab.utils.figures import confusion_matrix_figure, figure_to_array, image_grid, log_image
@@ -36,6 +36,7 @@ class ClassificationModule(Task):
 
     batch_format = "labelled images"
     network_names = ("model",)
+    averaged_network_names = ("model",)
 
     def __init__(
         self,
@@ -145,19 +146,28 @@ class ClassificationModule(Task):
     def on_validation_epoch_start(self) -> None:
         self._misclassified.clear()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        """Update the ``stage`` metrics of every evaluated model (this one and, with weight
+        averaging, its averaged copy) and log their losses; return this model's logits."""
         images, targets = batch
-        logits = self(images)
-        self.val_metrics.update(logits, targets)
+        outputs = {}
+        for suffix, task in self.evaluated_models():
+            logits = task(images)
+            getattr(task, f"{stage}_metrics").update(logits, targets)
+            self.log(
+                f"{stage}/loss{suffix}",
+                self._loss(logits, targets),
+                prog_bar=stage == "val" and not suffix,
+                batch_size=len(targets),
+                sync_dist=True,
+            )
+            outputs[suffix] = logits
+        return outputs[""]
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        logits = self._evaluate(batch, "val")
+        images, targets = batch
         self.val_confusion.update(logits, targets)
-        self.log(
-            "val/loss",
-            self._loss(logits, targets),
-            prog_bar=True,
-            batch_size=len(targets),
-            sync_dist=True,
-        )
-        self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(targets))
         self._keep_misclassified(images, logits.argmax(dim=1), targets)
 
     def _keep_misclassified(
@@ -171,10 +181,11 @@ class ClassificationModule(Task):
             )
 
     def on_validation_epoch_end(self) -> None:
-        # The sanity check's batches are no validation: they must not enter the best-of.
-        if not self.trainer.sanity_checking:
-            self.val_acc_best.update(self.val_metrics["acc"].compute())
-            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
+        self.log_evaluation(
+            lambda task: take_values(task.val_metrics),
+            best_of="val/acc",
+            prog_bar=("val/acc", "val/acc_best", f"val/acc_top{_top_k(self.hparams.num_classes)}"),
+        )
         matrix = self.val_confusion.compute()
         self.val_confusion.reset()
         if self.trainer.sanity_checking or not self.trainer.loggers:
@@ -201,11 +212,10 @@ class ClassificationModule(Task):
             )
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, targets = batch
-        logits = self(images)
-        self.test_metrics.update(logits, targets)
-        self.log("test/loss", self._loss(logits, targets), batch_size=len(targets), sync_dist=True)
-        self.log_dict(self.test_metrics, batch_size=len(targets))
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation(lambda task: take_values(task.test_metrics))
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_optimization(self, self.model, self.hparams.decay_norm_and_bias)

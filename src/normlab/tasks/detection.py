@@ -20,7 +20,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from normlab.models.retinanet import DenseRetinaNet
 from normlab.ranges import FRACTION, check_choice, checked_arguments
-from normlab.tasks.base import Task
+from normlab.tasks.base import Task, take_values
 from normlab.tasks.checks import check_norm_inputs, check_num_classes
 from normlab.tasks.optim import configure_optimization
 from normlab.utils.figures import log_detections
@@ -103,6 +103,7 @@ class DetectionModule(Task):
 
     batch_format = "images with boxes"
     network_names = ("model",)
+    averaged_network_names = ("model",)
 
     def __init__(
         self,
@@ -199,11 +200,19 @@ class DetectionModule(Task):
     def on_validation_epoch_start(self) -> None:
         self._shown.clear()
 
+    def _evaluate(self, batch: Batch, stage: str) -> list[dict[str, Tensor]]:
+        """Update the ``stage`` mAP of every evaluated model (this one and, with weight
+        averaging, its averaged copy); return this model's detections."""
+        images, targets = batch
+        outputs = {}
+        for suffix, task in self.evaluated_models():
+            outputs[suffix] = task(images)
+            getattr(task, f"{stage}_map").update(outputs[suffix], _eval_targets(targets))
+        return outputs[""]
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
-        predictions = self(images)
-        self.val_map.update(predictions, _eval_targets(targets))
-        self._keep_for_display(images, predictions, targets)
+        self._keep_for_display(images, self._evaluate(batch, "val"), targets)
 
     def _keep_for_display(
         self,
@@ -220,19 +229,17 @@ class DetectionModule(Task):
             truth = {k: target[k].cpu() for k in ("boxes", "labels")}
             self._shown.append((image.cpu(), shown, truth))
 
-    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> Tensor:
-        results = metric.compute()
-        metric.reset()
-        for key, name in MAP_KEYS.items():
-            self.log(f"{stage}/{name}", results[key], prog_bar=name == "map_50", sync_dist=True)
-        return results["map"]
+    @staticmethod
+    def _map_values(metric: MeanAveragePrecision, stage: str) -> dict[str, Tensor]:
+        results = take_values(metric)
+        return {f"{stage}/{name}": results[key] for key, name in MAP_KEYS.items()}
 
     def on_validation_epoch_end(self) -> None:
-        val_map = self._log_map(self.val_map, "val")
-        # The sanity check's batches are no validation: they must not enter the best-of.
-        if not self.trainer.sanity_checking:
-            self.val_map_best.update(val_map)
-            self.log("val/map_best", self.val_map_best.compute(), prog_bar=True, sync_dist=True)
+        self.log_evaluation(
+            lambda task: self._map_values(task.val_map, "val"),
+            best_of="val/map",
+            prog_bar=("val/map_50", "val/map_best"),
+        )
         if self.trainer.sanity_checking or not self.trainer.loggers or not self._shown:
             return
         names = getattr(self.trainer.datamodule, "class_names", None) or [
@@ -253,9 +260,8 @@ class DetectionModule(Task):
         self._tested.clear()
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        images, targets = batch
-        predictions = self(images)
-        self.test_map.update(predictions, _eval_targets(targets))
+        targets = batch[1]
+        predictions = self._evaluate(batch, "test")
         for prediction, target in zip(predictions, targets, strict=True):
             if "image_id" in target:
                 kept = {k: prediction[k].detach().cpu() for k in ("boxes", "scores", "labels")}
@@ -268,7 +274,7 @@ class DetectionModule(Task):
         return coco_results(image_ids, [d for _, d in self._tested], category_ids)
 
     def on_test_epoch_end(self) -> None:
-        self._log_map(self.test_map, "test")
+        self.log_evaluation(lambda task: self._map_values(task.test_map, "test"))
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_optimization(self, self.model, self.hparams.decay_norm_and_bias)

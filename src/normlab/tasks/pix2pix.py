@@ -27,7 +27,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from normlab.errors import ConfigError
 from normlab.models.pix2pix import check_image_size
 from normlab.ranges import FRACTION, ArgumentError, check_choice, checked_arguments
-from normlab.tasks.base import Task
+from normlab.tasks.base import Task, take_values
 from normlab.tasks.checks import check_norm_inputs
 from normlab.tasks.optim import build_optimizer
 from normlab.utils.figures import log_image, translation_grid
@@ -86,6 +86,8 @@ class Pix2PixModule(Task):
     # In the order configure_optimizers returns them (callbacks name curves after these).
     batch_format = "image pairs"
     network_names = ("generator", "discriminator")
+    # Weight EMA averages the generator only, the common GAN practice (inference runs it alone).
+    averaged_network_names = ("generator",)
     optimizer_names = ("generator", "discriminator")
 
     def __init__(
@@ -287,22 +289,28 @@ class Pix2PixModule(Task):
                 for name, buffer in self.generator.named_buffers():
                     buffer.copy_(saved[name])
 
-    def _evaluate(self, batch: Mapping[str, Tensor], metrics: MetricCollection) -> Tensor:
+    def _evaluate(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
+        """Update the ``stage`` metrics of every evaluated model (this one and, with weight
+        averaging, its averaged copy); return this model's translations."""
         real_a, real_b = batch["A"], batch["B"]
-        with self.test_time_generator() as generator:
-            fake_b = generator(real_a)
-        # L1 on the networks' [-1, 1] scale (the training loss); PSNR / SSIM on [0, 1] images.
-        metrics["l1"].update(F.l1_loss(fake_b, real_b, reduction="none").flatten(1).mean(1))
-        fake_01, real_01 = (fake_b + 1) / 2, (real_b + 1) / 2
-        metrics["psnr"].update(fake_01.clamp(0, 1), real_01)
-        metrics["ssim"].update(fake_01.clamp(0, 1), real_01)
-        return fake_b
+        outputs = {}
+        for suffix, task in self.evaluated_models():
+            with task.test_time_generator() as generator:
+                fake_b = generator(real_a)
+            metrics = getattr(task, f"{stage}_metrics")
+            # L1 on the networks' [-1, 1] scale (the training loss); PSNR / SSIM on [0, 1] images.
+            metrics["l1"].update(F.l1_loss(fake_b, real_b, reduction="none").flatten(1).mean(1))
+            fake_01, real_01 = (fake_b + 1) / 2, (real_b + 1) / 2
+            metrics["psnr"].update(fake_01.clamp(0, 1), real_01)
+            metrics["ssim"].update(fake_01.clamp(0, 1), real_01)
+            outputs[suffix] = fake_b
+        return outputs[""]
 
     def on_validation_epoch_start(self) -> None:
         self._shown.clear()
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        fake_b = self._evaluate(batch, self.val_metrics)
+        fake_b = self._evaluate(batch, "val")
         room = self.hparams.num_logged_images - sum(len(a) for a, _, _ in self._shown)
         if room > 0:
             self._shown.append(
@@ -310,13 +318,11 @@ class Pix2PixModule(Task):
             )
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.val_metrics.reset()
-        self.log_dict(values, prog_bar=True, sync_dist=True)
-        # The sanity check's batches are no validation: they must not enter the best-of.
-        if not self.trainer.sanity_checking:
-            self.val_l1_best.update(values["val/l1"])
-            self.log("val/l1_best", self.val_l1_best.compute(), sync_dist=True)
+        self.log_evaluation(
+            lambda task: take_values(task.val_metrics),
+            best_of="val/l1",
+            prog_bar=("val/l1", "val/psnr", "val/ssim"),
+        )
         if self.trainer.sanity_checking or not self.trainer.loggers or not self._shown:
             return
         inputs, outputs, targets = (torch.cat(part) for part in zip(*self._shown, strict=True))
@@ -329,12 +335,10 @@ class Pix2PixModule(Task):
         )
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        values = self.test_metrics.compute()
-        self.test_metrics.reset()
-        self.log_dict(values, sync_dist=True)
+        self.log_evaluation(lambda task: take_values(task.test_metrics))
 
     def configure_optimizers(self) -> tuple[list, list]:
         config = self.hparams.optimizer

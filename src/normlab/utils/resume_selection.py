@@ -144,15 +144,24 @@ def resume_checkpoint(
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
     """Load the weights and buffers (norm running statistics) of the checkpoint ``path`` into
-    ``module``, nothing else: ``resume_mode=weights``."""
+    ``module``, nothing else: ``resume_mode=weights``. A checkpoint of a run with a weight EMA
+    (``callbacks=ema``) holds the averaged model in ``state_dict`` and the trained one in
+    ``current_model_state``: training goes on from the trained (raw) weights."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    raw = "current_model_state" in checkpoint
     try:
-        module.load_state_dict(checkpoint["state_dict"])
+        module.load_state_dict(checkpoint["current_model_state" if raw else "state_dict"])
     except (KeyError, RuntimeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ConfigError(
             f"resume_mode=weights: the weights in {path} do not fit this model ({reason})"
         ) from error
+    which = (
+        "the raw (trained, not averaged) weights and norm buffers, to continue training; its "
+        "averaged (EMA) weights are not loaded, a weight EMA of this run starts from the raw ones"
+        if raw
+        else "the weights and norm buffers"
+    )
     log.info(
-        "resume_mode=weights: loaded the weights of %s; optimizer and schedule start fresh", path
+        "resume_mode=weights: loaded %s of %s; optimizer and schedule start fresh", which, path
     )

@@ -16,16 +16,34 @@ from normlab.utils.hydra_run import hydra_overrides
 from normlab.utils.run_identity import changed_keys
 from normlab.utils.secrets import mask_secrets, mask_secrets_in_files, secret_values
 
+# What the studies and benchmarks write into the checkout they run from: changing these is not
+# changing the code, so a study run after another study's results were written stays clean.
+MEASUREMENT_OUTPUTS = (
+    "experiments/**/results*.md",
+    "experiments/**/runs*.csv",
+    "experiments/**/*.png",
+    "experiments/bench/*.md",
+)
+
 
 def git_sha(directory: Path | str | None = None) -> str:
-    """The commit of the code being run, with ``-dirty`` if tracked files changed; else 'unknown'."""
+    """The commit of the code being run, with ``-dirty`` if tracked files other than measurement
+    outputs (:data:`MEASUREMENT_OUTPUTS`) changed; else 'unknown'."""
     directory = directory or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":(top)",
+                *(f":(top,exclude,glob){pattern}" for pattern in MEASUREMENT_OUTPUTS),
+            ],
             cwd=directory,
             capture_output=True,
             text=True,
