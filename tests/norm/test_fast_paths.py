@@ -1,6 +1,7 @@
 """The fast forward/backward of every small-batch norm (``normlab.ops.norm_functions``, brn on
-ATen's BatchNorm) against the plain autograd formulas they replace, in float32: outputs, input
-gradients, parameter gradients and running statistics, in both memory formats.
+ATen's BatchNorm) and of ``in`` (ATen's BatchNorm per sample on channels-last input) against the
+plain autograd formulas they replace, in float32: outputs, input gradients, parameter gradients
+and running statistics, in both memory formats.
 (``test_small_batch_norms.py`` checks the same layers against their papers in float64.)"""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.norm import build_norm
+from normlab.ops import norm_functions
 from normlab.ops.bn_stats import (
     count_training_step,
     step_momentum,
@@ -110,7 +112,14 @@ def plain_rms(m: nn.Module, x: Tensor) -> Tensor:
     return y if m.weight is None else y * _channel(m.weight)
 
 
+def plain_in(m: nn.Module, x: Tensor) -> Tensor:
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + m.eps)
+    return y if m.weight is None else y * _channel(m.weight) + _channel(m.bias)
+
+
 PLAIN: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
+    "in": plain_in,
     "brn": plain_brn,
     "ghost_bn": plain_ghost_bn,
     "frn": plain_frn,
@@ -119,7 +128,7 @@ PLAIN: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "rms": plain_rms,
 }
 # Specs that reach every branch: brn past its warm-up (r and d clip), ghost_bn with a
-# remainder chunk, FRN with a learned epsilon and TLU, S0 with groups, RMS without affine.
+# remainder chunk, FRN with a learned epsilon and TLU, S0 with groups, RMS and IN without affine.
 SPECS = [
     {"name": "brn", "r_max": 1.5, "d_max": 0.5, "warmup_steps": 1, "ramp_steps": 1},
     {"name": "ghost_bn", "virtual_batch_size": 3},
@@ -130,6 +139,8 @@ SPECS = [
     {"name": "evonorm_s0", "num_groups": 4},
     {"name": "rms"},
     {"name": "rms", "affine": False},
+    {"name": "in"},
+    {"name": "in", "affine": False},
 ]
 
 
@@ -150,9 +161,12 @@ def _step(layer: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor, upst
     return y.detach(), leaf.grad, grads, {n: b.clone() for n, b in layer.named_buffers()}
 
 
+@pytest.mark.parametrize("chunks", ["whole batch", "one sample each"])
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(map(str, s.values())))
-def test_fast_path_equals_plain_formula_in_float32(spec, layout):
+def test_fast_path_equals_plain_formula_in_float32(spec, layout, chunks, monkeypatch):
+    if chunks == "one sample each":  # eager passes by chunks of samples, as on real activations
+        monkeypatch.setattr(norm_functions, "_CHUNK_BYTES", 1)
     generator = torch.Generator().manual_seed(0)
     fast = build_norm(spec, C)
     _randomize(fast, generator)
@@ -198,3 +212,12 @@ def test_fast_paths_save_no_more_than_bn_for_backward():
     bn = saved(build_norm("bn", C).train())
     for spec in SPECS:
         assert saved(build_norm(spec, C).train()) <= 1.25 * bn, spec
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(map(str, s.values())))
+def test_fast_path_output_takes_an_in_place_op(spec):
+    """A following ReLU(inplace=True) works on the output: it is not a view autograd forbids."""
+    layer = build_norm(spec, C).train()
+    leaf = torch.randn(4, C, 5, 6, requires_grad=True)
+    layer(leaf).relu_().sum().backward()
+    assert leaf.grad is not None

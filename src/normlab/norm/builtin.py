@@ -17,6 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from normlab.norm.registry import DeferredClass, register_norm
 from normlab.norm.sync_batchnorm import SyncBatchNorm
 from normlab.norm.traits import NormTraits, register_norm_class
+from normlab.ops.norm_functions import ChunkedBatchNorm
 from normlab.ranges import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, ArgumentError, ValueRange
 
 
@@ -147,7 +148,21 @@ def group_norm(
     return nn.GroupNorm(groups, num_features, eps=eps, affine=affine)
 
 
-@register_norm("in", traits=INSTANCE_NORM, builds=nn.InstanceNorm2d)
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """torch's InstanceNorm2d, faster on channels-last input: torch's ``instance_norm`` views the
+    batch as one sample of N·C channels, which for channels-last memory copies the input and the
+    output (3.5× BatchNorm's forward + backward, ``experiments/bench/norm_cost.md``). Where each
+    sample is normalised with its own statistics and no running ones are kept (the default),
+    channels-last input runs ATen's BatchNorm kernels per sample instead: the same values."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.track_running_stats or x.dim() != 4 or x.is_contiguous() or x[0, 0].numel() < 2:
+            return super().forward(x)
+        y, _, _ = ChunkedBatchNorm.apply(x, self.weight, self.bias, (1,) * len(x), self.eps)
+        return y
+
+
+@register_norm("in", traits=INSTANCE_NORM, builds=InstanceNorm2d)
 def instance_norm(
     num_features: int,
     eps: float = 1e-5,
@@ -155,7 +170,7 @@ def instance_norm(
     affine: bool = True,
     track_running_stats: bool = False,
 ) -> nn.Module:
-    return nn.InstanceNorm2d(num_features, eps, momentum, affine, track_running_stats)
+    return InstanceNorm2d(num_features, eps, momentum, affine, track_running_stats)
 
 
 # eps=0 is valid here: the statistics are fixed (torchvision's detection weights use it). Its
