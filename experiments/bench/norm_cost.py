@@ -107,9 +107,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--shape", type=int, nargs=4, default=[32, 256, 28, 28])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--inner", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, help="intra-op threads (default: torch's, one per core)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "norm_cost.md")
     args = parser.parse_args(argv)
     load_before = machine_load()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.shape, generator=generator)
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> str:
         args.out,
         f"Norm cost: forward+backward on {shape}, relative to bn",
         f"python -m experiments.bench.norm_cost --shape {' '.join(map(str, args.shape))} "
-        f"--repeats {args.repeats} --inner {args.inner}",
+        f"--repeats {args.repeats} --inner {args.inner}"
+        + (f" --threads {args.threads} --out {args.out.name}" if args.threads else ""),
         "Other work may share the cores (the load above says how much), so absolute times are "
         "noisy and the per-round ratios to bn are what to read.",
         f"Training mode, float32, CPU; each measurement averages {args.inner} calls, "
