@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from cli import run_module
 from experiments.lib.benchmark import Timing, compare, markdown_table
+from experiments.lib.jobs import REPO_ROOT
 
 
 def test_compare_alternates_and_reports_ratios_to_the_baseline():
@@ -53,6 +55,8 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
         assert (
             "Machine: " in reports[name]
             and "Command: `python -m experiments.bench." in reports[name]
+            and "Code: commit " in reports[name]
+            and "Machine load (1-minute load average" in reports[name]
         )
     # 1 shape × 2 layouts × 2 dtypes × 3 passes × (plain, with ReLU)
     assert reports["bn_gpu"].count("| 2×3×5×7 |") == 24
@@ -92,3 +96,50 @@ def test_kernels_import_without_a_gpu_or_the_interpreter():
     code = "from normlab.ops.batchnorm import kernels; assert not kernels.INTERPRETED"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+BENCH = REPO_ROOT / "experiments" / "bench"
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+def committed_tables() -> dict[str, str]:
+    return {path.name: path.read_text() for path in BENCH.glob("*.md") if path.name != "README.md"}
+
+
+def test_every_committed_table_names_its_commit_torch_build_and_machine():
+    tables = committed_tables()
+    assert len(tables) >= 7
+    for name, text in tables.items():
+        head = text[:2000]
+        assert re.search(r"Code: commit [0-9a-f]{7,40}\b", head), name
+        assert re.search(r"torch \d+\.\d+\.\d+\S*", head), name
+        assert re.search(r"Machine: \d+ CPU cores", head), name
+
+
+def _quoting_blocks(readme: str) -> list[tuple[str, list[str]]]:
+    """README's table rows (their 'measured' cell) and bullets that link a table here, each with
+    the tables it links."""
+    blocks: list[str] = []
+    for line in readme.splitlines():
+        if line.startswith(("|", "- ")) or not line.strip() or not blocks:
+            blocks.append(line)
+        else:  # a bullet's continuation line
+            blocks[-1] += " " + line.strip()
+    quoting = []
+    for block in blocks:
+        cited = re.findall(r"\]\(([\w]+\.md)\)", block)
+        if not cited:
+            continue
+        text = block.split("|")[4] if block.startswith("|") else block
+        quoting.append((re.sub(r"\[[^]]*\]\([^)]*\)", "", text), cited))
+    return quoting
+
+
+def test_bench_readme_quotes_only_numbers_that_its_tables_print():
+    tables = committed_tables()
+    quoting = _quoting_blocks((BENCH / "README.md").read_text())
+    assert len(quoting) >= 6
+    for text, cited in quoting:
+        printed = " ".join(tables[name] for name in cited)
+        for number in NUMBER.findall(text):
+            assert number in printed or number.replace(",", "") in printed, (number, cited, text)
