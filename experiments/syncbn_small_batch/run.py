@@ -15,6 +15,7 @@ Runs land in logs/studies/syncbn_small_batch/; writes runs.csv, results.md and t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from experiments.lib.command_line import study_main
@@ -31,6 +32,8 @@ CONFIGURATIONS = {
     "syncbn 2×2 (DDP)": Configuration((*DDP, "norm=syncbn"), processes=2),
     "bn 1×4": Configuration(("norm=bn", f"data.batch_size={BATCH}")),
 }
+# The study's one data set: its runs.csv, results.md and run folder carry no data-set suffix.
+RECIPE = replace(SMALL_DENSENET_DIGITS, suffix="")
 # "syncbn matches BN over the same 4 images": the difference within this many points of test
 # error (README.md).
 MARGIN = 1.0
@@ -77,7 +80,7 @@ def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
 
 
 def main() -> None:
-    study_main(__doc__.splitlines()[0], "syncbn_small_batch", [SMALL_DENSENET_DIGITS], jobs, report)
+    study_main(__doc__.splitlines()[0], "syncbn_small_batch", [RECIPE], jobs, report)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from experiments.lib.recipes import FASHION_MNIST, SMALL_DENSENET_DIGITS, DataRe
 from experiments.lib.results import RunTable, write_runs_csv
 from experiments.norm_vs_batch_size import run as norm_vs_batch_size
 from experiments.small_batch_norms import run as small_batch_norms
+from experiments.syncbn_small_batch import run as syncbn_small_batch
 from normlab.utils.hydra_run import CONFIG_DIR
 
 SEEDS = [42, 1, 2]
@@ -213,7 +214,14 @@ def test_bf16_vs_fp32_trains_small_batch_norms_fp32_runs_and_judges_each_cell(tm
 
 
 @pytest.mark.parametrize(
-    "study", [small_batch_norms, norm_vs_batch_size, accumulation_vs_batch, bf16_vs_fp32]
+    "study",
+    [
+        small_batch_norms,
+        norm_vs_batch_size,
+        accumulation_vs_batch,
+        bf16_vs_fp32,
+        syncbn_small_batch,
+    ],
 )
 def test_collect_before_the_runs_finish_stops_with_one_line(
     study: ModuleType, tmp_path, monkeypatch
