@@ -127,22 +127,22 @@ exp-pix2pix-digits: install ## study: pix2pix on digit pairs, ~4 min on 2 CPU co
 # version, which needs nothing fetched.
 STUDY_DATA = $(if $(findstring --data digits,$(ARGS)),,data-fashion-mnist)
 
-study-norm-vs-batch-size: install $(STUDY_DATA) ## study: bn/gn × batch 2-32, ln/in × 2 and 32, ghost_bn controls on Fashion-MNIST, 3 seeds (~50 min on 2 cores, estimated)
+study-norm-vs-batch-size: install $(STUDY_DATA) ## study: bn/gn × batch 2-32, ln/in × 2 and 32, ghost_bn controls on Fashion-MNIST, 3 seeds (52 min on 2 cores, measured)
 	$(BIN)/python -m experiments.norm_vs_batch_size.run $(ARGS)
 
 study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~38 min)
 	$(BIN)/python -m experiments.syncbn_small_batch.run $(ARGS)
 
-study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds (~9 min)
+study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds (4 min)
 	$(BIN)/python -m experiments.convnext_bn_vs_ln.run $(ARGS)
 
 study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none, 3 seeds (~75 min, estimated from 1-seed runs)
 	$(BIN)/python -m experiments.retinanet_norms.run $(ARGS)
 
-study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16, 3 seeds (~16 min, estimated from 2-seed runs)
+study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16, 3 seeds (12 min)
 	$(BIN)/python -m experiments.pix2pix_bn_vs_in.run $(ARGS)
 
-study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulation vs a true batch, syncbn, GN on Fashion-MNIST (23 min on 2 cores)
+study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulation vs a true batch, syncbn, GN on Fashion-MNIST, 3 seeds (17 min on 2 cores)
 	$(BIN)/python -m experiments.accumulation_vs_batch.run $(ARGS)
 
 study-small-batch-norms: install $(STUDY_DATA) ## study: bn/brn/ghost_bn/gn/gn+WS/frn/EvoNorm/rms at batch 2 and 32 on Fashion-MNIST, 3 seeds (~89 min on 2 cores)
