@@ -130,7 +130,7 @@ STUDY_DATA = $(if $(findstring --data digits,$(ARGS)),,data-fashion-mnist)
 study-norm-vs-batch-size: install $(STUDY_DATA) ## study: bn/gn × batch 2-32, ln/in × 2 and 32, ghost_bn controls on Fashion-MNIST, 3 seeds (52 min on 2 cores, measured)
 	$(BIN)/python -m experiments.norm_vs_batch_size.run $(ARGS)
 
-study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn (~38 min)
+study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn vs 1 × 4 bn, 3 seeds (22 min)
 	$(BIN)/python -m experiments.syncbn_small_batch.run $(ARGS)
 
 study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds (4 min)
