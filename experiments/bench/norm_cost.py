@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Norm cost: forward+backward on {shape}, relative to bn",
         f"python -m experiments.bench.norm_cost --shape {' '.join(map(str, args.shape))} "
         f"--repeats {args.repeats} --inner {args.inner}"
-        + (f" --threads {args.threads} --out {args.out.name}" if args.threads else ""),
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --out {args.out.name}" if args.out.name != "norm_cost.md" else ""),
         "Other work may share the cores (the load above says how much), so absolute times are "
         "noisy and the per-round ratios to bn are what to read.",
         f"Training mode, float32, CPU; each measurement averages {args.inner} calls, "
