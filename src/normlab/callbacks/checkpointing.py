@@ -24,6 +24,20 @@ from normlab.utils.writable_dirs import mebibytes
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
+STAGED_SUFFIX = f".staged{PARTIAL_SUFFIX}"
+
+
+def staged_path(path: Path) -> Path:
+    """Where a checkpoint bound for ``path`` waits until it may replace it (see
+    :class:`LastCheckpoint`): a partial save, so a run that starts removes one left by a kill."""
+    return path.with_name(f".{path.name}{STAGED_SUFFIX}")
+
+
+def destination(path: Path) -> Path:
+    """The checkpoint a (possibly staged) ``path`` becomes: what errors name."""
+    if path.name.startswith(".") and path.name.endswith(STAGED_SUFFIX):
+        return path.with_name(path.name[1 : -len(STAGED_SUFFIX)])
+    return path
 
 
 def tensor_bytes(value: Any) -> int:
@@ -62,6 +76,7 @@ def remove_stale_partial_saves(directory: Path) -> None:
 
 
 def _disk_full_error(path: Path, needed: int) -> TrainingError:
+    path = destination(path)
     free = shutil.disk_usage(path.parent).free
     return TrainingError(
         f"cannot write {path}: {path.parent} has {mebibytes(free)} free, the checkpoint needs "
@@ -177,32 +192,72 @@ class LastCheckpoint(pl.Callback):
     """Keeps one ``last.ckpt``, always the newest state: written every ``every_n_train_steps``
     optimizer steps, after each validation and when training ends (so a ``max_steps`` run that
     stops mid-epoch has its final weights on disk), each time replacing the previous one, also
-    one that cannot be read."""
+    one that cannot be read.
+
+    A checkpoint taken at the end of a training batch is staged beside ``last.ckpt`` and moved
+    into place only once the loggers hold that batch's values on disk (at the next hook): Lightning
+    logs a batch after its ``on_train_batch_end``, and a resumed run does not log it again, so a
+    kill between the two would lose the batch's ``metrics.csv`` row. A kill before the move
+    leaves the previous ``last.ckpt``, and the staged file is a partial save the next run removes.
+    """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
         self.path = Path(dirpath) / "last.ckpt"
+        self.staged = staged_path(self.path)
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _save(self, trainer: pl.Trainer, path: Path) -> None:
         if trainer.fast_dev_run:  # a wiring check, as for Lightning's ModelCheckpoint
             return
-        trainer.save_checkpoint(self.path, weights_only=False)
+        trainer.save_checkpoint(path, weights_only=False)
         self._saved_step = trainer.global_step
+
+    def _publish_staged(self, trainer: pl.Trainer) -> None:
+        # Rank 0 alone writes checkpoints; the others may see its file on a shared disk.
+        if not trainer.is_global_zero or not self.staged.is_file():
+            return
+        for logger in trainer.loggers:
+            logger.save()
+        os.replace(self.staged, self.path)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         every = self.every_n_train_steps
         step = trainer.global_step
         if every and step % every == 0 and step != self._saved_step:
-            self._save(trainer)
+            self._save(trainer, self.staged)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._publish_staged(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish_staged(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish_staged(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            # SaveOnSigterm writes the state of this moment, which a staged file must not replace.
+            self.staged.unlink(missing_ok=True)
+            return
+        # The staged state is a finished step's and its values were logged; if the loggers cannot
+        # write them now (a full disk), it stays staged, and the previous last.ckpt stays.
+        try:
+            self._publish_staged(trainer)
+        except OSError as error:
+            log.warning("kept the previous %s: the loggers could not save (%s)", self.path, error)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._save(trainer)
+            self._save(trainer, self.path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish_staged(trainer)
         # Always: the loop counters now say "finished", which a resume of this run relies on.
-        self._save(trainer)
+        self._save(trainer, self.path)
 
 
 class CheckpointPosition(pl.Callback):
