@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 STUDIES := norm-vs-batch-size syncbn-small-batch convnext-bn-vs-ln retinanet-norms pix2pix-bn-vs-in accumulation-vs-batch \
-  small-batch-norms bf16-vs-fp32
+  small-batch-norms bf16-vs-fp32 population-statistics
 
 .PHONY: install export train data-fashion-mnist test test-slow test-ddp test-gpu test-aot bench bench-gpu bench-bn \
   bench-cuda-bn-cpu bench-compile lint format clean clean-logs help exp-retinanet-digits exp-pix2pix-digits \
@@ -151,6 +151,9 @@ study-small-batch-norms: install $(STUDY_DATA) ## study: bn/brn/ghost_bn/gn/gn+W
 # Its 32-true runs are small_batch_norms' (same overrides), copied when that study ran at this commit.
 study-bf16-vs-fp32: install data-fashion-mnist ## study: bn/gn/frn/evonorm_s0 at batch 2 and 32, bf16-mixed vs 32-true on Fashion-MNIST, 3 seeds (~45 min on 2 cores with small_batch_norms' runs to copy, estimated)
 	$(BIN)/python -m experiments.bf16_vs_fp32.run $(ARGS)
+
+study-population-statistics: install data-fashion-mnist ## study: BN's population statistics (EMA vs PreciseBN), train-test inconsistency at batch 2-128, weight EMA per norm (Wu & Johnson 2021) on Fashion-MNIST, 3 seeds (~75 min on 2 cores, estimated)
+	$(BIN)/python -m experiments.population_statistics.run $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check src tests experiments

@@ -10,6 +10,7 @@ from experiments.lib.jobs import (
     REPO_ROOT,
     StudyJob,
     job_finished,
+    run_evaluations,
     run_study,
     run_training,
     saved_overrides,
@@ -67,12 +68,15 @@ def study_main(
     jobs: Callable[[DataRecipe, list[int]], list[StudyJob]],
     report: Callable[[DataRecipe, RunTable, Path], str],
     reuse_runs: bool = False,
+    evaluation: str | None = None,
 ) -> None:
     """Train what is missing of ``jobs(recipe, seeds)`` under ``logs/studies/<study><suffix>``
     (unless ``--collect``), record the runs in ``experiments/<study>/runs<suffix>.csv``, and
     write ``report(recipe, runs, experiments/<study>)`` to ``results<suffix>.md`` there.
     ``--data`` picks the recipe (default the first); ``reuse_runs``: copy identical finished runs
-    of other studies instead of training them again (:func:`~experiments.lib.jobs.find_twin`)."""
+    of other studies instead of training them again (:func:`~experiments.lib.jobs.find_twin`);
+    ``evaluation``: a module that measures a trained run after training
+    (:func:`~experiments.lib.jobs.run_evaluations`)."""
     by_name = {recipe.name: recipe for recipe in recipes}
     args = _study_arguments(description, list(by_name))
     recipe = by_name[getattr(args, "data", recipes[0].name)]
@@ -81,6 +85,8 @@ def study_main(
     job_list = jobs(recipe, args.seeds)
     if not args.collect:
         run_study(job_list, root, reuse_from=root.parent if reuse_runs else None)
+        if evaluation is not None:
+            run_evaluations(job_list, root, evaluation)
     table = study_table(job_list, root, here / f"runs{recipe.suffix}.csv")
     write_results(here / f"results{recipe.suffix}.md", report(recipe, table, here))
 

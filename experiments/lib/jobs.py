@@ -32,6 +32,9 @@ FINISHED = "study_job.json"
 # Written by run_study when one call trained every job of the study: the study's own wall time,
 # scheduling gaps included, which is what a user waiting on `make study-<name>` sees.
 STUDY_TIMING = "study_timing.json"
+# Written by run_evaluations: what a study measures of a finished run after training (a metric
+# name → value), which runs.csv records beside the metrics the run logged.
+STUDY_METRICS = "study_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,41 @@ def run_study(
         timing.write_text(json.dumps({"seconds": seconds, "runs": len(jobs), "reused": reused}))
     else:  # a resumed study: its wall time is spread over several calls and not known
         timing.unlink(missing_ok=True)
+
+
+def run_evaluations(
+    jobs: list[StudyJob], root: Path, module: str, cores: int | None = None
+) -> None:
+    """``python -m <module> <run dir>`` for every finished job whose run dir has no
+    ``study_metrics.json`` yet, as many at once as there are cores, each with one thread: the
+    command measures what the study needs of the trained run and writes that file (so an
+    interrupted study evaluates only what is missing)."""
+    pending = [job for job in jobs if not (root / job.name / STUDY_METRICS).is_file()]
+    if not pending:
+        return
+    print(f"evaluating {len(pending)} trained runs with {module}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def evaluate(job: StudyJob) -> None:
+        run_dir = root / job.name
+        with (run_dir / "study_evaluation.log").open("w") as log:
+            exit_code = subprocess.call(
+                [sys.executable, "-m", module, str(run_dir)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        if exit_code != 0 or not (run_dir / STUDY_METRICS).is_file():
+            raise RuntimeError(
+                f"evaluating {job.name} failed (exit {exit_code}): see "
+                f"{run_dir / 'study_evaluation.log'}"
+            )
+        print(f"{job.name}: evaluated", flush=True)
+
+    with ThreadPoolExecutor(max_workers=cores or os.cpu_count() or 1) as pool:
+        for future in [pool.submit(evaluate, job) for job in pending]:
+            future.result()
 
 
 def study_seconds(root: Path, runs: int) -> float | None:

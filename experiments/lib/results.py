@@ -5,11 +5,12 @@ is made of, all computed from those rows, so that a committed runs.csv re-render
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.lib.jobs import StudyJob, job_record, study_seconds
+from experiments.lib.jobs import STUDY_METRICS, StudyJob, job_record, study_seconds
 from experiments.lib.recipes import DataRecipe
 from normlab.collect.comparison import Cell, cells_by
 from normlab.collect.run_sources import final_metrics
@@ -36,7 +37,8 @@ def configuration_of(job_name: str) -> str:
 def run_row(root: Path, job: StudyJob) -> dict[str, str]:
     """One finished job as a runs.csv row: its configuration, the overrides it was trained with
     (one column per key), every metric's final value, ``<metric>@<epoch>`` for the validation
-    curves, and the job's time, commit and machine."""
+    curves, what the study measured of it after training (``study_metrics.json``), and the
+    job's time, commit and machine."""
     run_dir = root / job.name
     record = job_record(run_dir)
     sha = (
@@ -57,6 +59,9 @@ def run_row(root: Path, job: StudyJob) -> dict[str, str]:
         logged = read_metrics(run_dir)
         for key in (key for key in finals if key.startswith("val/")):
             row.update((f"{key}@{epoch + 1}", repr(v)) for epoch, v in column(logged, key))
+    if (run_dir / STUDY_METRICS).is_file():
+        measured = json.loads((run_dir / STUDY_METRICS).read_text())
+        row.update((key, repr(float(value))) for key, value in measured.items())
     row.update(
         wall_seconds=f"{record['seconds']:.1f}",
         cpu_seconds=f"{record['cpu_seconds']:.1f}" if "cpu_seconds" in record else "",

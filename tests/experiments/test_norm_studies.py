@@ -20,6 +20,7 @@ from experiments.lib.jobs import StudyJob, job_identity
 from experiments.lib.recipes import FASHION_MNIST, SMALL_DENSENET_DIGITS, DataRecipe
 from experiments.lib.results import RunTable, write_runs_csv
 from experiments.norm_vs_batch_size import run as norm_vs_batch_size
+from experiments.population_statistics import run as population_statistics
 from experiments.small_batch_norms import run as small_batch_norms
 from experiments.syncbn_small_batch import run as syncbn_small_batch
 from normlab.utils.hydra_run import CONFIG_DIR
@@ -221,6 +222,7 @@ def test_bf16_vs_fp32_trains_small_batch_norms_fp32_runs_and_judges_each_cell(tm
         accumulation_vs_batch,
         bf16_vs_fp32,
         syncbn_small_batch,
+        population_statistics,
     ],
 )
 def test_collect_before_the_runs_finish_stops_with_one_line(
@@ -279,3 +281,56 @@ def test_the_digits_versions_train_what_their_committed_results_came_from(experi
     now.experiment_name = then.experiment_name  # names the run dir only
     assert now == then
     assert SMALL_DENSENET_DIGITS.lr(2) == pytest.approx(0.01 * 2 / 32)
+
+
+def test_population_statistics_measures_each_trained_run_and_judges_wu_and_johnson(tmp_path):
+    jobs = population_statistics.jobs(FASHION_MNIST, SEEDS)
+    # bn at 4 batches, bn with 2 more momenta at 2 and 32, gn and frn at 2 and 32; 3 seeds.
+    assert len(jobs) == (4 + 4 + 4) * 3
+    assert all("callbacks=ema" in job.overrides for job in jobs)
+    slow = next(j for j in jobs if j.name == "bn_b2_m0.001_seed42")
+    assert {"norm.momentum=0.001", "data.batch_size=2", "task.optimizer.lr=0.00625"} <= set(
+        slow.overrides
+    )
+
+    def test_error(job: StudyJob) -> float:
+        batch = int(override(job, "data.batch_size"))
+        return 10.0 + (2.0 if batch == 2 else 0.0) + seed_noise(job)
+
+    fake_runs(tmp_path, jobs, test_error)
+    for job in jobs:
+        run_dir = tmp_path / job.name
+        error, batch = test_error(job), int(override(job, "data.batch_size"))
+        metrics = run_dir / "csv" / "metrics.csv"
+        # The averaged weights: 0.5 points better than the raw ones.
+        metrics.write_text(
+            metrics.read_text().replace("test/acc\n", "test/acc,test/acc_ema\n").rstrip("\n")
+            + f",{1 - (error - 0.5) / 100}\n"
+        )
+        measured = {"population": error}
+        if override(job, "norm") == "bn":
+            # Mini-batch statistics beat the population ones by 3 points at batch 2, 0.5 at 32.
+            gap = {2: 3.0, 8: 1.0, 32: 0.5, 128: 0.5}[batch]
+            measured |= {
+                "batch_test": error - gap,
+                "batch_train": error - gap - 1.0,
+                "precise_100": error + 4.0,
+                "precise_1000": error - 0.2,
+                "precise_10000": error - 0.2,
+                "ema_copy": error,
+                "ema_recompute": error - 0.5,
+            }
+        (run_dir / "study_metrics.json").write_text(json.dumps(measured))
+    text = report(population_statistics, FASHION_MNIST, tmp_path, jobs)
+    assert "| PreciseBN, 10,000 images | 11.8 ± 0.1 | 9.8 ± 0.1 |" in text
+    assert "| population − mini-batch, test | +3.0 ± 0.0 | +1.0 ± 0.0 | +0.5 ± 0.0 |" in text
+    assert "at 2: PreciseBN 10,000 − EMA 0.1 = -0.2 [95 % CI -0.4, +0.0] — **agrees**" in text
+    assert "at 32: PreciseBN 1,000 − 10,000 = +0.0 [95 % CI -0.2, +0.2] — **agrees**" in text
+    assert (
+        "gap at 2 − gap at 32 = +2.5" in text
+        and "— **inconclusive**" not in text.split("gap at 2 − gap at 32")[1].split("\n")[0]
+    )
+    assert "| bn | 2 | 12.0 ± 0.1 | 11.5 ± 0.1 | 12.0 ± 0.1 | 11.5 ± 0.1 | -0.5" in text
+    assert "| gn | 32 | 10.0 ± 0.1 | 9.5 ± 0.1 | — | — | -0.5" in text
+    for figure in ("population_statistics.png", "inconsistency.png", "weight_ema.png"):
+        assert (tmp_path / figure).is_file()
