@@ -75,9 +75,9 @@ def jobs(recipe: DataRecipe, seeds: list[int]) -> list[StudyJob]:
     ]
 
 
-def errors_of(table: RunTable, configuration_name: str, metric: str) -> Cell:
-    """A measured test error (%) of ``study_metrics.json`` (already in %), one per seed."""
-    return table.cell(configuration_name, metric)
+def table_head(first: str, batches: list[int]) -> list[str]:
+    return [f"| {first} | " + " | ".join(f"batch {b}" for b in batches) + " |",
+            "|---|" + "---:|" * len(batches)]  # fmt: skip
 
 
 def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
@@ -87,7 +87,8 @@ def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
         return table.error(configuration(norm, batch, momentum))
 
     def measured(batch: int, metric: str) -> Cell:
-        return errors_of(table, configuration("bn", batch), metric)
+        """bn's test error (%) at ``batch`` as evaluate.py measured it, one per seed."""
+        return table.cell(configuration("bn", batch), metric)
 
     def ema_error(norm: str, batch: int) -> Cell:
         runs = table.cell(configuration(norm, batch), "test/acc_ema")
@@ -228,16 +229,14 @@ def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
         "does not change the weights (training normalises with batch statistics), so PreciseBN "
         "is measured on the momentum-0.1 runs:",
         "",
-        "| statistics | " + " | ".join(f"batch {b}" for b in MOMENTUM_BATCHES) + " |",
-        "|---|" + "---:|" * len(MOMENTUM_BATCHES),
+        *table_head("statistics", MOMENTUM_BATCHES),
         *population_rows,
         "",
         "**2. Train–test inconsistency (§4).** Error (%) of bn trained at each batch, evaluated "
         "with mini-batch statistics of shuffled batches of the training batch size (on the "
         "10,000 training images, and on the test images) and with its population statistics:",
         "",
-        "| evaluated with | " + " | ".join(f"batch {b}" for b in BATCHES) + " |",
-        "|---|" + "---:|" * len(BATCHES),
+        *table_head("evaluated with", BATCHES),
         *inconsistency_rows,
         gap_row,
         "",
