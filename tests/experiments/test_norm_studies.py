@@ -324,7 +324,10 @@ def test_population_statistics_measures_each_trained_run_and_judges_wu_and_johns
     text = report(population_statistics, FASHION_MNIST, tmp_path, jobs)
     assert "| PreciseBN, 10,000 images | 11.8 ± 0.1 | 9.8 ± 0.1 |" in text
     assert "| population − mini-batch, test | +3.0 ± 0.0 | +1.0 ± 0.0 | +0.5 ± 0.0 |" in text
-    assert "at 2: PreciseBN 10,000 − EMA 0.1 = -0.2 [95 % CI -0.4, +0.0] — **agrees**" in text
+    assert (
+        "at 2: PreciseBN 10,000 − EMA 0.1 = -0.2 [95 % CI -0.4, +0.0] — **agrees**, "
+        "PreciseBN 10,000 − EMA 0.01 = -0.2"
+    ) in text
     assert "at 32: PreciseBN 1,000 − 10,000 = +0.0 [95 % CI -0.2, +0.2] — **agrees**" in text
     assert (
         "gap at 2 − gap at 32 = +2.5" in text
