@@ -146,11 +146,11 @@ class ExactResume(pl.Callback):
         pending, self._pending = self._pending, None
         if pending["rng"] is not None:
             set_rng_states(pending["rng"])
+        else:
+            log.warning("resumed from a checkpoint without RNG states: the resume is not exact")
         if trainer.current_epoch == pending["epoch"]:
             # What the epoch's accumulated metrics (train/acc over the epoch) had counted.
             set_metric_states(pl_module, pending["metrics"])
-        else:
-            log.warning("resumed from a checkpoint without RNG states: the resume is not exact")
         batches = pending["batches"]
         if (
             trainer.current_epoch != pending["epoch"]
