@@ -199,6 +199,8 @@ class LastCheckpoint(pl.Callback):
     logs a batch after its ``on_train_batch_end``, and a resumed run does not log it again, so a
     kill between the two would lose the batch's ``metrics.csv`` row. A kill before the move
     leaves the previous ``last.ckpt``, and the staged file is a partial save the next run removes.
+    The step that ends an epoch is saved after the epoch's validation (or at the epoch's end),
+    never before it: a resume would skip that validation.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
@@ -221,10 +223,18 @@ class LastCheckpoint(pl.Callback):
             logger.save()
         os.replace(self.staged, self.path)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def _step_save_due(self, trainer: pl.Trainer) -> bool:
         every = self.every_n_train_steps
-        step = trainer.global_step
-        if every and step % every == 0 and step != self._saved_step:
+        return bool(every) and trainer.global_step % every == 0 and (
+            trainer.global_step != self._saved_step
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        # Not after an epoch's last batch: Lightning resumes such a checkpoint in the next epoch,
+        # skipping the validation that follows the batch; on_validation_end or
+        # on_train_epoch_end saves that step instead.
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self._step_save_due(trainer) and not last_batch:
             self._save(trainer, self.staged)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -235,6 +245,8 @@ class LastCheckpoint(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._publish_staged(trainer)
+        if self._step_save_due(trainer):  # the epoch's last step, when no validation saved it
+            self._save(trainer, self.path)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
