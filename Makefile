@@ -152,7 +152,7 @@ study-small-batch-norms: install $(STUDY_DATA) ## study: bn/brn/ghost_bn/gn/gn+W
 study-bf16-vs-fp32: install data-fashion-mnist ## study: bn/gn/frn/evonorm_s0 at batch 2 and 32, bf16-mixed vs 32-true on Fashion-MNIST, 3 seeds (~45 min on 2 cores with small_batch_norms' runs to copy, estimated)
 	$(BIN)/python -m experiments.bf16_vs_fp32.run $(ARGS)
 
-study-population-statistics: install data-fashion-mnist ## study: BN's population statistics (EMA vs PreciseBN), train-test inconsistency at batch 2-128, weight EMA per norm (Wu & Johnson 2021) on Fashion-MNIST, 3 seeds (~75 min on 2 cores, estimated)
+study-population-statistics: install data-fashion-mnist ## study: BN's population statistics (EMA vs PreciseBN), train-test inconsistency at batch 2-128, weight EMA per norm (Wu & Johnson 2021) on Fashion-MNIST, 3 seeds (82 min on 2 cores, measured)
 	$(BIN)/python -m experiments.population_statistics.run $(ARGS)
 
 lint: install ## ruff lint and format check

@@ -32,6 +32,18 @@ def _finish(figure: Figure, axes: Axes, title: str, note: str, path: Path) -> No
     figure.savefig(path)
 
 
+def _failed_run_among(means: list[float]) -> bool:
+    """A cell that failed (tens of % of error where the others reach a few) would flatten the
+    rest on a linear axis: then the axis is logarithmic."""
+    return min(means) > 0 and max(means) > 3 * min(means)
+
+
+def _log_axis(axes: Axes) -> None:
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(ScalarFormatter())
+    axes.yaxis.set_minor_formatter(ScalarFormatter())
+
+
 def plot_cells(
     groups: dict[str, dict[str, Cell]], ylabel: str, title: str, note: str, path: Path
 ) -> None:
@@ -48,7 +60,11 @@ def plot_cells(
                 label = group if position == names.index(next(iter(cells))) and group else None
                 draw_cell(axes, position + offset, cells[name], f"C{index}", label)
     axes.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
-    axes.set_ylabel(ylabel)
+    means = [cell.mean for cells in groups.values() for cell in cells.values()]
+    logarithmic = _failed_run_among(means)
+    if logarithmic:
+        _log_axis(axes)
+    axes.set_ylabel(ylabel + (" (log)" if logarithmic else ""))
     if len(groups) > 1:
         axes.legend(fontsize=7)
     _finish(figure, axes, title, note, path)
@@ -86,13 +102,9 @@ def plot_series(
     axes.set_xticks(xs, [str(x) for x in xs])
     axes.set_xlabel(xlabel)
     means = [cell.mean for cells in series.values() for cell in cells.values()]
-    # A series that failed to train (tens of % where the others reach a few) would flatten the
-    # rest on a linear axis.
-    logarithmic = min(means) > 0 and max(means) > 5 * min(means)
+    logarithmic = _failed_run_among(means)
     if logarithmic:
-        axes.set_yscale("log")
-        axes.yaxis.set_major_formatter(ScalarFormatter())
-        axes.yaxis.set_minor_formatter(ScalarFormatter())
+        _log_axis(axes)
     axes.set_ylabel(ylabel + (" (log)" if logarithmic else ""))
     axes.legend(fontsize=7)
     _finish(figure, axes, title, note, path)

@@ -97,11 +97,11 @@ def report(recipe: DataRecipe, table: RunTable, here: Path) -> str:
     # §3: population statistics.
     population = {
         **{
-            f"EMA, momentum {m:g}": {b: error("bn", b, m) for b in MOMENTUM_BATCHES}
+            f"EMA (momentum {m:g})": {b: error("bn", b, m) for b in MOMENTUM_BATCHES}
             for m in MOMENTA
         },
         **{
-            f"PreciseBN, {n:,} images": {b: measured(b, f"precise_{n}") for b in MOMENTUM_BATCHES}
+            f"PreciseBN ({n:,} images)": {b: measured(b, f"precise_{n}") for b in MOMENTUM_BATCHES}
             for n in PRECISE_IMAGES
         },
     }

@@ -322,7 +322,7 @@ def test_population_statistics_measures_each_trained_run_and_judges_wu_and_johns
             }
         (run_dir / "study_metrics.json").write_text(json.dumps(measured))
     text = report(population_statistics, FASHION_MNIST, tmp_path, jobs)
-    assert "| PreciseBN, 10,000 images | 11.8 ± 0.1 | 9.8 ± 0.1 |" in text
+    assert "| PreciseBN (10,000 images) | 11.8 ± 0.1 | 9.8 ± 0.1 |" in text
     assert "| population − mini-batch, test | +3.0 ± 0.0 | +1.0 ± 0.0 | +0.5 ± 0.0 |" in text
     assert (
         "at 2: PreciseBN 10,000 − EMA 0.1 = -0.2 [95 % CI -0.4, +0.0] — **agrees**, "
