@@ -225,8 +225,10 @@ class LastCheckpoint(pl.Callback):
 
     def _step_save_due(self, trainer: pl.Trainer) -> bool:
         every = self.every_n_train_steps
-        return bool(every) and trainer.global_step % every == 0 and (
-            trainer.global_step != self._saved_step
+        return (
+            bool(every)
+            and trainer.global_step % every == 0
+            and (trainer.global_step != self._saved_step)
         )
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
