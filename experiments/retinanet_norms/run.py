@@ -3,8 +3,8 @@
     make study-retinanet-norms                 # or: python -m experiments.retinanet_norms.run
     python -m experiments.retinanet_norms.run --collect      # re-tabulate without training
 
-RetinaNet R18-FPN on digit scenes (conf/experiment/retinanet_digits_study.yaml: 128-px
-COCO-format scenes, batch 8, AdamW + one-cycle, 4 epochs), from scratch:
+RetinaNet R18-FPN on digit scenes (conf/experiment/retinanet_digits_study.yaml: 64-px
+COCO-format scenes, batch 8, AdamW + one-cycle, 6 epochs), from scratch:
 
 - backbone frozen_bn / bn / syncbn (2 DDP processes × 4 images, BN statistics over all 8),
   each with GroupNorm in the two head towers (the v2 heads);
@@ -28,7 +28,7 @@ from normlab.collect.comparison import Claim, judged
 RECIPE = DataRecipe(
     "digit_scenes",
     "retinanet_digits_study",
-    "RetinaNet R18-FPN on 128-px digit scenes, batch 8, AdamW + one-cycle, 4 epochs from scratch",
+    "RetinaNet R18-FPN on 64-px digit scenes, batch 8, AdamW + one-cycle, 6 epochs from scratch",
 )
 CONFIGURATIONS = {
     "frozen_bn + gn heads": Configuration(("norm=frozen_bn", "model.head_norm=gn")),

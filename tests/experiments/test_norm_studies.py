@@ -267,7 +267,9 @@ MOVED_RECIPES = {
     "convnext_digits_study": "experiment=convnext_digits trainer.max_epochs=5",
     "pix2pix_digits_study": "experiment=pix2pix_digits data.num_train=300 task.n_epochs=2 "
     "task.n_epochs_decay=2 trainer.max_epochs=4 task.test_mode=train",
-    "retinanet_digits_study": "experiment=retinanet_digits trainer.max_epochs=4",
+    "retinanet_digits_study": "experiment=retinanet_digits trainer.max_epochs=6 "
+    "data.canvas_size=64 data.digit_size=[10,24] model.anchor_sizes=[8,16,32,64,128] "
+    "model.min_size=64 model.max_size=64",
 }
 
 
