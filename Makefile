@@ -112,7 +112,7 @@ bench-cuda-bn-cpu: install ## CPU: a DenseNet step with norm=cuda_bn vs norm=bn 
 	$(BIN)/python -m experiments.bench.cuda_bn_cpu $(ARGS)
 
 bench-compile: install ## CPU: compile=true vs eager per family × norm (step time, warm-up, break-even; about 3 h on 2 cores, estimated), writes experiments/bench/compile.md
-	$(BIN)/python -m experiments.bench.compile $(ARGS)
+	$(BIN)/python -m experiments.bench.compile --jobs 2 --threads 1 $(ARGS)
 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
 	$(BIN)/python -m experiments.retinanet_digits.run $(ARGS)

@@ -3,8 +3,9 @@
     python -m experiments.bench.compile                 # every family × norm → compile.md
     python -m experiments.bench.compile --families densenet --norms bn --tiny   # a smoke run
 
-For each family (the experiment a study trains) × norm × ``compile_regional`` false/true, one
-fresh process (Dynamo's state and the regional switches are process-wide; an empty inductor
+For each family (the experiment a study trains) × norm, and for the ``--regional-norms`` (bn by
+default: regional compilation is about the repeated blocks, not the norm) also with
+``compile_regional=true``, one fresh process (Dynamo's state and the regional switches are process-wide; an empty inductor
 cache, so the warm-up is a first run's) builds the task twice from one seed, compiles one copy as
 ``compile=true`` does, and times:
 
@@ -16,7 +17,9 @@ cache, so the warm-up is a first run's) builds the task twice from one seed, com
 
 The verdict per family compares the break-even with the experiment's own run length
 (``trainer.max_epochs`` × batches per epoch). Validation compiles its eval graphs on top
-(not counted here). Writes compile.md next to this file (or --out).
+(not counted here). ``--jobs 2 --threads 1`` measures two processes at once, one thread each:
+how the studies run on 2 cores (two one-thread runs at a time), in half the time. Writes
+compile.md next to this file (or --out).
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch._dynamo.utils import counters
 
 from experiments.lib import benchmark
@@ -136,6 +141,9 @@ def _measure_in_fresh_process(
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        if args.threads:
+            # Inductor's generated C++ takes its OpenMP thread count from here too.
+            env["OMP_NUM_THREADS"] = str(args.threads)
         result = subprocess.run(
             command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False
         )
@@ -186,6 +194,14 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--norms", nargs="*", default=NORMS)
+    parser.add_argument(
+        "--regional-norms",
+        nargs="*",
+        default=["bn"],
+        help="norms also measured with compile_regional=true",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="measurements run at once")
+    parser.add_argument("--threads", type=int, help="intra-op threads per measurement")
     parser.add_argument("--steps", type=int, default=5, help="training steps per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup-steps", type=int, default=3)
@@ -193,6 +209,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--measure", nargs=3, metavar=("FAMILY", "NORM", "REGIONAL"))
     parser.add_argument("--out", type=Path, default=HERE / "compile.md")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.measure:
         family, norm, regional = args.measure
         result = measure(family, norm, regional == "True", args)
@@ -200,16 +218,21 @@ def main(argv: list[str] | None = None) -> str:
         return ""
 
     load_before = benchmark.machine_load()
-    measurements = [
-        _measure_in_fresh_process(family, norm, regional, args)
+    cases = [
+        (family, norm, regional)
         for family in args.families
         for norm in args.norms
         for regional in (False, True)
+        if not regional or norm in args.regional_norms
     ]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        measurements = list(pool.map(lambda case: _measure_in_fresh_process(*case, args), cases))
     command = (
         f"python -m experiments.bench.compile --families {' '.join(args.families)} "
-        f"--norms {' '.join(args.norms)} --steps {args.steps} --repeats {args.repeats} "
-        f"--warmup-steps {args.warmup_steps}{' --tiny' if args.tiny else ''}"
+        f"--norms {' '.join(args.norms)} --regional-norms {' '.join(args.regional_norms)} "
+        f"--steps {args.steps} --repeats {args.repeats} --warmup-steps {args.warmup_steps} "
+        f"--jobs {args.jobs}{f' --threads {args.threads}' if args.threads else ''}"
+        f"{' --tiny' if args.tiny else ''}"
     )
     return benchmark.write_report(
         args.out,
@@ -220,7 +243,9 @@ def main(argv: list[str] | None = None) -> str:
         f"are medians of {args.repeats} alternating rounds of {args.steps} steps; warm-up: the "
         f"first {args.warmup_steps} compiled steps minus as many warm ones; break-even: "
         "warm-up / (eager − compiled step); run: the experiment's max_epochs × batches per "
-        "epoch; graphs: Dynamo's unique graphs. compile_mode=default (inductor)."
+        "epoch; graphs: Dynamo's unique graphs. compile_mode=default (inductor). "
+        f"{args.jobs} measurement(s) at a time, "
+        f"{args.threads or torch.get_num_threads()} intra-op thread(s) each."
         + (" --tiny: small networks and data, not the sizes named below." if args.tiny else ""),
         table(measurements),
         "\n\n".join(verdict(family, measurements) for family in args.families),

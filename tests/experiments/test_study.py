@@ -16,6 +16,7 @@ from experiments.lib.jobs import (
     configuration_jobs,
     job_finished,
     job_identity,
+    run_evaluations,
     run_study,
     saved_overrides,
     slug,
@@ -66,6 +67,44 @@ def test_a_failing_job_names_its_log(tmp_path):
         )
     assert not job_finished(tmp_path / "nope")
     assert "configuration error" in (tmp_path / "nope" / "stdout.log").read_text()
+
+
+# A stand-in for a study's evaluate.py: records its run dir's name and thread count, or fails.
+EVALUATION_MODULE = """
+import json, os, sys
+from pathlib import Path
+run_dir = Path(sys.argv[1])
+if run_dir.name.startswith("broken"):
+    sys.exit("cannot measure " + run_dir.name)
+metrics = {"name": run_dir.name, "threads": os.environ["OMP_NUM_THREADS"]}
+(run_dir / "study_metrics.json").write_text(json.dumps(metrics))
+"""
+
+
+def test_run_evaluations_measures_what_is_missing_and_names_the_log_of_a_failure(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "fake_evaluation.py").write_text(EVALUATION_MODULE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    root = tmp_path / "runs"
+    jobs = [StudyJob(name, "densenet_digits", ()) for name in ("a", "b", "done")]
+    for job in jobs:
+        (root / job.name).mkdir(parents=True)
+    (root / "done" / "study_metrics.json").write_text('{"kept": 1}')
+    run_evaluations(jobs, root, "fake_evaluation", cores=2)
+    for name in ("a", "b"):
+        measured = json.loads((root / name / "study_metrics.json").read_text())
+        assert measured == {"name": name, "threads": "1"}
+    assert json.loads((root / "done" / "study_metrics.json").read_text()) == {"kept": 1}
+
+    (root / "broken").mkdir()
+    broken = StudyJob("broken", "densenet_digits", ())
+    with pytest.raises(
+        RuntimeError, match=r"evaluating broken failed \(exit 1\).*study_evaluation\.log"
+    ):
+        run_evaluations([*jobs, broken], root, "fake_evaluation")
+    assert "cannot measure broken" in (root / "broken" / "study_evaluation.log").read_text()
+    assert not (root / "broken" / "study_metrics.json").exists()
 
 
 def test_collect_and_tabulate_per_seed_results(tmp_path):
