@@ -16,6 +16,11 @@ norm_cost.md next to this file.
 The table also times the other way to write it, ``ln (reduce dim 1)``: mean and variance over the
 channel dimension in place, no permute. ``ln`` keeps whichever is faster in each format; the two
 agree to float32 rounding (checked here before timing).
+
+``<norm> compiled`` rows (``--compiled``; by default the small-batch norms): the same layer under
+``torch.compile(fullgraph=True)`` (inductor's fused C++ loops, compiled and warmed up before the
+timing), the fastest code for its formula measured on this machine. An eager path that misses
+2× bn is judged against it: where the compiled layer misses too, that is the measured floor.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from normlab.norm import NORMS, build_norm
 
 HERE = Path(__file__).resolve().parent
 # Arguments of the tiny run in `make test` (tests/experiments/test_benchmarks.py).
-SMOKE = ["--shape", "2", "8", "4", "4", "--repeats", "1", "--inner", "1"]
+SMOKE = ["--shape", "2", "8", "4", "4", "--repeats", "1", "--inner", "1", "--compiled"]
+# Norms also timed compiled by default: those whose eager path is normlab's own composition.
+COMPILED = ["brn", "evonorm_b0", "evonorm_s0", "frn", "ghost_bn", "rms"]
+COMPILED_SUFFIX = " compiled"
 
 
 MEMORY_FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -57,6 +65,9 @@ class ChannelReducedLayerNorm(nn.Module):
 
 
 def build(name: str, shape: torch.Size) -> nn.Module:
+    if name.endswith(COMPILED_SUFFIX):
+        layer = build(name.removesuffix(COMPILED_SUFFIX), shape)
+        return torch.compile(layer, fullgraph=True, dynamic=False)
     if name == REDUCED_LN:
         return ChannelReducedLayerNorm(shape[1], eps=build_norm("ln", shape[1]).eps)
     spec = {"name": name}
@@ -73,6 +84,8 @@ def forward_backward(name: str, x: torch.Tensor, grad: torch.Tensor):
         # frozen_bn and none have no parameters: the input gradient keeps backward honest.
         torch.autograd.grad(layer(x), x, grad)
 
+    if name.endswith(COMPILED_SUFFIX):
+        call()  # compiles: not part of the timing
     return call
 
 
@@ -93,12 +106,14 @@ def saved_bytes(name: str, x: torch.Tensor) -> int:
 
 
 def with_memory_column(table: str, saved: dict[str, int]) -> str:
-    """``table`` (a :func:`markdown_table`) with each norm's saved bytes relative to bn's."""
+    """``table`` (a :func:`markdown_table`) with each norm's saved bytes relative to bn's ("—"
+    for the compiled rows: inductor decides what its graphs keep, out of the hooks' sight)."""
     header, rule, *rows = table.splitlines()
     lines = [f"{header} saved for backward × bn |", f"{rule}---:|"]
     for row in rows:
         name = row.split(" | ")[0].removeprefix("| ")
-        lines.append(f"{row} {saved[name] / saved['bn']:.2f} |")
+        ratio = f"{saved[name] / saved['bn']:.2f}" if name in saved else "—"
+        lines.append(f"{row} {ratio} |")
     return "\n".join(lines)
 
 
@@ -110,6 +125,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--threads", type=int, help="intra-op threads (default: torch's, one per core)"
     )
+    parser.add_argument(
+        "--compiled", nargs="*", default=COMPILED, help="norms also timed under torch.compile"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "norm_cost.md")
     args = parser.parse_args(argv)
     load_before = machine_load()
@@ -120,6 +138,7 @@ def main(argv: list[str] | None = None) -> str:
     x = torch.randn(args.shape, generator=generator)
     grad = torch.randn(args.shape, generator=generator)
     names = ["bn", *sorted(name for name in NORMS if name != "bn"), REDUCED_LN]
+    compiled = [f"{name}{COMPILED_SUFFIX}" for name in args.compiled]
     with torch.no_grad():  # the two ln implementations compute the same thing
         reference, reduced = build("ln", x.shape), build(REDUCED_LN, x.shape)
         torch.testing.assert_close(reduced(x), reference(x), atol=1e-5, rtol=1e-5)
@@ -128,7 +147,7 @@ def main(argv: list[str] | None = None) -> str:
             name, x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
         )
         for layout, fmt in MEMORY_FORMATS.items()
-        for name in names
+        for name in [*names, *compiled]
     }
     timings = compare(
         {f"{name} ({layout})": call for (name, layout), call in candidates.items()},
@@ -156,6 +175,7 @@ def main(argv: list[str] | None = None) -> str:
         f"python -m experiments.bench.norm_cost --shape {' '.join(map(str, args.shape))} "
         f"--repeats {args.repeats} --inner {args.inner}"
         + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --compiled {' '.join(args.compiled)}" if args.compiled != COMPILED else "")
         + (f" --out {args.out.name}" if args.out.name != "norm_cost.md" else ""),
         "Other work may share the cores (the load above says how much), so absolute times are "
         "noisy and the per-round ratios to bn are what to read.",
