@@ -136,7 +136,7 @@ study-syncbn-small-batch: install ## study: 2 processes × 2 with bn vs syncbn v
 study-convnext-bn-vs-ln: install ## study: ConvNeXt-atto with its LayerNorm vs BatchNorm, 3 seeds (4 min)
 	$(BIN)/python -m experiments.convnext_bn_vs_ln.run $(ARGS)
 
-study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none, 3 seeds (~75 min, estimated from 1-seed runs)
+study-retinanet-norms: install ## study: RetinaNet backbone frozen_bn/bn/syncbn, heads gn/none, 64 px, 3 seeds (45 min on 2 cores)
 	$(BIN)/python -m experiments.retinanet_norms.run $(ARGS)
 
 study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 16, 3 seeds (12 min)
