@@ -152,6 +152,14 @@ def _measure_in_fresh_process(
     return Measurement(**json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+def _error_line(text: str) -> str:
+    """The line of a failed measurement's stderr that names the error (the last that mentions
+    one), else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    named = [line for line in lines if "Error" in line or "error" in line]
+    return (named or lines or ["(no output)"])[-1]
+
+
 def _steps(value: float) -> str:
     return "never" if math.isinf(value) else f"{value:.0f}"
 
@@ -225,8 +233,18 @@ def main(argv: list[str] | None = None) -> str:
         for regional in (False, True)
         if not regional or norm in args.regional_norms
     ]
+    failures: list[str] = []
+
+    def attempt(case: tuple[str, str, bool]) -> Measurement | None:
+        # One failing case (a compile error) must not throw away the hours the others took.
+        try:
+            return _measure_in_fresh_process(*case, args)
+        except RuntimeError as error:
+            failures.append(f"- {' '.join(map(str, case))}: {_error_line(str(error))}")
+            return None
+
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        measurements = list(pool.map(lambda case: _measure_in_fresh_process(*case, args), cases))
+        measurements = [m for m in pool.map(attempt, cases) if m is not None]
     command = (
         f"python -m experiments.bench.compile --families {' '.join(args.families)} "
         f"--norms {' '.join(args.norms)} --regional-norms {' '.join(args.regional_norms)} "
@@ -248,7 +266,19 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.threads or torch.get_num_threads()} intra-op thread(s) each."
         + (" --tiny: small networks and data, not the sizes named below." if args.tiny else ""),
         table(measurements),
-        "\n\n".join(verdict(family, measurements) for family in args.families),
+        *(
+            [
+                "Failed (family, norm, compile_regional: last line of its error):\n\n"
+                + "\n".join(sorted(failures))
+            ]
+            if failures
+            else []
+        ),
+        "\n\n".join(
+            verdict(family, measurements)
+            for family in args.families
+            if any(m.family == family for m in measurements)
+        ),
         load_before=load_before,
     )
 

@@ -44,3 +44,10 @@ def test_a_tiny_compile_bench_writes_its_table(tmp_path):
         graphs = int(row.split(" | ")[3])
         assert graphs >= 1
     assert "**DenseNet-BC-40, digits 16 px, batch 32**" in report
+
+
+def test_a_failed_measurement_is_reported_by_the_line_that_names_its_error():
+    stderr = "Traceback (most recent call last):\n  File x\nRuntimeError: inductor broke\n  hint\n"
+    assert compile_bench._error_line(stderr) == "RuntimeError: inductor broke"
+    assert compile_bench._error_line("just this\n\n") == "just this"
+    assert compile_bench._error_line("") == "(no output)"
