@@ -149,7 +149,7 @@ study-small-batch-norms: install $(STUDY_DATA) ## study: bn/brn/ghost_bn/gn/gn+W
 	$(BIN)/python -m experiments.small_batch_norms.run $(ARGS)
 
 # Its 32-true runs are small_batch_norms' (same overrides), copied when that study ran at this commit.
-study-bf16-vs-fp32: install data-fashion-mnist ## study: bn/gn/frn/evonorm_s0 at batch 2 and 32, bf16-mixed vs 32-true on Fashion-MNIST, 3 seeds (~45 min on 2 cores with small_batch_norms' runs to copy, estimated)
+study-bf16-vs-fp32: install data-fashion-mnist ## study: bn/gn/frn/evonorm_s0 at batch 2 and 32, bf16-mixed vs 32-true on Fashion-MNIST, 3 seeds (23 min on 2 cores with small_batch_norms' fp32 runs to copy)
 	$(BIN)/python -m experiments.bf16_vs_fp32.run $(ARGS)
 
 study-population-statistics: install data-fashion-mnist ## study: BN's population statistics (EMA vs PreciseBN), train-test inconsistency at batch 2-128, weight EMA per norm (Wu & Johnson 2021) on Fashion-MNIST, 3 seeds (82 min on 2 cores, measured)
