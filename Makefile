@@ -111,7 +111,7 @@ bench-bn: install ## GPU: cuda_bn vs native BN (and BN+ReLU), writes experiments
 bench-cuda-bn-cpu: install ## CPU: a DenseNet step with norm=cuda_bn vs norm=bn (goal ≤ 1.05×)
 	$(BIN)/python -m experiments.bench.cuda_bn_cpu $(ARGS)
 
-bench-compile: install ## CPU: compile=true vs eager per family × norm (step time, warm-up, break-even; about 3 h on 2 cores, estimated), writes experiments/bench/compile.md
+bench-compile: install ## CPU: compile=true vs eager per family × norm (step time, warm-up, break-even; 27 min on 2 cores), writes experiments/bench/compile.md
 	$(BIN)/python -m experiments.bench.compile --jobs 2 --threads 1 $(ARGS)
 
 exp-retinanet-digits: install ## study: RetinaNet R18-FPN on digit scenes, ~15 min on 2 CPU cores
