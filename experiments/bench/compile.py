@@ -5,9 +5,9 @@
 
 For each family (the experiment a study trains) × norm, and for the ``--regional-norms`` (bn by
 default: regional compilation is about the repeated blocks, not the norm) also with
-``compile_regional=true``, one fresh process (Dynamo's state and the regional switches are process-wide; an empty inductor
-cache, so the warm-up is a first run's) builds the task twice from one seed, compiles one copy as
-``compile=true`` does, and times:
+``compile_regional=true``, one fresh process (Dynamo's state and the regional switches are
+process-wide; an empty inductor cache, so the warm-up is a first run's) builds the task twice
+from one seed, compiles one copy as ``compile=true`` does, and times:
 
 - warm-up: the first ``--warmup-steps`` compiled training steps minus as many warm compiled steps
   (tracing, inductor and the C++ compiler, recompiles in the first steps included);
@@ -156,7 +156,7 @@ def _error_line(text: str) -> str:
     """The line of a failed measurement's stderr that names the error (the last that mentions
     one), else its last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    named = [line for line in lines if "Error" in line or "error" in line]
+    named = [line for line in lines if "error" in line.lower()]
     return (named or lines or ["(no output)"])[-1]
 
 
