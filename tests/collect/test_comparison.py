@@ -14,6 +14,7 @@ from normlab.collect.comparison import (
     difference,
     direction_words,
     judged,
+    level,
     welch_degrees_of_freedom,
 )
 
@@ -83,3 +84,15 @@ def test_a_single_run_decides_nothing():
     for claim in (Claim.lower(), Claim.higher(), Claim.within(100.0), Claim.at_most(100.0)):
         assert claim.judge(found) is Verdict.INCONCLUSIVE
     assert direction_words(found) == "inconclusive (n < 2)"
+
+
+def test_a_level_is_judged_by_its_mean_interval():
+    # mean 2.0, std 0.2, n 3: half-width t_0.975(2)·0.2/√3
+    half = T_2 * 0.2 / math.sqrt(3)
+    found = level(Cell((1.8, 2.0, 2.2)))
+    assert found.mean == pytest.approx(2.0)
+    assert (found.low, found.high) == pytest.approx((2.0 - half, 2.0 + half))
+    assert Claim.at_most(2.0).judge(found) is Verdict.INCONCLUSIVE
+    assert Claim.at_most(2.0).judge(level(Cell((1.0, 1.1, 1.2)))) is Verdict.AGREES
+    assert Claim.at_most(2.0).judge(level(Cell((2.9, 3.0, 3.1)))) is Verdict.DISAGREES
+    assert Claim.at_most(2.0).judge(level(Cell((1.0,)))) is Verdict.INCONCLUSIVE

@@ -186,6 +186,13 @@ def mean_interval(cell: Cell) -> tuple[float, float]:
     return cell.mean - half, cell.mean + half
 
 
+def level(cell: Cell) -> Difference:
+    """The cell's mean as a difference from 0, with its 95 % t interval (NaN below 2 runs): a
+    :class:`Claim` judges a level ("a ratio at most 2") by the same rule as a difference."""
+    low, high = mean_interval(cell)
+    return Difference(cell.mean, low, high, (cell.n, cell.n))
+
+
 def cells_by(
     records: Iterable[Mapping[str, Any]], keys: Sequence[str], metric: str
 ) -> dict[tuple[str, ...], Cell]:
