@@ -161,12 +161,13 @@ def _step(layer: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor, upst
     return y.detach(), leaf.grad, grads, {n: b.clone() for n, b in layer.named_buffers()}
 
 
-@pytest.mark.parametrize("chunks", ["whole batch", "one sample each"])
+@pytest.mark.parametrize("chunks", ["whole batch", "one sample each", "three samples each"])
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(map(str, s.values())))
 def test_fast_path_equals_plain_formula_in_float32(spec, layout, chunks, monkeypatch):
-    if chunks == "one sample each":  # eager passes by chunks of samples, as on real activations
-        monkeypatch.setattr(norm_functions, "_CHUNK_BYTES", 1)
+    # Eager passes run by chunks of samples, as on real activations: 7 samples as 7, or 3, 3, 1.
+    samples = {"whole batch": 7, "one sample each": 1, "three samples each": 3}[chunks]
+    monkeypatch.setattr(norm_functions, "_CHUNK_BYTES", samples * C * 5 * 6 * 4)
     generator = torch.Generator().manual_seed(0)
     fast = build_norm(spec, C)
     _randomize(fast, generator)
