@@ -40,9 +40,14 @@ def test_a_miss_is_shown_beside_its_compiled_formula():
     lines = norm_cost.verdict_lines(made_up_runs(RATIOS))
     slow = next(line for line in lines if line.startswith("- slow on channels_last"))
     assert slow.startswith("- slow on channels_last: 3.000 [2.503, 3.497], no.")
-    assert "2.500 [2.252, 2.748], over the line too: the measured floor." in slow
+    assert "2.500 [2.252, 2.748], over the line too: a measured floor" in slow
+    assert slow.endswith(": eager is slower.")  # +0.5, Welch's interval excludes 0
     near = next(line for line in lines if line.startswith("- near on NCHW"))
     assert ", inconclusive." in near and "the eager path is what misses" in near
+    assert near.endswith(": eager is slower.")
+    runs = made_up_runs({**RATIOS, "slow compiled": [3.1, 2.7, 3.2]})
+    slow = next(line for line in norm_cost.verdict_lines(runs) if line.startswith("- slow on"))
+    assert slow.endswith(": no difference shown.")
     assert not any(line.startswith("- quick") for line in lines)
 
 
