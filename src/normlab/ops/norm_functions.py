@@ -506,43 +506,48 @@ class EvoNormB0Function(torch.autograd.Function):
             instance_mean: Tensor,
             instance_std: Tensor,
         ) -> tuple[Tensor | None, ...]:
-            """dx without the term through σ_B, and the sums that term needs."""
+            """dx without the term through σ_B (and, when there is one, without its constant
+            per sample and channel, left to the pass that adds it), and the sums it needs."""
             xc, g = _upcast(samples), _upcast(upstream)
             denominator = _evonorm_b0_denominator(xc, v, instance_std, batch_std)
             direct = torch.div(g, denominator, out=out)  # ∂L/∂(x/D)·1/γ
             products = direct * xc
             weight_grad = products.sum(channel_sum)
-            # e = ∂L/∂D = −γ·g·x/D²
-            d_denominator = products.mul_(-gamma).div_(denominator)
-            direct.mul_(gamma)
-            total = d_denominator.sum(channel_sum) if batch_mean is not None else None
+            # e = ∂L/∂D = −γ·g·x/D² = −γ·q: q in full, −γ (per channel) on q's sums and factors
+            q = products.div_(denominator)
+            total = q.sum(channel_sum) if batch_mean is not None else None
             instance_side = denominator.gt_(batch_std)  # 1 where v·x + σ_I won the max
-            d_instance = d_denominator.mul_(instance_side)
-            instance_sum = d_instance.sum(spatial, keepdim=True)
-            v_grad = torch.mul(d_instance, xc, out=instance_side).sum(channel_sum)
+            q_instance = q.mul_(instance_side)
+            instance_sum = q_instance.sum(spatial, keepdim=True).mul_(-gamma)
+            v_grad = torch.mul(q_instance, xc, out=instance_side).sum(channel_sum) * -weight
             # ∂σ_I/∂x = (x − μ_I)/(n_I·σ_I)
             coefficient = instance_sum / (instance_std * instance_values)
-            x_grad = direct.addcmul_(d_instance, v_view).addcmul_(xc, coefficient)
-            x_grad = x_grad.sub_(coefficient * instance_mean)
-            batch_side = None if total is None else total - instance_sum.sum(0).flatten()
-            return x_grad, weight_grad, g.sum(channel_sum), v_grad, batch_side
+            x_grad = direct.mul_(gamma).addcmul_(q_instance, -gamma * v_view)
+            x_grad = x_grad.addcmul_(xc, coefficient)
+            instance_offset = coefficient * instance_mean
+            if total is None:
+                return x_grad.sub_(instance_offset), weight_grad, g.sum(channel_sum), v_grad, None
+            batch_side = total * -weight - instance_sum.sum(0).flatten()
+            return x_grad, instance_offset, weight_grad, g.sum(channel_sum), v_grad, batch_side
 
-        x_grad, weight_grad, bias_grad, v_grad, batch_side = by_sample_chunks(
-            differentiate,
-            (x, grad, instance_mean, instance_std),
-            joined=1,
-            out_dtype=compute_dtype(x),
-        )
-        if batch_mean is not None:
+        sliced = (x, grad, instance_mean, instance_std)
+        if batch_mean is None:
+            x_grad, weight_grad, bias_grad, v_grad, _ = by_sample_chunks(
+                differentiate, sliced, joined=1, out_dtype=compute_dtype(x)
+            )
+        else:
+            x_grad, instance_offset, weight_grad, bias_grad, v_grad, batch_side = by_sample_chunks(
+                differentiate, sliced, joined=2, out_dtype=compute_dtype(x)
+            )
             # ∂σ_B/∂x = (x − μ_B)/(n_B·σ_B), weighted by ∂L/∂σ_B, the sum over the batch side
             slope = _channel_view(batch_side, ndim) / (batch_std * (x.numel() // x.shape[1]))
             offset = slope * batch_mean
 
-            def add_batch_term(partial: Tensor, samples: Tensor) -> tuple[()]:
-                partial.addcmul_(_upcast(samples), slope).sub_(offset)
+            def add_batch_term(partial: Tensor, samples: Tensor, constant: Tensor) -> tuple[()]:
+                partial.addcmul_(_upcast(samples), slope).sub_(constant + offset)
                 return ()
 
-            by_sample_chunks(add_batch_term, (x_grad, x), joined=0)
+            by_sample_chunks(add_batch_term, (x_grad, x, instance_offset), joined=0)
         return x_grad, weight_grad, bias_grad, v_grad, None, None
 
 
