@@ -95,6 +95,23 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     return a.clone().mul_(b)
 
 
+def _affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    """x·scale + shift, ``scale`` and ``shift`` per channel or per sample and channel. ATen's
+    fused ``addcmul`` vectorises only while at most one operand is broadcast along x's innermost
+    dim: on channels-last input (channels innermost) it is the faster way, on NCHW input
+    (spatial innermost) a multiply, then an add, are ~4× faster (measured on 2×256×28×28:
+    addcmul 190 µs against 50, and 48 against 76 on channels_last)."""
+    # Compiled, inductor fuses either way (and strides are unknown while dynamo traces a backward).
+    fused = torch.compiler.is_compiling() or (
+        x.dim() > 2 and x.stride(1) == 1 and x.stride(-1) != 1
+    )
+    if out is None:
+        return torch.addcmul(shift, x, scale) if fused else torch.mul(x, scale).add_(shift)
+    if fused:
+        return torch.addcmul(shift, x, scale, out=out)
+    return torch.mul(x, scale, out=out).add_(shift)
+
+
 # Samples per chunk in :func:`by_sample_chunks`: about this many bytes of input. Small enough
 # that a chunk and the few temporaries an elementwise chain makes of it stay in cache, large
 # enough that the ~15-30 ops per chunk are not paid once per sample. Measured on 32×256×28×28
@@ -241,7 +258,7 @@ class ChunkedBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
-        y = torch.addcmul(_per_sample(shift, blocks, ndim), xc, _per_sample(scale, blocks, ndim))
+        y = _affine(xc, _per_sample(scale, blocks, ndim), _per_sample(shift, blocks, ndim))
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
         return y.to(x.dtype), mean, var
@@ -346,7 +363,7 @@ class FilterResponseNorm(torch.autograd.Function):
         def normalise(out: Tensor | None, samples: Tensor) -> tuple[Tensor, Tensor]:
             xc = _upcast(samples)
             invrms = torch.rsqrt(_mean_square(xc, spatial) + eps)
-            y = torch.addcmul(beta, xc, invrms * gamma, out=out)
+            y = _affine(xc, invrms * gamma, beta, out=out)
             if tau is not None:
                 y = y.clamp_(min=_channel_view(tau, ndim))
             return y.to(samples.dtype), invrms
@@ -372,7 +389,7 @@ class FilterResponseNorm(torch.autograd.Function):
             if tau is not None:
                 # A float mask, made in place and then turned into the masked gradient: ops on
                 # bool tensors (where, masked_fill, a multiply by one) are 4-15× slower on CPU.
-                passed = torch.addcmul(beta, xc, scale)
+                passed = _affine(xc, scale, beta)
                 tau_grad = g.sum(channel_sum)
                 g = passed.gt_(_channel_view(tau, ndim)).mul_(g)
             bias_grad = g.sum(channel_sum)
@@ -552,7 +569,7 @@ class EvoNormB0Function(torch.autograd.Function):
 
 
 def _evonorm_b0_denominator(x: Tensor, v: Tensor, instance_std: Tensor, batch_std: Tensor):
-    return torch.addcmul(instance_std, x, _channel_view(v, x.dim())).clamp_(min=batch_std)
+    return _affine(x, _channel_view(v, x.dim()), instance_std).clamp_(min=batch_std)
 
 
 class EvoNormS0Function(torch.autograd.Function):
@@ -578,7 +595,7 @@ class EvoNormS0Function(torch.autograd.Function):
             var = _group_mean(channel_var + (channel_mean - mean).square_(), groups)
             invstd = var.add_(eps).rsqrt_()
             gated = torch.mul(xc, v_view).sigmoid_().mul_(xc)
-            y = torch.addcmul(beta, gated, invstd * gamma, out=out)
+            y = _affine(gated, invstd * gamma, beta, out=out)
             return y.to(samples.dtype), mean, invstd
 
         y, mean, invstd = by_sample_chunks(normalise, (x,), joined=3, out_dtype=x.dtype)
@@ -613,9 +630,7 @@ class EvoNormS0Function(torch.autograd.Function):
             # dx = γ·r·(g·s + v·u) − ∂L/∂r·r³·(x − μ)/n, as −c·μ + γr·g·s + γr·v·u + c·x
             coefficient = r_grad * invstd.pow(3) / -values
             offset = coefficient * mean
-            x_grad = torch.addcmul(
-                offset.neg_(), gated_grad, scale, out=x_grad if out is None else out
-            )
+            x_grad = _affine(gated_grad, scale, offset.neg_(), out=x_grad if out is None else out)
             x_grad = x_grad.addcmul_(u, scale * v_view).addcmul_(xc, coefficient)
             return x_grad, weight_grad, g.sum((0, *spatial)), v_grad
 
