@@ -99,7 +99,7 @@ test-gpu: install ## cuda_bn parity at realistic shapes on a CUDA GPU (fp32, bf1
 test-aot: install ## compile every cuda_bn kernel configuration for sm_80/sm_90 (~1 h on 2 cores: 57.5 min in cuda_bn_aot.md; a progress line a minute); writes experiments/bench/cuda_bn_aot.md
 	TRITON_INTERPRET=0 $(BIN)/python -m experiments.bench.cuda_bn_aot $(ARGS)
 
-bench: install ## CPU benchmarks (~13 min on 2 cores, precision estimated; compile is bench-compile): tables in experiments/bench/*.md
+bench: install ## CPU benchmarks (~18 min on 2 cores, precision estimated; norm_cost alone ~5.5 min: 10 fresh processes; compile is bench-compile): tables in experiments/bench/*.md
 	$(BIN)/python -m experiments.bench.run $(ARGS)
 
 bench-gpu: install ## GPU benchmarks (bf16): tables in experiments/bench/*_gpu.md and bn_gpu.md

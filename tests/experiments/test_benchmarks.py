@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cli import run_module
-from experiments.lib.benchmark import Timing, compare, markdown_table
+from experiments.lib.benchmark import Timing, compare, markdown_table, round_order
 from experiments.lib.jobs import REPO_ROOT
 
 
@@ -26,6 +26,16 @@ def test_compare_alternates_and_reports_ratios_to_the_baseline():
     assert "| b | 2000.00 | 2000.00 | 2000.00 | 1.000 |" in table  # median of 2, 1, 0.5
     with pytest.raises(ValueError, match="repeats and inner must be ≥ 1"):
         compare({"a": lambda: None}, repeats=0)
+
+
+def test_rounds_of_many_candidates_change_each_candidates_neighbours():
+    names = [f"c{i}" for i in range(12)]
+    orders = [round_order(names, index) for index in range(7)]
+    assert all(sorted(order) == sorted(names) for order in orders)
+    assert orders == [round_order(names, index) for index in range(7)]  # seeded: reproducible
+    for name in names[1:]:  # whoever ran just before each candidate, over the rounds
+        before = {order[order.index(name) - 1] for order in orders if order[0] != name}
+        assert len(before) >= 3, (name, before)
 
 
 # Slow: a minute of CPU (every benchmark, every norm in both memory formats) that checks the scripts
