@@ -421,15 +421,22 @@ class ChannelRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-        def normalise(samples: Tensor) -> tuple[Tensor, Tensor]:
+        ndim, exact = x.dim(), compute_dtype(x) == x.dtype
+
+        def normalise(out: Tensor | None, samples: Tensor) -> tuple[Tensor, Tensor]:
             xc = _upcast(samples)
             invrms = torch.rsqrt(_mean_square(xc, (1,)).add_(eps))
-            y = _product(xc, invrms)
+            # Written into the joined output where it has the compute dtype (no copy after);
+            # half-precision input is scaled in float32 and rounded once.
+            y = torch.mul(xc, invrms, out=out) if exact and out is not None else None
+            y = _product(xc, invrms) if y is None else y
             if weight is not None:
-                y.mul_(_channel_view(weight, x.dim()))
-            return y.to(samples.dtype), invrms
+                y.mul_(_channel_view(weight, ndim))
+            if out is not None and not exact:
+                return out.copy_(y), invrms
+            return y, invrms
 
-        y, invrms = by_sample_chunks(normalise, (x,), joined=2)
+        y, invrms = by_sample_chunks(normalise, (x,), joined=2, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, invrms)
         return y
 
@@ -439,21 +446,27 @@ class ChannelRMSNorm(torch.autograd.Function):
         ndim, channels = x.dim(), x.shape[1]
 
         def differentiate(
-            samples: Tensor, upstream: Tensor, invrms: Tensor
+            out: Tensor | None, samples: Tensor, upstream: Tensor, invrms: Tensor
         ) -> tuple[Tensor | None, ...]:
             xc, g = _upcast(samples), _upcast(upstream)
-            scaled = _product(xc, invrms).mul_(g)  # g·x̂, x̂ = x·r
+            scaled = (g * xc).mul_(invrms)  # g·x̂, x̂ = x·r
             weight_grad = None
             if weight is not None:
+                gamma = _channel_view(weight, ndim)
                 weight_grad = scaled.sum((0, *range(2, ndim)))
-                g = g * _channel_view(weight, ndim)
-                scaled.mul_(_channel_view(weight, ndim))
-            # dx = r·(g' − x̂·mean_C(g'·x̂)), g' = γ·g
-            projection = scaled.sum(1, keepdim=True).div_(channels).mul_(invrms)
-            x_grad = torch.mul(xc, -projection, out=scaled).add_(g).mul_(invrms)
-            return x_grad, weight_grad
+                scaled.mul_(gamma)
+            # dx = r·(g' − x̂·mean_C(g'·x̂)) = g'·r − x·r²·mean_C(g'·x̂), g' = γ·g
+            projection = scaled.sum(1, keepdim=True).div_(-channels).mul_(invrms.square())
+            x_grad = scaled if out is None else out
+            if weight is not None:
+                x_grad = torch.mul(g, gamma, out=x_grad).mul_(invrms)
+            else:
+                x_grad = torch.mul(g, invrms, out=x_grad)
+            return x_grad.addcmul_(xc, projection), weight_grad
 
-        x_grad, weight_grad = by_sample_chunks(differentiate, (x, grad, invrms), joined=1)
+        x_grad, weight_grad = by_sample_chunks(
+            differentiate, (x, grad, invrms), joined=1, out_dtype=compute_dtype(x)
+        )
         return x_grad, weight_grad, None
 
 
