@@ -62,7 +62,7 @@ SMOKE += ["--compiled", "frn"]
 # Norms also timed compiled by default: those whose eager path is normlab's own composition.
 COMPILED = ["brn", "evonorm_b0", "evonorm_s0", "frn", "ghost_bn", "rms"]
 COMPILED_SUFFIX = " compiled"
-# The issue's line: every norm at most this many times bn's time, or a measured floor.
+# The line the tables judge: every norm at most this many times bn's time, or a measured floor.
 LIMIT = 2.0
 
 
@@ -207,10 +207,10 @@ VERDICT_WORDS = {
 
 
 def ratio_text(ratios: Cell) -> str:
-    low, high = level(ratios).low, level(ratios).high
     if ratios.n < 2:
         return f"{ratios.mean:.3f} (n = 1, no interval)"
-    return f"{ratios.mean:.3f} [{low:.3f}, {high:.3f}]"
+    found = level(ratios)
+    return f"{found.mean:.3f} [{found.low:.3f}, {found.high:.3f}]"
 
 
 def format_table(runs: list[dict], layout: str, saved: dict[str, int]) -> str:
@@ -254,7 +254,7 @@ def verdict_lines(runs: list[dict]) -> list[str]:
 
 def floor_text(eager: Cell, fused: Cell) -> str:
     """The compiled formula beside an eager miss: whether it is within the line (then the miss is
-    the eager path's) or over it too (a measured floor), and how far eager is above it."""
+    the eager path's) or over it too (a measured floor), and eager − compiled with its interval."""
     standing = {
         Verdict.AGREES: "within the line: the eager path is what misses",
         Verdict.DISAGREES: "over the line too: a measured floor",
