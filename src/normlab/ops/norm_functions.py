@@ -63,7 +63,8 @@ def variance_mean(
 
 
 # Per-sample statistics of channels-last input run ATen's BatchNorm statistics once per sample up
-# to this many samples (the chunks of by_sample_chunks); beyond, the per-call cost outweighs it.
+# to this many samples: a chunk of by_sample_chunks holds one or two samples of a large map,
+# while a whole batch of small maps (one chunk) is left to the generic path's few ops.
 _SAMPLE_LOOP = 4
 
 
@@ -428,8 +429,10 @@ class ChannelRMSNorm(torch.autograd.Function):
             invrms = torch.rsqrt(_mean_square(xc, (1,)).add_(eps))
             # Written into the joined output where it has the compute dtype (no copy after);
             # half-precision input is scaled in float32 and rounded once.
-            y = torch.mul(xc, invrms, out=out) if exact and out is not None else None
-            y = _product(xc, invrms) if y is None else y
+            if exact and out is not None:
+                y = torch.mul(xc, invrms, out=out)
+            else:
+                y = _product(xc, invrms)
             if weight is not None:
                 y.mul_(_channel_view(weight, ndim))
             if out is not None and not exact:
