@@ -36,6 +36,17 @@ quiet_dependency_warnings()
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def hydra_config_restored():
+    """Each test leaves Hydra's HydraConfig singleton as it found it. Composing a run's config sets
+    it, as a run does (compose_config, tiny_runs.compose_run); left in place, a later test in the
+    same worker would run "inside" that job: an Optuna search's, say, whose sweep dir no longer
+    resolves once the config lost its hydra node (tests/test_sweep_jobs.py failed so)."""
+    previous = HydraConfig.instance().cfg
+    yield
+    HydraConfig.instance().cfg = previous
+
+
 @pytest.fixture
 def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
     """``compose_config(*overrides, config_name="config", run="run")``: the config a CLI run
