@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> str:
         + (f" --out {args.out.name}" if args.out.name != "norm_cost.md" else ""),
         f"Training mode, float32, CPU. {args.runs} runs, each a fresh process, one after "
         f"another; in each, {args.repeats} rounds in which every candidate runs once (each "
-        f"measurement is the mean of {args.inner} calls). A run's ratio to bn is the median over its "
-        "rounds of the candidate's time / bn's time in the same round; the table gives each "
+        f"measurement is the mean of {args.inner} calls). A run's ratio to bn is the median over "
+        "its rounds of the candidate's time / bn's time in the same round; the table gives each "
         "run's ratio and their mean with its 95 % t interval. `syncbn` outside a process group "
         "and `cuda_bn` on CPU tensors (backend auto) run PyTorch's BatchNorm; `ghost_bn` splits "
         "the batch into 4 virtual batches.",

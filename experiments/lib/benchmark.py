@@ -1,9 +1,9 @@
 """Side-by-side timing: candidates measured in alternation in one run, so machine noise cancels.
 
 Every benchmark under ``experiments/bench/`` uses :func:`compare`: warm-up calls, then ``repeats``
-rounds in which each candidate runs once (in an order that changes every round), each timed over ``inner`` calls.
-The table reports min / median / max per candidate and the median of the per-round ratios to the
-baseline, the number a speed claim should quote.
+rounds in which each candidate runs once (in an order that changes every round), each timed over
+``inner`` calls. The table reports min / median / max per candidate and the median of the
+per-round ratios to the baseline, the number a speed claim should quote.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ def round_order(names: list[str], round_index: int) -> list[str]:
     """The order of one round: two candidates take turns going first; more are shuffled (seeded by
     the round), so that no candidate always runs right after the same one. A rotation keeps the
     neighbours, and a candidate after a heavy one inherits its cache and allocator state: in
-    norm_cost syncbn, which runs bn's code, measured 1.16× bn on channels_last with rotation (bcdac0d)."""
+    norm_cost syncbn, which runs bn's code, measured 1.16× bn on channels_last with rotation
+    (at bcdac0d)."""
     if len(names) <= 2:
         shift = round_index % len(names)
         return names[shift:] + names[:shift]
