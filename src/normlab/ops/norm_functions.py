@@ -28,11 +28,18 @@ from torch import Tensor
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision input (its statistics would round away), else x's own."""
+    # The common dtypes answered in Python: these run once per chunk, where each dispatcher
+    # call costs as much as a small op.
+    if x.dtype in _FULL_PRECISION:
+        return x.dtype
     return torch.promote_types(x.dtype, torch.float32)
 
 
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
 def _upcast(x: Tensor) -> Tensor:
-    return x.to(compute_dtype(x))
+    return x if x.dtype in _FULL_PRECISION else x.to(compute_dtype(x))
 
 
 def variance_mean(
@@ -360,14 +367,15 @@ class FilterResponseNorm(torch.autograd.Function):
     ) -> Tensor:
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))
         gamma, beta = _channel_view(weight, ndim), _channel_view(bias, ndim)
+        threshold = None if tau is None else _channel_view(tau, ndim)
 
         def normalise(out: Tensor | None, samples: Tensor) -> tuple[Tensor, Tensor]:
             xc = _upcast(samples)
             invrms = torch.rsqrt(_mean_square(xc, spatial) + eps)
             y = _affine(xc, invrms * gamma, beta, out=out)
-            if tau is not None:
-                y = y.clamp_(min=_channel_view(tau, ndim))
-            return y.to(samples.dtype), invrms
+            if threshold is not None:
+                y = y.clamp_(min=threshold)
+            return _downcast(y, samples.dtype), invrms
 
         y, invrms = by_sample_chunks(normalise, (x,), joined=2, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, bias, tau, invrms)
@@ -377,40 +385,41 @@ class FilterResponseNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, bias, tau, invrms = ctx.saved_tensors
-        ndim, values = x.dim(), math.prod(x.shape[2:])
-        spatial, channel_sum = tuple(range(2, ndim)), (0, *range(2, ndim))
+        ndim, spatial, channel_sum = x.dim(), tuple(range(2, x.dim())), (0, *range(2, x.dim()))
         gamma, beta = _channel_view(weight, ndim), _channel_view(bias, ndim)
+        threshold = None if tau is None else _channel_view(tau, ndim)
+        # ∂L/∂r = γ·P with P = Σ_spatial g·x per sample and channel, ∂r/∂x = −r³·x/values:
+        # −r³/values for the whole batch at once
+        values = math.prod(x.shape[2:])
+        cubed = invrms.pow(3).div_(-values)
 
         def differentiate(
-            out: Tensor | None, samples: Tensor, upstream: Tensor, invrms: Tensor
+            out: Tensor | None, samples: Tensor, upstream: Tensor, invrms: Tensor, cubed: Tensor
         ) -> tuple[Tensor | None, ...]:
             xc, g = _upcast(samples), _upcast(upstream)
             scale = invrms * gamma
-            tau_grad = None
-            if tau is not None:
+            total = None
+            if threshold is not None:
                 # A float mask, made in place and then turned into the masked gradient: ops on
                 # bool tensors (where, masked_fill, a multiply by one) are 4-15× slower on CPU.
                 passed = _affine(xc, scale, beta)
-                tau_grad = g.sum(channel_sum)
-                g = passed.gt_(_channel_view(tau, ndim)).mul_(g)
-            bias_grad = g.sum(channel_sum)
-            if tau_grad is not None:
-                tau_grad = tau_grad - bias_grad
-            # P = Σ_spatial g·x per sample and channel: ∂L/∂r = γ·P, ∂r/∂x = −r³·x/values.
+                total = g.sum(channel_sum)
+                g = passed.gt_(threshold).mul_(g)
             products = g * xc
             summed = products.sum(spatial, keepdim=True)
-            weight_grad = (summed * invrms).sum(0).flatten()
-            r_grad = summed * gamma
-            cubed = invrms.pow(3)
-            coefficient = r_grad * cubed / -values
-            x_grad = torch.mul(xc, coefficient, out=products if out is None else out)
+            x_grad = torch.mul(xc, summed * gamma * cubed, out=products if out is None else out)
             x_grad = x_grad.addcmul_(g, scale)
-            eps_grad = (r_grad * cubed).sum().mul(-0.5).view(1) if ctx.eps_is_tensor else None
-            return x_grad, weight_grad, bias_grad, tau_grad, eps_grad
+            return x_grad, summed, g.sum(channel_sum), total
 
-        return by_sample_chunks(
-            differentiate, (x, grad, invrms), joined=1, out_dtype=compute_dtype(x)
+        x_grad, summed, bias_grad, total = by_sample_chunks(
+            differentiate, (x, grad, invrms, cubed), joined=2, out_dtype=compute_dtype(x)
         )
+        weight_grad = (summed * invrms).sum(0).flatten()
+        tau_grad = None if total is None else total - bias_grad
+        eps_grad = None
+        if ctx.eps_is_tensor:  # ∂r/∂eps = −r³/2, summed with ∂L/∂r over samples and channels
+            eps_grad = (summed * gamma * cubed).sum().mul(values / 2).view(1)
+        return x_grad, weight_grad, bias_grad, tau_grad, eps_grad
 
 
 # -- RMSNorm over the channels ---------------------------------------------------------------------
@@ -511,14 +520,14 @@ class EvoNormB0Function(torch.autograd.Function):
         else:
             batch_std = _channel_view(torch.sqrt(running_var + eps), ndim)
         instance_std = instance_var.add_(eps).sqrt_()
-        gamma, beta = _channel_view(weight, ndim), _channel_view(bias, ndim)
+        gamma, beta, v_view = (_channel_view(t, ndim) for t in (weight, bias, v))
 
         def normalise(out: Tensor | None, samples: Tensor, instance_std: Tensor) -> tuple[Tensor]:
             xc = _upcast(samples)
-            denominator = _evonorm_b0_denominator(xc, v, instance_std, batch_std)
+            denominator = _evonorm_b0_denominator(xc, v_view, instance_std, batch_std)
             # x·γ/D + β in one op: D/γ is computed after the max, so a negative γ is no problem.
             y = torch.addcdiv(beta, xc, denominator.div_(gamma), out=out)
-            return (y.to(samples.dtype),)
+            return (_downcast(y, samples.dtype),)
 
         (y,) = by_sample_chunks(normalise, (x, instance_std), joined=1, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, v, instance_mean, instance_std, batch_std, batch_mean)
@@ -530,7 +539,11 @@ class EvoNormB0Function(torch.autograd.Function):
         ndim = x.dim()
         spatial, channel_sum = tuple(range(2, ndim)), (0, *range(2, ndim))
         gamma, v_view = _channel_view(weight, ndim), _channel_view(v, ndim)
-        instance_values = math.prod(x.shape[2:])
+        negative_gamma_v = gamma * v_view.neg()
+        # ∂σ_I/∂x = (x − μ_I)/(n_I·σ_I), with the −γ of e (below) per sample and channel, for
+        # the whole batch at once
+        instance_slope = gamma.neg() / (instance_std * math.prod(x.shape[2:]))
+        with_batch = batch_mean is not None
 
         def differentiate(
             out: Tensor | None,
@@ -538,41 +551,43 @@ class EvoNormB0Function(torch.autograd.Function):
             upstream: Tensor,
             instance_mean: Tensor,
             instance_std: Tensor,
+            instance_slope: Tensor,
         ) -> tuple[Tensor | None, ...]:
             """dx without the term through σ_B (and, when there is one, without its constant
             per sample and channel, left to the pass that adds it), and the sums it needs."""
             xc, g = _upcast(samples), _upcast(upstream)
-            denominator = _evonorm_b0_denominator(xc, v, instance_std, batch_std)
+            denominator = _evonorm_b0_denominator(xc, v_view, instance_std, batch_std)
             direct = torch.div(g, denominator, out=out)  # ∂L/∂(x/D)·1/γ
             products = direct * xc
             weight_grad = products.sum(channel_sum)
             # e = ∂L/∂D = −γ·g·x/D² = −γ·q: q in full, −γ (per channel) on q's sums and factors
             q = products.div_(denominator)
-            total = q.sum(channel_sum) if batch_mean is not None else None
+            total = q.sum(channel_sum) if with_batch else None
             instance_side = denominator.gt_(batch_std)  # 1 where v·x + σ_I won the max
             q_instance = q.mul_(instance_side)
-            instance_sum = q_instance.sum(spatial, keepdim=True).mul_(-gamma)
-            v_grad = torch.mul(q_instance, xc, out=instance_side).sum(channel_sum) * -weight
-            # ∂σ_I/∂x = (x − μ_I)/(n_I·σ_I)
-            coefficient = instance_sum / (instance_std * instance_values)
-            x_grad = direct.mul_(gamma).addcmul_(q_instance, -gamma * v_view)
+            instance_sum = q_instance.sum(spatial, keepdim=True)
+            v_sum = torch.mul(q_instance, xc, out=instance_side).sum(channel_sum)
+            coefficient = instance_sum * instance_slope
+            x_grad = direct.mul_(gamma).addcmul_(q_instance, negative_gamma_v)
             x_grad = x_grad.addcmul_(xc, coefficient)
-            instance_offset = coefficient * instance_mean
-            if total is None:
-                return x_grad.sub_(instance_offset), weight_grad, g.sum(channel_sum), v_grad, None
-            batch_side = total * -weight - instance_sum.sum(0).flatten()
-            return x_grad, instance_offset, weight_grad, g.sum(channel_sum), v_grad, batch_side
+            instance_offset = coefficient.mul_(instance_mean)
+            sums = (weight_grad, g.sum(channel_sum), v_sum)
+            if not with_batch:
+                return x_grad.sub_(instance_offset), *sums, None, None
+            return x_grad, instance_offset, *sums, total, instance_sum.sum(0)
 
-        sliced = (x, grad, instance_mean, instance_std)
-        if batch_mean is None:
-            x_grad, weight_grad, bias_grad, v_grad, _ = by_sample_chunks(
-                differentiate, sliced, joined=1, out_dtype=compute_dtype(x)
-            )
-        else:
-            x_grad, instance_offset, weight_grad, bias_grad, v_grad, batch_side = by_sample_chunks(
-                differentiate, sliced, joined=2, out_dtype=compute_dtype(x)
-            )
-            # ∂σ_B/∂x = (x − μ_B)/(n_B·σ_B), weighted by ∂L/∂σ_B, the sum over the batch side
+        x_grad, *rest = by_sample_chunks(
+            differentiate,
+            (x, grad, instance_mean, instance_std, instance_slope),
+            joined=1 + with_batch,
+            out_dtype=compute_dtype(x),
+        )
+        instance_offset = rest.pop(0) if with_batch else None
+        weight_grad, bias_grad, v_sum, total, instance_sum = rest
+        if with_batch:
+            # ∂L/∂σ_B: the sum of e over the batch side, Σ(−γ·q) − Σ_I(−γ·q_instance)
+            batch_side = (instance_sum.flatten() - total) * weight
+            # ∂σ_B/∂x = (x − μ_B)/(n_B·σ_B), weighted by ∂L/∂σ_B
             slope = _channel_view(batch_side, ndim) / (batch_std * (x.numel() // x.shape[1]))
             offset = slope * batch_mean
 
@@ -581,83 +596,97 @@ class EvoNormB0Function(torch.autograd.Function):
                 return ()
 
             by_sample_chunks(add_batch_term, (x_grad, x, instance_offset), joined=0)
-        return x_grad, weight_grad, bias_grad, v_grad, None, None
+        return x_grad, weight_grad, bias_grad, v_sum * weight.neg(), None, None
 
 
 def _evonorm_b0_denominator(x: Tensor, v: Tensor, instance_std: Tensor, batch_std: Tensor):
-    return _affine(x, _channel_view(v, x.dim()), instance_std).clamp_(min=batch_std)
+    """max(v·x + σ_I, σ_B), ``v`` a channel view."""
+    return _affine(x, v, instance_std).clamp_(min=batch_std)
 
 
 class EvoNormS0Function(torch.autograd.Function):
     """``y = x·sigmoid(v·x)·r·γ + β``, ``r = (var_group(x) + eps)^−½`` per sample and group of
     channels (``groups`` consecutive channels; over the group's channels and spatial axes). The
-    backward pass recomputes the sigmoid. Every op runs on x's own N×C×… shape with
-    per-sample-and-channel factors; only N×C statistics are grouped (elementwise ops on an
-    N×G×(C/G)×H×W view of channels-last memory measured 2-3× slower). Each sample is
-    independent, so both passes run by chunks of samples (:func:`by_sample_chunks`)."""
+    backward pass recomputes the sigmoid. Every full-size op runs on x's own N×C×… shape with
+    per-sample-and-channel factors; the statistics are kept per sample and group, N×G×1
+    (elementwise ops on an N×G×(C/G)×H×W view of channels-last memory measured 2-3× slower).
+    Each sample is independent, so both passes run by chunks of samples
+    (:func:`by_sample_chunks`); what only needs the per-sample sums is done once, after them."""
 
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, v: Tensor, groups: int, eps: float
     ) -> Tensor:
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))
-        gamma, beta, v_view = (_channel_view(t, ndim) for t in (weight, bias, v))
+        gamma = weight.view(groups, -1)
+        beta, v_view = _channel_view(bias, ndim), _channel_view(v, ndim)
 
         def normalise(out: Tensor | None, samples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             xc = _upcast(samples)
             # Each group's from its channels' (law of total variance), as EvoNorm-B0's batch's.
-            channel_var, channel_mean = variance_mean(xc, spatial, keepdim=True)
-            mean = _group_mean(channel_mean, groups)
-            var = _group_mean(channel_var + (channel_mean - mean).square_(), groups)
-            invstd = var.add_(eps).rsqrt_()
+            channel_var, channel_mean = variance_mean(xc, spatial)
+            channel_mean = channel_mean.view(len(xc), groups, -1)
+            mean = channel_mean.mean(2, keepdim=True)
+            spread = (channel_mean - mean).square_().add_(channel_var.view_as(channel_mean))
+            invstd = spread.mean(2, keepdim=True).add_(eps).rsqrt_()
+            scale = (invstd * gamma).view(*xc.shape[:2], *([1] * (ndim - 2)))
             gated = torch.mul(xc, v_view).sigmoid_().mul_(xc)
-            y = _affine(gated, invstd * gamma, beta, out=out)
-            return y.to(samples.dtype), mean, invstd
+            y = _affine(gated, scale, beta, out=out)
+            return _downcast(y, samples.dtype), mean, invstd
 
         y, mean, invstd = by_sample_chunks(normalise, (x,), joined=3, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, v, mean, invstd)
-        ctx.groups = groups
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, v, mean, invstd = ctx.saved_tensors
-        ndim, spatial, groups = x.dim(), tuple(range(2, x.dim())), ctx.groups
-        gamma, v_view = _channel_view(weight, ndim), _channel_view(v, ndim)
-        # n values per sample and group
-        values = x[0].numel() // groups
+        ndim, spatial = x.dim(), tuple(range(2, x.dim()))
+        groups, per_channel = mean.shape[1], (*x.shape[:2], *([1] * (ndim - 2)))
+        gamma, v_view = weight.view(groups, -1), _channel_view(v, ndim)
+        # For the whole batch at once: r·γ per sample and channel; −r³/n (∂r/∂var, n values a
+        # group) and −μ per sample and group.
+        scale = (invstd * gamma).view(per_channel)
+        cubed = invstd.pow(3).div_(-(x[0].numel() // groups))
 
         def differentiate(
-            out: Tensor | None, samples: Tensor, upstream: Tensor, mean: Tensor, invstd: Tensor
+            out: Tensor | None,
+            samples: Tensor,
+            upstream: Tensor,
+            scale: Tensor,
+            cubed: Tensor,
+            negative_mean: Tensor,
         ) -> tuple[Tensor, ...]:
             xc, g = _upcast(samples), _upcast(upstream)
             gate = torch.mul(xc, v_view).sigmoid_()
             gated_grad = g * gate  # g·s, a term of dx
             # u = g·x·s·(1 − s), after P = Σ_spatial g·h with h = x·s
             u = gated_grad * xc
-            products = u.sum(spatial, keepdim=True)
-            weight_grad = (products * invstd).sum(0).flatten()
+            products = u.sum(spatial)
             u.addcmul_(u, gate, value=-1)
-            scale = invstd * gamma
-            # ∂L/∂r per sample and group (Σ over the group's channels of γ·P), per channel
-            r_grad = _group_mean(products * gamma, groups) * (x.shape[1] // groups)
             x_grad = u * xc
-            v_grad = (x_grad.sum(spatial, keepdim=True) * scale).sum(0).flatten()
-            # dx = γ·r·(g·s + v·u) − ∂L/∂r·r³·(x − μ)/n, as −c·μ + γr·g·s + γr·v·u + c·x
-            coefficient = r_grad * invstd.pow(3) / -values
-            offset = coefficient * mean
-            x_grad = _affine(gated_grad, scale, offset.neg_(), out=x_grad if out is None else out)
-            x_grad = x_grad.addcmul_(u, scale * v_view).addcmul_(xc, coefficient)
-            return x_grad, weight_grad, g.sum((0, *spatial)), v_grad
+            v_products = x_grad.sum(spatial)
+            # ∂L/∂r per sample and group (Σ over the group's channels of γ·P), times −r³/n: the
+            # coefficient c of dx = γ·r·(g·s + v·u) + c·(x − μ), as a channel factor.
+            r_grad = (products.view(len(xc), groups, -1) * gamma).sum(2, keepdim=True)
+            coefficient = r_grad.mul_(cubed).expand(-1, -1, gamma.shape[1])
+            offset = (coefficient * negative_mean).reshape(scale.shape)
+            x_grad = _affine(gated_grad, scale, offset, out=x_grad if out is None else out)
+            x_grad = x_grad.addcmul_(u, scale * v_view)
+            x_grad = x_grad.addcmul_(xc, coefficient.reshape(scale.shape))
+            return x_grad, products, v_products, g.sum((0, *spatial))
 
-        x_grad, weight_grad, bias_grad, v_grad = by_sample_chunks(
-            differentiate, (x, grad, mean, invstd), joined=1, out_dtype=compute_dtype(x)
+        x_grad, products, v_products, bias_grad = by_sample_chunks(
+            differentiate,
+            (x, grad, scale, cubed, mean.neg()),
+            joined=3,
+            out_dtype=compute_dtype(x),
         )
+        # Σ over the batch of P·r and of Σ_spatial(u·x)·r·γ
+        weight_grad = (products.view(*invstd.shape[:2], -1) * invstd).sum(0).flatten()
+        v_grad = (v_products * scale.view(v_products.shape)).sum(0)
         return x_grad, weight_grad, bias_grad, v_grad, None, None
 
 
-def _group_mean(per_channel: Tensor, groups: int) -> Tensor:
-    """An N×C×1×… statistic averaged over each group of ``groups`` consecutive channels and
-    repeated for each channel of the group."""
-    grouped = per_channel.unflatten(1, (groups, -1))
-    return grouped.mean(2, keepdim=True).expand_as(grouped).flatten(1, 2)
+def _downcast(y: Tensor, dtype: torch.dtype) -> Tensor:
+    return y if y.dtype == dtype else y.to(dtype)
