@@ -65,6 +65,12 @@ def variance_mean(
             return var.view(*var.shape, 1, 1), mean.view(*mean.shape, 1, 1)
         return var, mean
     mean = x.mean(dims, keepdim=True)
+    if x.is_contiguous():
+        # x − μ, then a reduction that squares as it reads (see _mean_square): 97 µs against
+        # 119 for a copy, subtract, square and mean in place on a 2×256×28×28 chunk
+        values = math.prod([x.shape[d] for d in dims])
+        var = torch.linalg.vector_norm(x - mean, dim=dims, keepdim=keepdim).square_()
+        return var.div_(values), mean if keepdim else mean.squeeze(dims)
     var = x.clone().sub_(mean).square_().mean(dims, keepdim=keepdim)  # clone: see _product
     return var, mean if keepdim else mean.squeeze(dims)
 
@@ -109,15 +115,19 @@ def _affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) 
     dim: on channels-last input (channels innermost) it is the faster way, on NCHW input
     (spatial innermost) a multiply, then an add, are ~4× faster (measured on 2×256×28×28:
     addcmul 190 µs against 50, and 48 against 76 on channels_last)."""
-    # Compiled, inductor fuses either way (and strides are unknown while dynamo traces a backward).
-    fused = torch.compiler.is_compiling() or (
-        x.dim() > 2 and x.stride(1) == 1 and x.stride(-1) != 1
-    )
+    fused = _addcmul_vectorises(x)
     if out is None:
         return torch.addcmul(shift, x, scale) if fused else torch.mul(x, scale).add_(shift)
     if fused:
         return torch.addcmul(shift, x, scale, out=out)
     return torch.mul(x, scale, out=out).add_(shift)
+
+
+def _addcmul_vectorises(x: Tensor) -> bool:
+    """Whether ``addcmul`` with per-channel (or per-sample-and-channel) factors is the fast way
+    on ``x`` (see :func:`_affine`): its channels are innermost in memory."""
+    # Compiled, inductor fuses either way (and strides are unknown while dynamo traces a backward).
+    return torch.compiler.is_compiling() or (x.dim() > 2 and x.stride(1) == 1 and x.stride(-1) != 1)
 
 
 # Samples per chunk in :func:`by_sample_chunks`: about this many bytes of input. Small enough
@@ -624,8 +634,11 @@ class EvoNormS0Function(torch.autograd.Function):
             spread = (channel_mean - mean).square_().add_(channel_var.view_as(channel_mean))
             invstd = spread.mean(2, keepdim=True).add_(eps).rsqrt_()
             scale = (invstd * gamma).view(*xc.shape[:2], *([1] * (ndim - 2)))
-            gated = torch.mul(xc, v_view).sigmoid_().mul_(xc)
-            y = _affine(gated, scale, beta, out=out)
+            gate = torch.mul(xc, v_view).sigmoid_()
+            if _addcmul_vectorises(xc):
+                y = _affine(gate.mul_(xc), scale, beta, out=out)
+            else:  # one op fewer than _affine's multiply and add (290 µs against 313 a chunk)
+                y = torch.addcmul(beta, gate, torch.mul(xc, scale), out=out)
             return _downcast(y, samples.dtype), mean, invstd
 
         y, mean, invstd = by_sample_chunks(normalise, (x,), joined=3, out_dtype=x.dtype)
