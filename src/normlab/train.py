@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -217,6 +218,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             {**info["config"], "git_sha": info["git_sha"], "overrides": info["overrides"]}
         )
 
+    ctrl_c_before = signal.getsignal(signal.SIGINT)
     try:
         metrics = _fit_and_test(cfg, trainer, module, datamodule, continuing, record)
     except SIGTERMException:
@@ -231,9 +233,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Close the wandb run now, not at interpreter exit: multirun jobs share one process,
         # and a reader of the offline run needs it complete.
         _finish_wandb(loggers)
+        _restore_ctrl_c(ctrl_c_before)
     if is_rank_zero():
         log.info("run dir: %s", output_dir)
     return metrics
+
+
+def _restore_ctrl_c(handler: Any) -> None:
+    """Leave SIGINT as the run found it. In a Python session that goes on after the run (a
+    notebook, a test) the next Ctrl-C must not reach this run's StopOnSignal, which Lightning
+    reinstalls at the end of each stage, nor be ignored: Lightning ignores SIGINT after it has
+    handled a KeyboardInterrupt."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
 
 
 def fail_sweep_job(error: Exception) -> NoReturn:

@@ -18,6 +18,7 @@ from torch import nn
 from cli import TINY_DIGITS_RUN as TINY
 from cli import offline_env, run_train_with, start_train
 from normlab.callbacks.preemption import StopOnSignal, stopping_signal
+from tiny_runs import tiny_checkpoint
 
 INTERRUPT_ON_IMPORT = "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
 
@@ -126,6 +127,17 @@ def test_ctrl_c_twice_stops_at_once(tmp_path, sigint_restored):
     with pytest.raises(SystemExit) as stopped:
         trainer.fit(_Steps(signal.SIGINT, at=3, times=2))
     assert stopped.value.code == 1 and trainer.global_step == 3
+
+
+def test_a_run_in_a_python_session_leaves_ctrl_c_as_it_found_it(tmp_path, sigint_restored):
+    # A notebook's or a script's handler: after train() returns, its next Ctrl-C is theirs again,
+    # not the finished run's StopOnSignal (which would only log "stopping after this batch").
+    def notebook_handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, notebook_handler)
+    tiny_checkpoint("classification", tmp_path / "run")
+    assert signal.getsignal(signal.SIGINT) is notebook_handler
 
 
 def test_a_run_stopped_by_sigterm_itself_is_reported_as_sigterm(tmp_path, sigint_restored):

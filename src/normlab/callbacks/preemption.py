@@ -40,8 +40,9 @@ class StopOnSignal(pl.Callback):
         self._previous: Callable[..., Any] | int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Installed once and left in place. (Lightning reinstalls, after each stage, the handlers
-        # it found before it, so a restore here would not last anyway.)
+        # Installed once and left in place: Lightning reinstalls, after each stage, the handlers
+        # it found before it, so a restore here would not last. normlab.train restores SIGINT
+        # once the run is over.
         current = signal.getsignal(self.signum)
         if current != self._on_signal:
             # The handler of an earlier run's StopOnSignal (a multirun's jobs share a process)
