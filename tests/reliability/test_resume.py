@@ -395,6 +395,36 @@ def test_a_stop_in_training_or_validation_saves_the_last_step_and_resumes_exactl
     assert csv_rows(run_dir) == csv_rows(uninterrupted_digits_dir), resumed.stderr[-3000:]
 
 
+# The digits run validating twice an epoch, after steps 3 and 6 of its 6.
+MID_EPOCH_VALIDATION = (*DIGITS, "+trainer.val_check_interval=3")
+
+
+@pytest.mark.slow
+def test_killed_in_a_mid_epoch_validation_and_resumed_ends_as_the_run_left_alone(tmp_path):
+    # SIGKILL in the validation after step 3: step 3 is saved after its validation, so the
+    # resumed run goes back to step 2, runs step 3 and its validation again, logs each value
+    # once and ends bit-identical. (Saved before it, Lightning would resume past it.)
+    expected_dir = tmp_path / "uninterrupted"
+    expected = uninterrupted_state(expected_dir, MID_EPOCH_VALIDATION)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (tmp_path / "stop_for_test.py").write_text(STOP_IN)
+    env = {**ENV, "PYTHONPATH": python_path_with(tmp_path)}
+    command = (
+        f"hydra.run.dir={run_dir}",
+        *MID_EPOCH_VALIDATION,
+        "logger=csv",
+        "+callbacks.stop={_target_:stop_for_test.SignalIn,name:SIGKILL,phase:validation}",
+    )
+    killed = run_train(*command, env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == 2
+    resumed = run_train(*command, "ckpt_path=last", env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_identical(final_state(run_dir), expected)
+    assert csv_rows(run_dir) == csv_rows(expected_dir)
+
+
 def test_a_stop_in_the_sanity_check_saves_nothing_and_says_so(tmp_path):
     run_dir = tmp_path / "run"
     stopped = run_stopped(run_dir, "SIGTERM", "sanity")

@@ -199,8 +199,8 @@ class LastCheckpoint(pl.Callback):
     logs a batch after its ``on_train_batch_end``, and a resumed run does not log it again, so a
     kill between the two would lose the batch's ``metrics.csv`` row. A kill before the move
     leaves the previous ``last.ckpt``, and the staged file is a partial save the next run removes.
-    The step that ends an epoch is saved after the epoch's validation (or at the epoch's end),
-    never before it: a resume would skip that validation.
+    A step that a validation follows (the epoch's last, or one of ``val_check_interval``) is saved
+    after that validation (or at the epoch's end), never before it: a resume would skip it.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
@@ -243,7 +243,18 @@ class LastCheckpoint(pl.Callback):
         self._publish_staged(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._staged_now(trainer):
+            # A validation inside the epoch (val_check_interval) follows the step just staged:
+            # Lightning would resume that checkpoint past the validation, never running it. The
+            # step is saved at on_validation_end instead; until then last.ckpt stays the
+            # previous one, and its batch's rows stay with the loggers, as a resume from there
+            # logs them again.
+            self.staged.unlink(missing_ok=True)
+            return
         self._publish_staged(trainer)
+
+    def _staged_now(self, trainer: pl.Trainer) -> bool:
+        return self.staged.is_file() and self._saved_step == trainer.global_step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._publish_staged(trainer)
