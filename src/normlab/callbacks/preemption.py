@@ -25,10 +25,10 @@ class StopOnSignal(pl.Callback):
     Under DDP the signal reaches the processes at different points of a batch; acting on it there
     would put the ranks' collectives out of step. The request is therefore only recorded, and
     after each batch the ranks agree (any rank asked → all stop), and every process stops at the
-    end of that batch as on SIGTERM. The handler is installed when the first Trainer stage sets up and
-    stays: before that (start-up) the handler that was installed before handles the signal
-    (Python's KeyboardInterrupt, submitit's requeue), and so does a second signal while the stop
-    is pending (Ctrl-C twice stops at once, without a save).
+    end of that batch as on SIGTERM. The handler is installed when the first Trainer stage sets
+    up and stays for the run: before that (start-up) the handler that was installed before
+    handles the signal (Python's KeyboardInterrupt, submitit's requeue), and so does a second
+    signal while the stop is pending (Ctrl-C twice stops at once, without a save).
     """
 
     def __init__(self, signal_name: str = "SIGUSR2") -> None:
