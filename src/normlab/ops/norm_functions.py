@@ -25,17 +25,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# Answered in Python: the dtype checks run once per chunk, where each dispatcher call costs as
+# much as a small op.
+_FULL_PRECISION = (torch.float32, torch.float64)
+
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision input (its statistics would round away), else x's own."""
-    # The common dtypes answered in Python: these run once per chunk, where each dispatcher
-    # call costs as much as a small op.
     if x.dtype in _FULL_PRECISION:
         return x.dtype
     return torch.promote_types(x.dtype, torch.float32)
-
-
-_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -163,18 +162,17 @@ def by_sample_chunks(
     step = max(1, _CHUNK_BYTES // max(1, first[0].numel() * first.element_size()))
     # One split per tensor: a slice per tensor and chunk costs a dispatcher call each.
     chunks = zip(*(t.split(step) for t in sliced), strict=True)
-    if out_dtype is None:
+    out = None if out_dtype is None else torch.empty_like(first, dtype=out_dtype)
+    if out is None:
         parts = [function(*chunk) for chunk in chunks]
     else:
-        out = torch.empty_like(first, dtype=out_dtype)
         parts = [function(o, *chunk) for o, chunk in zip(out.split(step), chunks, strict=True)]
-        parts = [(out, *part[1:]) for part in parts]
     if len(parts) == 1:
-        return tuple(parts[0])
+        return tuple(parts[0]) if out is None else (out, *parts[0][1:])
     results: list[Tensor | None] = []
     for i, column in enumerate(zip(*parts, strict=True)):
-        if i == 0 and out_dtype is not None:
-            results.append(column[0])
+        if i == 0 and out is not None:  # the chunks wrote their slices of it
+            results.append(out)
         elif i < joined:
             results.append(torch.cat(column))
         else:
