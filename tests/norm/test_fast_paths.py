@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.norm import build_norm
-from normlab.ops import norm_functions
+from normlab.ops import evonorm_cpu, norm_functions
 from normlab.ops.bn_stats import (
     count_training_step,
     step_momentum,
@@ -161,13 +161,44 @@ def _step(layer: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor, upst
     return y.detach(), leaf.grad, grads, {n: b.clone() for n, b in layer.named_buffers()}
 
 
-@pytest.mark.parametrize("chunks", ["whole batch", "one sample each", "three samples each"])
+CHUNKS = {"whole batch": 7, "one sample each": 1, "three samples each": 3}
+# EvoNorm's float32 CPU passes run in fused C loops (evonorm_cpu); its ATen path, by chunks, is
+# what compiled, half-precision or GPU calls (and machines without a C compiler) take.
+FUSED = "fused C kernels"
+FUSED_KERNELS = {
+    "evonorm_s0": {"evonorm_s0_forward", "evonorm_s0_backward"},
+    "evonorm_b0": {
+        "instance_statistics", "evonorm_b0_forward", "evonorm_b0_backward_sums",
+        "evonorm_b0_backward_input",
+    },
+}  # fmt: skip
+PATHS = [
+    (spec, path)
+    for spec in SPECS
+    for path in ([FUSED, *CHUNKS] if spec["name"].startswith("evonorm") else CHUNKS)
+]
+
+
 @pytest.mark.parametrize("layout", FORMATS)
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(map(str, s.values())))
-def test_fast_path_equals_plain_formula_in_float32(spec, layout, chunks, monkeypatch):
-    # Eager passes run by chunks of samples, as on real activations: 7 samples as 7, or 3, 3, 1.
-    samples = {"whole batch": 7, "one sample each": 1, "three samples each": 3}[chunks]
-    monkeypatch.setattr(norm_functions, "_CHUNK_BYTES", samples * C * 5 * 6 * 4)
+@pytest.mark.parametrize(
+    "spec, path", PATHS, ids=lambda v: "-".join(map(str, v.values())) if isinstance(v, dict) else v
+)
+def test_fast_path_equals_plain_formula_in_float32(spec, path, layout, monkeypatch):
+    kernels: list[str] = []
+    if path == FUSED:
+        assert evonorm_cpu.library() is not None, "the fused EvoNorm kernels did not build"
+        run = evonorm_cpu._run
+
+        def counted(name: str, *args, **kwargs) -> bool:
+            kernels.append(name)
+            return run(name, *args, **kwargs)
+
+        monkeypatch.setattr(evonorm_cpu, "_run", counted)
+    else:
+        monkeypatch.setattr(evonorm_cpu, "applies", lambda *_: False)
+        # Eager passes run by chunks of samples, as on real activations: 7 samples as 7, or 3,
+        # 3, 1.
+        monkeypatch.setattr(norm_functions, "_CHUNK_BYTES", CHUNKS[path] * C * 5 * 6 * 4)
     generator = torch.Generator().manual_seed(0)
     fast = build_norm(spec, C)
     _randomize(fast, generator)
@@ -192,6 +223,9 @@ def test_fast_path_equals_plain_formula_in_float32(spec, layout, chunks, monkeyp
                     msg=f"{name} at step {step}",
                 )  # fmt: skip
         assert got[0].is_contiguous(memory_format=FORMATS[layout])
+    if path == FUSED:  # every pass of the 4 steps ran in C
+        assert set(kernels) == FUSED_KERNELS[spec["name"]]
+        assert len(kernels) == 4 * len(FUSED_KERNELS[spec["name"]])
 
 
 def test_fast_paths_save_no_more_than_bn_for_backward():

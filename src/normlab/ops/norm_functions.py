@@ -8,8 +8,9 @@ inverse standard deviation, recomputes the cheap elementwise terms in the backwa
 works in place on the buffers it allocates. In eager mode the per-sample work runs by chunks of
 samples that stay in cache (:func:`by_sample_chunks`), and BatchNorm-shaped work (Ghost BN's
 virtual batches, channels-last statistics) on ATen's BatchNorm kernels; compiled, each is one
-graph of plain ops that inductor fuses. ``tests/norm/test_fast_paths.py`` checks each against
-its plain formula, whole and by chunks.
+graph of plain ops that inductor fuses. EvoNorm's float32 CPU passes go to fused C loops
+instead where they can be built (``evonorm_cpu``); the ATen path below stays for the rest.
+``tests/norm/test_fast_paths.py`` checks each against its plain formula, whole and by chunks.
 
 Statistics are computed in float32 for bfloat16 / float16 input (what ATen's norms do under
 autocast); the output and input gradient keep the input's dtype.
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from normlab.ops import evonorm_cpu
 
 # Answered in Python: the dtype checks run once per chunk, where each dispatcher call costs as
 # much as a small op.
@@ -506,11 +509,17 @@ class EvoNormB0Function(torch.autograd.Function):
         eps: float,
     ) -> tuple[Tensor, Tensor | None]:
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))
+        fused = evonorm_cpu.applies(x, weight, bias, v)
+        statistics = evonorm_cpu.instance_statistics(x) if fused else None
+        if statistics is not None:
+            kept = (*x.shape[:2], *([1] * (ndim - 2)))  # keepdim's shape
+            instance_var, instance_mean = (statistic.view(kept) for statistic in statistics)
+        else:
 
-        def instance_statistics(samples: Tensor) -> tuple[Tensor, Tensor]:
-            return variance_mean(_upcast(samples), spatial, keepdim=True)
+            def instance_statistics(samples: Tensor) -> tuple[Tensor, Tensor]:
+                return variance_mean(_upcast(samples), spatial, keepdim=True)
 
-        instance_var, instance_mean = by_sample_chunks(instance_statistics, (x,), joined=2)
+            instance_var, instance_mean = by_sample_chunks(instance_statistics, (x,), joined=2)
         batch_mean = batch_var = None
         if running_var is None:
             # The batch's statistics from the instances' (law of total variance): no more passes.
@@ -531,13 +540,22 @@ class EvoNormB0Function(torch.autograd.Function):
             y = torch.addcdiv(beta, xc, denominator.div_(gamma), out=out)
             return (_downcast(y, samples.dtype),)
 
-        (y,) = by_sample_chunks(normalise, (x, instance_std), joined=1, out_dtype=x.dtype)
+        y = None
+        if statistics is not None:
+            y = evonorm_cpu.b0_forward(x, weight, bias, v, instance_std, batch_std)
+        if y is None:
+            (y,) = by_sample_chunks(normalise, (x, instance_std), joined=1, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, v, instance_mean, instance_std, batch_std, batch_mean)
         return y, batch_var
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
         x, weight, v, instance_mean, instance_std, batch_std, batch_mean = ctx.saved_tensors
+        if evonorm_cpu.applies(x, weight, v):
+            stats = (instance_mean, instance_std, batch_std, batch_mean)
+            fused = evonorm_cpu.b0_backward(x, grad, weight, v, *stats)
+            if fused is not None:
+                return *fused, None, None
         ndim = x.dim()
         spatial, channel_sum = tuple(range(2, ndim)), (0, *range(2, ndim))
         gamma, v_view = _channel_view(weight, ndim), _channel_view(v, ndim)
@@ -619,6 +637,12 @@ class EvoNormS0Function(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, v: Tensor, groups: int, eps: float
     ) -> Tensor:
+        if evonorm_cpu.applies(x, weight, bias, v):
+            fused = evonorm_cpu.s0_forward(x, weight, bias, v, groups, eps)
+            if fused is not None:
+                y, mean, invstd = fused
+                ctx.save_for_backward(x, weight, v, mean.unsqueeze(-1), invstd.unsqueeze(-1))
+                return y
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))
         gamma = weight.view(groups, -1)
         beta, v_view = _channel_view(bias, ndim), _channel_view(v, ndim)
@@ -646,6 +670,10 @@ class EvoNormS0Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, v, mean, invstd = ctx.saved_tensors
+        if evonorm_cpu.applies(x, weight, v):
+            fused = evonorm_cpu.s0_backward(x, grad, weight, v, mean, invstd)
+            if fused is not None:
+                return *fused, None, None
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))
         groups, per_channel = mean.shape[1], (*x.shape[:2], *([1] * (ndim - 2)))
         gamma, v_view = weight.view(groups, -1), _channel_view(v, ndim)
