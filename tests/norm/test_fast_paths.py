@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.norm import build_norm
-from normlab.ops import evonorm_cpu, norm_functions
+from normlab.ops import cpu_kernels, norm_functions
 from normlab.ops.bn_stats import (
     count_training_step,
     step_momentum,
@@ -162,8 +162,8 @@ def _step(layer: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor, upst
 
 
 CHUNKS = {"whole batch": 7, "one sample each": 1, "three samples each": 3}
-# EvoNorm's float32 CPU passes run in fused C loops (evonorm_cpu); its ATen path, by chunks, is
-# what compiled, half-precision or GPU calls (and machines without a C compiler) take.
+# EvoNorm's and FRN's float32 CPU passes run in fused C loops (cpu_kernels); their ATen path, by
+# chunks, is what compiled, half-precision or GPU calls (and machines without a C compiler) take.
 FUSED = "fused C kernels"
 FUSED_KERNELS = {
     "evonorm_s0": {"evonorm_s0_forward", "evonorm_s0_backward"},
@@ -171,11 +171,12 @@ FUSED_KERNELS = {
         "instance_statistics", "evonorm_b0_forward", "evonorm_b0_backward_sums",
         "evonorm_b0_backward_input",
     },
+    "frn": {"frn_forward", "frn_backward"},
 }  # fmt: skip
 PATHS = [
     (spec, path)
     for spec in SPECS
-    for path in ([FUSED, *CHUNKS] if spec["name"].startswith("evonorm") else CHUNKS)
+    for path in ([FUSED, *CHUNKS] if spec["name"] in FUSED_KERNELS else CHUNKS)
 ]
 
 
@@ -186,16 +187,16 @@ PATHS = [
 def test_fast_path_equals_plain_formula_in_float32(spec, path, layout, monkeypatch):
     kernels: list[str] = []
     if path == FUSED:
-        assert evonorm_cpu.library() is not None, "the fused EvoNorm kernels did not build"
-        run = evonorm_cpu._run
+        assert cpu_kernels.library() is not None, "the fused EvoNorm kernels did not build"
+        run = cpu_kernels._run
 
         def counted(name: str, *args, **kwargs) -> bool:
             kernels.append(name)
             return run(name, *args, **kwargs)
 
-        monkeypatch.setattr(evonorm_cpu, "_run", counted)
+        monkeypatch.setattr(cpu_kernels, "_run", counted)
     else:
-        monkeypatch.setattr(evonorm_cpu, "applies", lambda *_: False)
+        monkeypatch.setattr(cpu_kernels, "applies", lambda *_: False)
         # Eager passes run by chunks of samples, as on real activations: 7 samples as 7, or 3,
         # 3, 1.
         monkeypatch.setattr(norm_functions, "_CHUNK_BYTES", CHUNKS[path] * C * 5 * 6 * 4)

@@ -9,8 +9,8 @@ momentum and no fixed group count for EvoNorm-S0 other than 32; so these are our
 Their training passes are as cheap as we could make them in eager PyTorch: brn runs ATen's
 BatchNorm kernel with its r and d folded into the affine weights, ghost_bn ATen's BatchNorm per
 virtual batch, the others a hand-derived backward pass (``normlab.ops.norm_functions``, by
-chunks of samples that stay in cache; EvoNorm's float32 CPU passes in fused C loops,
-``normlab.ops.evonorm_cpu``); all save only the input and its statistics.
+chunks of samples that stay in cache; EvoNorm's and FRN's float32 CPU passes in fused C loops,
+``normlab.ops.cpu_kernels``); all save only the input and its statistics.
 Statistics are float32 under bf16 autocast; every forward compiles as one graph.
 
 ``BatchRenorm2d`` and ``GhostBatchNorm2d`` are ``nn.BatchNorm2d`` subclasses: same buffers and

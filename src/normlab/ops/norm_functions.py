@@ -8,8 +8,8 @@ inverse standard deviation, recomputes the cheap elementwise terms in the backwa
 works in place on the buffers it allocates. In eager mode the per-sample work runs by chunks of
 samples that stay in cache (:func:`by_sample_chunks`), and BatchNorm-shaped work (Ghost BN's
 virtual batches, channels-last statistics) on ATen's BatchNorm kernels; compiled, each is one
-graph of plain ops that inductor fuses. EvoNorm's float32 CPU passes go to fused C loops
-instead where they can be built (``evonorm_cpu``); the ATen path below stays for the rest.
+graph of plain ops that inductor fuses. EvoNorm's and FRN's float32 CPU passes go to fused C
+loops instead where they can be built (``cpu_kernels``); the ATen path below stays for the rest.
 ``tests/norm/test_fast_paths.py`` checks each against its plain formula, whole and by chunks.
 
 Statistics are computed in float32 for bfloat16 / float16 input (what ATen's norms do under
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.ops import evonorm_cpu
+from normlab.ops import cpu_kernels
 
 # Answered in Python: the dtype checks run once per chunk, where each dispatcher call costs as
 # much as a small op.
@@ -382,7 +382,13 @@ class FilterResponseNorm(torch.autograd.Function):
                 y = y.clamp_(min=threshold)
             return _downcast(y, samples.dtype), invrms
 
-        y, invrms = by_sample_chunks(normalise, (x,), joined=2, out_dtype=x.dtype)
+        fused = None
+        if cpu_kernels.applies(x, weight, bias, *([] if tau is None else [tau])):
+            fused = cpu_kernels.frn_forward(x, weight, bias, tau, float(eps))
+        if fused is not None:
+            y, invrms = fused[0], fused[1].view(*x.shape[:2], *([1] * (ndim - 2)))
+        else:
+            y, invrms = by_sample_chunks(normalise, (x,), joined=2, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, bias, tau, invrms)
         ctx.eps_is_tensor = isinstance(eps, Tensor)
         return y
@@ -416,9 +422,17 @@ class FilterResponseNorm(torch.autograd.Function):
             x_grad = x_grad.addcmul_(g, scale)
             return x_grad, summed, g.sum(channel_sum), total
 
-        x_grad, summed, bias_grad, total = by_sample_chunks(
-            differentiate, (x, grad, invrms, cubed), joined=2, out_dtype=compute_dtype(x)
-        )
+        fused = None
+        if cpu_kernels.applies(x, weight, bias, *([] if tau is None else [tau])):
+            fused = cpu_kernels.frn_backward(x, grad, weight, bias, tau, invrms)
+        if fused is not None:
+            x_grad, summed, passed_sums, grad_sums = fused
+            summed, bias_grad = summed.view(invrms.shape), passed_sums.sum(0)
+            total = None if tau is None else grad_sums.sum(0)
+        else:
+            x_grad, summed, bias_grad, total = by_sample_chunks(
+                differentiate, (x, grad, invrms, cubed), joined=2, out_dtype=compute_dtype(x)
+            )
         weight_grad = (summed * invrms).sum(0).flatten()
         tau_grad = None if total is None else total - bias_grad
         eps_grad = None
@@ -509,8 +523,8 @@ class EvoNormB0Function(torch.autograd.Function):
         eps: float,
     ) -> tuple[Tensor, Tensor | None]:
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))
-        fused = evonorm_cpu.applies(x, weight, bias, v)
-        statistics = evonorm_cpu.instance_statistics(x) if fused else None
+        fused = cpu_kernels.applies(x, weight, bias, v)
+        statistics = cpu_kernels.instance_statistics(x) if fused else None
         if statistics is not None:
             kept = (*x.shape[:2], *([1] * (ndim - 2)))  # keepdim's shape
             instance_var, instance_mean = (statistic.view(kept) for statistic in statistics)
@@ -542,7 +556,7 @@ class EvoNormB0Function(torch.autograd.Function):
 
         y = None
         if statistics is not None:
-            y = evonorm_cpu.b0_forward(x, weight, bias, v, instance_std, batch_std)
+            y = cpu_kernels.b0_forward(x, weight, bias, v, instance_std, batch_std)
         if y is None:
             (y,) = by_sample_chunks(normalise, (x, instance_std), joined=1, out_dtype=x.dtype)
         ctx.save_for_backward(x, weight, v, instance_mean, instance_std, batch_std, batch_mean)
@@ -551,9 +565,9 @@ class EvoNormB0Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
         x, weight, v, instance_mean, instance_std, batch_std, batch_mean = ctx.saved_tensors
-        if evonorm_cpu.applies(x, weight, v):
+        if cpu_kernels.applies(x, weight, v):
             stats = (instance_mean, instance_std, batch_std, batch_mean)
-            fused = evonorm_cpu.b0_backward(x, grad, weight, v, *stats)
+            fused = cpu_kernels.b0_backward(x, grad, weight, v, *stats)
             if fused is not None:
                 return *fused, None, None
         ndim = x.dim()
@@ -637,8 +651,8 @@ class EvoNormS0Function(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, v: Tensor, groups: int, eps: float
     ) -> Tensor:
-        if evonorm_cpu.applies(x, weight, bias, v):
-            fused = evonorm_cpu.s0_forward(x, weight, bias, v, groups, eps)
+        if cpu_kernels.applies(x, weight, bias, v):
+            fused = cpu_kernels.s0_forward(x, weight, bias, v, groups, eps)
             if fused is not None:
                 y, mean, invstd = fused
                 ctx.save_for_backward(x, weight, v, mean.unsqueeze(-1), invstd.unsqueeze(-1))
@@ -670,8 +684,8 @@ class EvoNormS0Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, v, mean, invstd = ctx.saved_tensors
-        if evonorm_cpu.applies(x, weight, v):
-            fused = evonorm_cpu.s0_backward(x, grad, weight, v, mean, invstd)
+        if cpu_kernels.applies(x, weight, v):
+            fused = cpu_kernels.s0_backward(x, grad, weight, v, mean, invstd)
             if fused is not None:
                 return *fused, None, None
         ndim, spatial = x.dim(), tuple(range(2, x.dim()))

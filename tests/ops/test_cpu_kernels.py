@@ -1,6 +1,7 @@
-"""EvoNorm's fused CPU kernels (``normlab.ops.evonorm_cpu``): where they are built from and when
-they are refused, and the cases the parity tests (``tests/norm/test_fast_paths.py``) do not
-reach: thread counts, layouts of the upstream gradient, other ranks, saturated and NaN input."""
+"""The fused CPU kernels of EvoNorm and FRN (``normlab.ops.cpu_kernels``): where they are built
+from and when they are refused, and the cases the parity tests (``tests/norm/test_fast_paths.py``)
+do not reach: thread counts, layouts of the upstream gradient, other ranks, saturated and NaN
+input."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ import torch
 from torch import Tensor, nn
 
 from normlab.norm import build_norm
-from normlab.ops import evonorm_cpu
+from normlab.ops import cpu_kernels
 
-SPECS = [{"name": "evonorm_b0"}, {"name": "evonorm_s0", "num_groups": 4}]
+SPECS = [
+    {"name": "evonorm_b0"},
+    {"name": "evonorm_s0", "num_groups": 4},
+    {"name": "frn"},
+    {"name": "frn", "tlu": False, "learnable_eps": True},
+]
+
+
+def _id(spec: dict) -> str:
+    return "-".join(map(str, spec.values()))
 
 
 @pytest.fixture
@@ -24,9 +34,9 @@ def fresh_library(monkeypatch, tmp_path: Path) -> Iterator[Path]:
     """library() built anew into a temporary cache folder, and forgotten again after the test."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("NORMLAB_CACHE_DIR", str(cache))
-    evonorm_cpu.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     yield cache
-    evonorm_cpu.library.cache_clear()
+    cpu_kernels.library.cache_clear()
 
 
 def _step(layer: nn.Module, x: Tensor, upstream: Tensor) -> list[Tensor]:
@@ -39,7 +49,7 @@ def _step(layer: nn.Module, x: Tensor, upstream: Tensor) -> list[Tensor]:
 
 def _aten_step(layer: nn.Module, x: Tensor, upstream: Tensor, monkeypatch) -> list[Tensor]:
     with monkeypatch.context() as patch:
-        patch.setattr(evonorm_cpu, "applies", lambda *_: False)
+        patch.setattr(cpu_kernels, "applies", lambda *_: False)
         return _step(layer, x, upstream)
 
 
@@ -53,15 +63,15 @@ def _layer(spec: dict, channels: int = 8) -> nn.Module:
 
 
 def test_the_kernels_are_built_once_into_a_private_cache_folder(fresh_library):
-    lib = evonorm_cpu.library()
+    lib = cpu_kernels.library()
     assert lib is not None
-    built = list(fresh_library.glob("evonorm_cpu-*.so"))
+    built = list(fresh_library.glob("cpu_kernels-*.so"))
     assert len(built) == 1 and Path(lib._name) == built[0]
     assert stat.S_IMODE(fresh_library.stat().st_mode) == 0o700
     assert list(fresh_library.iterdir()) == built  # no build folder left behind
-    evonorm_cpu.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     modified = built[0].stat().st_mtime_ns
-    assert evonorm_cpu.library() is not None
+    assert cpu_kernels.library() is not None
     assert built[0].stat().st_mtime_ns == modified  # loaded, not rebuilt
 
 
@@ -76,35 +86,35 @@ def test_without_a_working_compiler_evonorm_runs_on_aten_after_one_warning(
     x, upstream = torch.randn(3, 8, 4, 5), torch.randn(3, 8, 4, 5)
     layer = _layer(SPECS[1])
     expected = _aten_step(layer, x, upstream, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger=evonorm_cpu.__name__):
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
         for _ in range(3):
             got = _step(layer, x, upstream)
-    assert evonorm_cpu.library() is None
+    assert cpu_kernels.library() is None
     assert [r.getMessage().count("\n") for r in caplog.records] == [0]
-    assert why in caplog.text and "NORMLAB_EVONORM_CPU=0" in caplog.text
+    assert why in caplog.text and "NORMLAB_CPU_KERNELS=0" in caplog.text
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_a_library_others_can_write_is_not_loaded(fresh_library, caplog):
-    assert evonorm_cpu.library() is not None
+    assert cpu_kernels.library() is not None
     fresh_library.chmod(0o777)
-    evonorm_cpu.library.cache_clear()
-    with caplog.at_level(logging.WARNING, logger=evonorm_cpu.__name__):
-        assert evonorm_cpu.library() is None
+    cpu_kernels.library.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.library() is None
     assert "writable by other users" in caplog.text
 
 
 def test_the_switch_turns_them_off_without_a_warning(fresh_library, monkeypatch, caplog):
-    monkeypatch.setenv("NORMLAB_EVONORM_CPU", "0")
+    monkeypatch.setenv("NORMLAB_CPU_KERNELS", "0")
     with caplog.at_level(logging.WARNING):
-        assert evonorm_cpu.library() is None
-        assert not evonorm_cpu.applies(torch.randn(2, 8, 3, 3))
+        assert cpu_kernels.library() is None
+        assert not cpu_kernels.applies(torch.randn(2, 8, 3, 3))
     assert caplog.records == []
     assert not fresh_library.exists()
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["name"])
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_results_do_not_depend_on_the_thread_count(spec, layout):
     # 5 samples: 2 threads take 2 and 3, 3 threads 1, 2 and 2.
@@ -123,7 +133,7 @@ def test_results_do_not_depend_on_the_thread_count(spec, layout):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["name"])
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
 @pytest.mark.parametrize(
     ("shape", "x_layout", "upstream_layout"),
     [
@@ -140,7 +150,7 @@ def test_other_layouts_and_ranks_match_the_aten_path(
 ):
     x = (torch.randn(shape) * 2 + 0.5).contiguous(memory_format=x_layout)
     upstream = torch.randn(shape).contiguous(memory_format=upstream_layout)
-    assert evonorm_cpu.applies(x)
+    assert cpu_kernels.applies(x)
     layer = _layer(spec)
     expected = _aten_step(layer, x, upstream, monkeypatch)
     for a, b in zip(_step(layer, x, upstream), expected, strict=True):
@@ -159,7 +169,7 @@ def test_s0_saturates_as_the_exact_sigmoid_does():
     torch.testing.assert_close(y.double(), expected * gamma + beta, rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["name"])
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
 def test_nan_and_inf_spread_as_on_the_aten_path(spec, monkeypatch):
     x = torch.randn(3, 8, 4, 4)
     x[0, 1, 2, 2], x[2, 5, 0, 1] = float("nan"), float("inf")

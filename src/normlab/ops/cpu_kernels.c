@@ -1,6 +1,7 @@
-/* EvoNorm-B0 and EvoNorm-S0 on the CPU, float32, each pass over a sample fused into one loop.
+/* EvoNorm-B0, EvoNorm-S0 and FRN + TLU on the CPU, float32, each pass over a sample fused into
+ * one loop.
  *
- * Built and loaded by normlab/ops/native_kernels.py, which documents why these exist. A tensor is
+ * Built and loaded by normlab/ops/cpu_kernels.py, which documents why these exist. A tensor is
  * N samples of C channels at P positions, laid out NCHW (x[n][c][p], channels_last = 0) or
  * channels last (x[n][p][c], channels_last = 1). Every function takes the sample count, runs
  * whole samples on `threads` threads and writes per sample (and channel or group) results only,
@@ -523,4 +524,173 @@ int evonorm_s0_backward(
         channels_last,
     };
     return over_samples(evonorm_s0_backward_range, &args, N, threads);
+}
+
+/* -- FRN + TLU: y = max(γ·x·r + β, τ), r = (mean_p x² + eps)^−½ per sample and channel ------- */
+
+static inline float tlu(float z, float tau) {
+    /* NaN on either side gives NaN, as ATen's clamp */
+    return isnan(tau) ? tau : z < tau ? tau : z;
+}
+
+typedef struct {
+    const float *x, *gamma, *beta, *tau /* NULL: no TLU */;
+    float *y, *invrms; /* invrms: N×C */
+    i64 C, P;
+    int channels_last;
+    float eps;
+} FilterResponseForward;
+
+static int frn_forward_range(const void *args, i64 begin, i64 end) {
+    const FilterResponseForward *a = (const FilterResponseForward *)args;
+    const i64 C = a->C, P = a->P;
+    double *squares = malloc(sizeof(double) * C);
+    float *scale = malloc(sizeof(float) * C), *floor = malloc(sizeof(float) * C);
+    if (!squares || !scale || !floor) {
+        free(squares);
+        free(scale);
+        free(floor);
+        return 1;
+    }
+    for (i64 c = 0; c < C; ++c) floor[c] = a->tau ? a->tau[c] : -INFINITY;
+    for (i64 n = begin; n < end; ++n) {
+        const float *x = a->x + n * C * P;
+        float *y = a->y + n * C * P, *invrms = a->invrms + n * C;
+        for (i64 c = 0; c < C; ++c) scale[c] = 0.0f;
+        channel_squares(x, scale, C, P, a->channels_last, squares); /* centred on 0 */
+        for (i64 c = 0; c < C; ++c) {
+            invrms[c] = (float)(1.0 / sqrt(squares[c] / P + a->eps));
+            scale[c] = invrms[c] * a->gamma[c];
+        }
+        if (!a->channels_last) {
+            for (i64 c = 0; c < C; ++c) {
+                const float s = scale[c], b = a->beta[c], t = floor[c];
+                for (i64 p = 0; p < P; ++p) y[c * P + p] = tlu(x[c * P + p] * s + b, t);
+            }
+        } else {
+            for (i64 p = 0; p < P; ++p) {
+                for (i64 c = 0; c < C; ++c) {
+                    y[p * C + c] = tlu(x[p * C + c] * scale[c] + a->beta[c], floor[c]);
+                }
+            }
+        }
+    }
+    free(squares);
+    free(scale);
+    free(floor);
+    return 0;
+}
+
+int frn_forward(
+    const float *x, float *y, const float *gamma, const float *beta, const float *tau,
+    float *invrms, i64 N, i64 C, i64 P, int channels_last, float eps, int threads
+) {
+    FilterResponseForward args = {x, gamma, beta, tau, y, invrms, C, P, channels_last, eps};
+    return over_samples(frn_forward_range, &args, N, threads);
+}
+
+/* The backward pass, per sample: with g' = g where γ·x·r + β passed the TLU (> τ), else 0, a
+ * first loop sums per channel Σ g'·x (→ ∂L/∂r), Σ g' (→ β's gradient) and Σ g (→ τ's); a second
+ * writes dx = g'·r·γ + x·(−r³/n)·γ·Σ g'·x. */
+typedef struct {
+    const float *x, *grad, *gamma, *beta, *tau, *invrms;
+    float *x_grad, *products, *passed_sums, *grad_sums; /* the sums: N×C */
+    i64 C, P;
+    int channels_last;
+} FilterResponseBackward;
+
+static inline float frn_passed(float x, float g, float scale, float beta, float tau) {
+    return x * scale + beta > tau ? g : 0.0f;
+}
+
+static int frn_backward_range(const void *args, i64 begin, i64 end) {
+    const FilterResponseBackward *a = (const FilterResponseBackward *)args;
+    const i64 C = a->C, P = a->P;
+    double *acc = malloc(sizeof(double) * 3 * C);
+    float *scale = malloc(sizeof(float) * C), *slope = malloc(sizeof(float) * C);
+    float *floor = malloc(sizeof(float) * C);
+    if (!acc || !scale || !slope || !floor) {
+        free(acc);
+        free(scale);
+        free(slope);
+        free(floor);
+        return 1;
+    }
+    double *ps = acc, *bs = acc + C, *gs = acc + 2 * C;
+    /* No TLU: every value passes (NaN aside, which the ATen path also lets through). */
+    for (i64 c = 0; c < C; ++c) floor[c] = a->tau ? a->tau[c] : -INFINITY;
+    for (i64 n = begin; n < end; ++n) {
+        const float *x = a->x + n * C * P, *g = a->grad + n * C * P, *invrms = a->invrms + n * C;
+        float *dx = a->x_grad + n * C * P;
+        for (i64 c = 0; c < C; ++c) scale[c] = invrms[c] * a->gamma[c];
+        for (i64 k = 0; k < 3 * C; ++k) acc[k] = 0.0;
+        if (!a->channels_last) {
+            for (i64 c = 0; c < C; ++c) {
+                const float s = scale[c], b = a->beta[c], t = floor[c];
+                double tp = 0, tb = 0, tg = 0;
+                for (i64 p = 0; p < P; ++p) {
+                    const float xv = x[c * P + p], gv = g[c * P + p];
+                    const float passed = a->tau ? frn_passed(xv, gv, s, b, t) : gv;
+                    tp += passed * xv;
+                    tb += passed;
+                    tg += gv;
+                }
+                ps[c] = tp, bs[c] = tb, gs[c] = tg;
+            }
+        } else {
+            for (i64 p = 0; p < P; ++p) {
+                for (i64 c = 0; c < C; ++c) {
+                    const float xv = x[p * C + c], gv = g[p * C + c];
+                    const float passed =
+                        a->tau ? frn_passed(xv, gv, scale[c], a->beta[c], floor[c]) : gv;
+                    ps[c] += passed * xv;
+                    bs[c] += passed;
+                    gs[c] += gv;
+                }
+            }
+        }
+        for (i64 c = 0; c < C; ++c) {
+            const double r = invrms[c];
+            slope[c] = (float)(-r * r * r / P * a->gamma[c] * ps[c]);
+            a->products[n * C + c] = (float)ps[c];
+            a->passed_sums[n * C + c] = (float)bs[c];
+            a->grad_sums[n * C + c] = (float)gs[c];
+        }
+        if (!a->channels_last) {
+            for (i64 c = 0; c < C; ++c) {
+                const float s = scale[c], b = a->beta[c], t = floor[c], k = slope[c];
+                for (i64 p = 0; p < P; ++p) {
+                    const float xv = x[c * P + p], gv = g[c * P + p];
+                    const float passed = a->tau ? frn_passed(xv, gv, s, b, t) : gv;
+                    dx[c * P + p] = passed * s + xv * k;
+                }
+            }
+        } else {
+            for (i64 p = 0; p < P; ++p) {
+                for (i64 c = 0; c < C; ++c) {
+                    const float xv = x[p * C + c], gv = g[p * C + c];
+                    const float passed =
+                        a->tau ? frn_passed(xv, gv, scale[c], a->beta[c], floor[c]) : gv;
+                    dx[p * C + c] = passed * scale[c] + xv * slope[c];
+                }
+            }
+        }
+    }
+    free(acc);
+    free(scale);
+    free(slope);
+    free(floor);
+    return 0;
+}
+
+int frn_backward(
+    const float *x, const float *grad, float *x_grad, const float *gamma, const float *beta,
+    const float *tau, const float *invrms, float *products, float *passed_sums, float *grad_sums,
+    i64 N, i64 C, i64 P, int channels_last, int threads
+) {
+    FilterResponseBackward args = {
+        x, grad, gamma, beta, tau, invrms, x_grad, products, passed_sums, grad_sums, C, P,
+        channels_last,
+    };
+    return over_samples(frn_backward_range, &args, N, threads);
 }

@@ -1,15 +1,16 @@
-"""EvoNorm-B0 and EvoNorm-S0 on the CPU in fused C loops (``evonorm_cpu.c``), for float32 input in
-eager mode.
+"""EvoNorm-B0, EvoNorm-S0 and FRN + TLU on the CPU in fused C loops (``cpu_kernels.c``), for float32
+input in eager mode.
 
-Why our own kernels: ATen has no EvoNorm, and composed of ATen ops each EvoNorm pass is a chain
-of 7-17 elementwise kernels. Even by cache-sized chunks of samples (``norm_functions``) that ran
-forward + backward at 2.1-2.8× BatchNorm's time on 32×256×28×28 (``experiments/bench``), where
-inductor's fused loops of the same formula took 1.3-1.4× on NCHW input. One loop per pass over a
-sample does what inductor does, without its warm-up or a graph per shape: the C source builds in
-under a second with the system's C compiler, once per machine (:func:`library`), and needs no
-torch headers (a one-line torch C++ extension took 22 s to compile on this 2-core VM). Compiled
+Why our own kernels: ATen has none of these norms, and composed of ATen ops each pass is a chain
+of 5-17 elementwise kernels. Even by cache-sized chunks of samples (``norm_functions``) EvoNorm
+ran forward + backward at 2.1-2.8× BatchNorm's time on 32×256×28×28 (``experiments/bench``),
+where inductor's fused loops of the same formula took 1.3-1.4× on NCHW input; FRN on
+channels-last input 1.6-2.2×. One loop per pass over a sample does what inductor does, without
+its warm-up or a graph per shape: the C source builds in under a second with the system's C
+compiler, once per machine (:func:`library`), and needs no torch headers (a one-line torch C++
+extension took 22 s to compile on this 2-core VM). Compiled
 models (inductor fuses the ATen formula itself), other dtypes, other devices, or a machine
-without a C compiler run ``norm_functions``' ATen path; ``NORMLAB_EVONORM_CPU=0`` forces it.
+without a C compiler run ``norm_functions``' ATen path; ``NORMLAB_CPU_KERNELS=0`` forces it.
 
 Each call returns None where the kernels do not apply (or could not run), and the caller takes
 the ATen path; results match it to float32 rounding (``tests/norm/test_fast_paths.py``) and
@@ -36,13 +37,13 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("evonorm_cpu.c")
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # Enough freedom to vectorise the reductions, not -ffast-math: NaN and inf keep their meaning.
 _FLAGS = (
     "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
     "-fno-signed-zeros", "-fopenmp", "-shared", "-fPIC",
 )  # fmt: skip
-_OFF = "NORMLAB_EVONORM_CPU"
+_OFF = "NORMLAB_CPU_KERNELS"
 
 _POINTER, _SIZE, _FLAG = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -52,6 +53,8 @@ _SIGNATURES = {
     "evonorm_b0_backward_input": [_POINTER] * 9 + [_SIZE] * 3 + [_FLAG] * 2,
     "evonorm_s0_forward": [_POINTER] * 7 + [_SIZE] * 4 + [_FLAG, ctypes.c_float, _FLAG],
     "evonorm_s0_backward": [_POINTER] * 10 + [_SIZE] * 4 + [_FLAG] * 2,
+    "frn_forward": [_POINTER] * 6 + [_SIZE] * 3 + [_FLAG, ctypes.c_float, _FLAG],
+    "frn_backward": [_POINTER] * 10 + [_SIZE] * 3 + [_FLAG] * 2,
 }
 
 
@@ -84,7 +87,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return _unavailable("no C compiler (cc, or $CC) on PATH")
     key = "\n".join([_SOURCE.read_text(), compiler, *_FLAGS, _machine()])
-    target = cache_dir() / f"evonorm_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    target = cache_dir() / f"cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     try:
         if not target.exists():
             _build(compiler, target)
@@ -122,8 +125,8 @@ def _check_private(target: Path) -> None:
 
 def _unavailable(why: str) -> None:
     log.warning(
-        "EvoNorm's fused CPU kernels are off (%s): EvoNorm runs on ATen's ops, 2-3x slower; "
-        "set %s=0 to silence this",
+        "normlab's fused CPU kernels are off (%s): EvoNorm and FRN run on ATen's ops, up to 2x "
+        "slower; set %s=0 to silence this",
         why,
         _OFF,
     )
@@ -155,13 +158,13 @@ def applies(x: Tensor, *parameters: Tensor) -> bool:
     )
 
 
-def _address(t: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def _address(t: Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
 
 
 def _run(
     name: str,
-    tensors: list[Tensor],
+    tensors: list[Tensor | None],
     x: Tensor,
     sizes: tuple[int, ...] = (),
     eps: float | None = None,
@@ -255,6 +258,27 @@ def b0_backward(
     if not _run("evonorm_b0_backward_input", [x, grad, x_grad, *factors], x):
         return None
     return x_grad, weight_sums.sum(0), grad_sums.sum(0), weight.neg() * v_sums.sum(0)
+
+
+def frn_forward(
+    x: Tensor, weight: Tensor, bias: Tensor, tau: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor] | None:
+    """FRN's output (with TLU where ``tau`` is given) and each sample's per-channel r (N×C)."""
+    y, invrms = torch.empty_like(x), x.new_empty(x.shape[:2])
+    parameters = [_flat(weight), _flat(bias), None if tau is None else _flat(tau)]
+    return (y, invrms) if _run("frn_forward", [x, y, *parameters, invrms], x, eps=eps) else None
+
+
+def frn_backward(
+    x: Tensor, grad: Tensor, weight: Tensor, bias: Tensor, tau: Tensor | None, invrms: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """dx, and per sample and channel Σ g'·x, Σ g' and Σ g (N×C each), g' the upstream gradient
+    where the TLU passed it; from :func:`frn_forward`'s r."""
+    x_grad, sums = torch.empty_like(x), x.new_empty((3, *x.shape[:2]))
+    parameters = [_flat(weight), _flat(bias), None if tau is None else _flat(tau), _flat(invrms)]
+    if not _run("frn_backward", [x, _like(grad, x), x_grad, *parameters, *sums], x):
+        return None
+    return x_grad, sums[0], sums[1], sums[2]
 
 
 def _like(x: Tensor, reference: Tensor) -> Tensor:
