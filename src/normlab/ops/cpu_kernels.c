@@ -599,8 +599,10 @@ typedef struct {
     int channels_last;
 } FilterResponseBackward;
 
-static inline float frn_passed(float x, float g, float scale, float beta, float tau) {
-    return x * scale + beta > tau ? g : 0.0f;
+/* g where the TLU passed x on (all of g without a TLU). Branch-free on purpose: a condition on
+ * the tau pointer inside the loop made gcc gather the per-channel factors (5× slower). */
+static inline float frn_passed(float x, float g, float scale, float beta, float tau, int gated) {
+    return !gated || x * scale + beta > tau ? g : 0.0f;
 }
 
 static int frn_backward_range(const void *args, i64 begin, i64 end) {
@@ -617,8 +619,8 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
         return 1;
     }
     double *ps = acc, *bs = acc + C, *gs = acc + 2 * C;
-    /* No TLU: every value passes (NaN aside, which the ATen path also lets through). */
-    for (i64 c = 0; c < C; ++c) floor[c] = a->tau ? a->tau[c] : -INFINITY;
+    const int gated = a->tau != NULL;
+    for (i64 c = 0; c < C; ++c) floor[c] = gated ? a->tau[c] : 0.0f;
     for (i64 n = begin; n < end; ++n) {
         const float *x = a->x + n * C * P, *g = a->grad + n * C * P, *invrms = a->invrms + n * C;
         float *dx = a->x_grad + n * C * P;
@@ -630,7 +632,7 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
                 double tp = 0, tb = 0, tg = 0;
                 for (i64 p = 0; p < P; ++p) {
                     const float xv = x[c * P + p], gv = g[c * P + p];
-                    const float passed = a->tau ? frn_passed(xv, gv, s, b, t) : gv;
+                    const float passed = frn_passed(xv, gv, s, b, t, gated);
                     tp += passed * xv;
                     tb += passed;
                     tg += gv;
@@ -642,7 +644,7 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
                 for (i64 c = 0; c < C; ++c) {
                     const float xv = x[p * C + c], gv = g[p * C + c];
                     const float passed =
-                        a->tau ? frn_passed(xv, gv, scale[c], a->beta[c], floor[c]) : gv;
+                        frn_passed(xv, gv, scale[c], a->beta[c], floor[c], gated);
                     ps[c] += passed * xv;
                     bs[c] += passed;
                     gs[c] += gv;
@@ -661,7 +663,7 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
                 const float s = scale[c], b = a->beta[c], t = floor[c], k = slope[c];
                 for (i64 p = 0; p < P; ++p) {
                     const float xv = x[c * P + p], gv = g[c * P + p];
-                    const float passed = a->tau ? frn_passed(xv, gv, s, b, t) : gv;
+                    const float passed = frn_passed(xv, gv, s, b, t, gated);
                     dx[c * P + p] = passed * s + xv * k;
                 }
             }
@@ -670,7 +672,7 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
                 for (i64 c = 0; c < C; ++c) {
                     const float xv = x[p * C + c], gv = g[p * C + c];
                     const float passed =
-                        a->tau ? frn_passed(xv, gv, scale[c], a->beta[c], floor[c]) : gv;
+                        frn_passed(xv, gv, scale[c], a->beta[c], floor[c], gated);
                     dx[p * C + c] = passed * scale[c] + xv * slope[c];
                 }
             }
