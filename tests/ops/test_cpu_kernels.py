@@ -6,6 +6,7 @@ input."""
 from __future__ import annotations
 
 import logging
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,16 @@ def test_without_a_working_compiler_evonorm_runs_on_aten_after_one_warning(
     assert why in caplog.text and "NORMLAB_CPU_KERNELS=0" in caplog.text
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_damaged_library_file_is_built_again(fresh_library, caplog):
+    target = cpu_kernels.library_path(shutil.which("cc"))
+    fresh_library.mkdir(mode=0o700)
+    target.write_bytes(b"\x7fELF cut short by a full disk")
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.library() is not None
+    assert caplog.records == []
+    assert target.stat().st_size > 1000
 
 
 def test_a_library_others_can_write_is_not_loaded(fresh_library, caplog):

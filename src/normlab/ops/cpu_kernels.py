@@ -79,23 +79,39 @@ def _machine() -> str:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The kernels, built on first use into :func:`cache_dir` (a file named by a hash of the
-    source, compiler, flags and CPU), or None, with one warning, where they cannot be built."""
+    """The kernels, built on first use into :func:`library_path`, or None, with one warning,
+    where they cannot be built."""
     if os.environ.get(_OFF, "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return _unavailable("no C compiler (cc, or $CC) on PATH")
-    key = "\n".join([_SOURCE.read_text(), compiler, *_FLAGS, _machine()])
-    target = cache_dir() / f"cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    target = library_path(compiler)
+    failures = (OSError, AttributeError, subprocess.SubprocessError)
     try:
         if not target.exists():
             _build(compiler, target)
-        _check_private(target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
+            return _load(target)
+        try:
+            return _load(target)
+        except failures:  # a damaged file from an earlier build: built again, once
+            _build(compiler, target)
+            return _load(target)
+    except failures as error:
         return _unavailable(str(error).splitlines()[0] if str(error) else type(error).__name__)
-    for name, arguments in _SIGNATURES.items():
+
+
+def library_path(compiler: str) -> Path:
+    """Where :func:`library` keeps the kernels built by ``compiler``: named by a hash of the
+    source, compiler, flags and CPU."""
+    key = "\n".join([_SOURCE.read_text(), compiler, *_FLAGS, _machine()])
+    return cache_dir() / f"cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _load(target: Path) -> ctypes.CDLL:
+    _check_private(target)
+    lib = ctypes.CDLL(str(target))
+    for name, arguments in _SIGNATURES.items():  # AttributeError: a file not built from ours
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, ctypes.c_int
     return lib
