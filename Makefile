@@ -145,7 +145,7 @@ study-pix2pix-bn-vs-in: install ## study: pix2pix with bn vs in at batch 1 and 1
 study-accumulation-vs-batch: install $(STUDY_DATA) ## study: BN with accumulation vs a true batch, syncbn, GN on Fashion-MNIST, 3 seeds (17 min on 2 cores)
 	$(BIN)/python -m experiments.accumulation_vs_batch.run $(ARGS)
 
-study-small-batch-norms: install $(STUDY_DATA) ## study: bn/brn/ghost_bn/gn/gn+WS/frn/EvoNorm/rms at batch 2 and 32 on Fashion-MNIST, 3 seeds (97 CPU-min, about 49 min on 2 idle cores, measured)
+study-small-batch-norms: install $(STUDY_DATA) ## study: bn/brn/ghost_bn/gn/gn+WS/frn/EvoNorm/rms at batch 2 and 32 on Fashion-MNIST, 3 seeds (111 CPU-min, 57 min on 2 idle cores, measured)
 	$(BIN)/python -m experiments.small_batch_norms.run $(ARGS)
 
 # Its 32-true runs are small_batch_norms' (same overrides), copied when that study ran at this commit.
