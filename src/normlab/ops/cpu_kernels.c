@@ -62,6 +62,12 @@ static int over_samples(SampleRange run, const void *args, i64 samples, int thre
     return failed;
 }
 
+/* A range's scratch memory in one block: `doubles` doubles, then `floats` floats (NULL where it
+ * cannot be had; the range then returns 1). */
+static double *scratch(i64 doubles, i64 floats) {
+    return malloc(sizeof(double) * doubles + sizeof(float) * floats);
+}
+
 /* -- per-channel sums of one sample ------------------------------------------------------------ */
 
 /* sums[c] = Σ_p x[c, p] */
@@ -121,13 +127,9 @@ typedef struct {
 static int instance_statistics_range(const void *args, i64 begin, i64 end) {
     const InstanceStatistics *a = (const InstanceStatistics *)args;
     const i64 C = a->C, P = a->P;
-    double *sums = malloc(sizeof(double) * C);
-    float *centre = malloc(sizeof(float) * C);
-    if (!sums || !centre) {
-        free(sums);
-        free(centre);
-        return 1;
-    }
+    double *sums = scratch(C, C);
+    if (!sums) return 1;
+    float *centre = (float *)(sums + C);
     for (i64 n = begin; n < end; ++n) {
         const float *x = a->x + n * C * P;
         channel_sums(x, C, P, a->channels_last, sums);
@@ -139,7 +141,6 @@ static int instance_statistics_range(const void *args, i64 begin, i64 end) {
         }
     }
     free(sums);
-    free(centre);
     return 0;
 }
 
@@ -213,7 +214,7 @@ typedef struct {
 static int evonorm_b0_sums_range(const void *args, i64 begin, i64 end) {
     const EvoNormB0Sums *a = (const EvoNormB0Sums *)args;
     const i64 C = a->C, P = a->P;
-    double *acc = calloc(5 * C, sizeof(double));
+    double *acc = scratch(5 * C, 0);
     if (!acc) return 1;
     double *w = acc, *gs = acc + C, *qs = acc + 2 * C, *is = acc + 3 * C, *vs = acc + 4 * C;
     for (i64 n = begin; n < end; ++n) {
@@ -368,14 +369,9 @@ static void group_statistics(
 static int evonorm_s0_forward_range(const void *args, i64 begin, i64 end) {
     const EvoNormS0Forward *a = (const EvoNormS0Forward *)args;
     const i64 C = a->C, P = a->P, G = a->G, width = C / G;
-    double *sums = malloc(sizeof(double) * C);
-    float *centre = malloc(sizeof(float) * C), *scale = malloc(sizeof(float) * C);
-    if (!sums || !centre || !scale) {
-        free(sums);
-        free(centre);
-        free(scale);
-        return 1;
-    }
+    double *sums = scratch(C, 2 * C);
+    if (!sums) return 1;
+    float *centre = (float *)(sums + C), *scale = centre + C;
     for (i64 n = begin; n < end; ++n) {
         const float *x = a->x + n * C * P;
         float *y = a->y + n * C * P, *invstd = a->invstd + n * G;
@@ -400,8 +396,6 @@ static int evonorm_s0_forward_range(const void *args, i64 begin, i64 end) {
         }
     }
     free(sums);
-    free(centre);
-    free(scale);
     return 0;
 }
 
@@ -426,18 +420,10 @@ typedef struct {
 static int evonorm_s0_backward_range(const void *args, i64 begin, i64 end) {
     const EvoNormS0Backward *a = (const EvoNormS0Backward *)args;
     const i64 C = a->C, P = a->P, G = a->G, width = C / G;
-    float *gate = malloc(sizeof(float) * C * P);
-    double *acc = malloc(sizeof(double) * 3 * C);
-    float *scale = malloc(sizeof(float) * C), *slope = malloc(sizeof(float) * C);
-    float *offset = malloc(sizeof(float) * C);
-    if (!gate || !acc || !scale || !slope || !offset) {
-        free(gate);
-        free(acc);
-        free(scale);
-        free(slope);
-        free(offset);
-        return 1;
-    }
+    double *acc = scratch(3 * C, 3 * C + C * P);
+    if (!acc) return 1;
+    float *scale = (float *)(acc + 3 * C), *slope = scale + C, *offset = slope + C;
+    float *gate = offset + C; /* sigmoid(v·x) of the sample, C × P */
     double *ps = acc, *vs = acc + C, *gs = acc + 2 * C;
     for (i64 n = begin; n < end; ++n) {
         const float *x = a->x + n * C * P, *g = a->grad + n * C * P;
@@ -506,11 +492,7 @@ static int evonorm_s0_backward_range(const void *args, i64 begin, i64 end) {
             }
         }
     }
-    free(gate);
     free(acc);
-    free(scale);
-    free(slope);
-    free(offset);
     return 0;
 }
 
@@ -544,40 +526,33 @@ typedef struct {
 static int frn_forward_range(const void *args, i64 begin, i64 end) {
     const FilterResponseForward *a = (const FilterResponseForward *)args;
     const i64 C = a->C, P = a->P;
-    double *squares = malloc(sizeof(double) * C);
-    float *scale = malloc(sizeof(float) * C), *floor = malloc(sizeof(float) * C);
-    if (!squares || !scale || !floor) {
-        free(squares);
-        free(scale);
-        free(floor);
-        return 1;
-    }
-    for (i64 c = 0; c < C; ++c) floor[c] = a->tau ? a->tau[c] : -INFINITY;
+    double *squares = scratch(C, 3 * C);
+    if (!squares) return 1;
+    float *scale = (float *)(squares + C), *threshold = scale + C, *zeros = threshold + C;
+    for (i64 c = 0; c < C; ++c) zeros[c] = 0.0f;
+    for (i64 c = 0; c < C; ++c) threshold[c] = a->tau ? a->tau[c] : -INFINITY;
     for (i64 n = begin; n < end; ++n) {
         const float *x = a->x + n * C * P;
         float *y = a->y + n * C * P, *invrms = a->invrms + n * C;
-        for (i64 c = 0; c < C; ++c) scale[c] = 0.0f;
-        channel_squares(x, scale, C, P, a->channels_last, squares); /* centred on 0 */
+        channel_squares(x, zeros, C, P, a->channels_last, squares);
         for (i64 c = 0; c < C; ++c) {
             invrms[c] = (float)(1.0 / sqrt(squares[c] / P + a->eps));
             scale[c] = invrms[c] * a->gamma[c];
         }
         if (!a->channels_last) {
             for (i64 c = 0; c < C; ++c) {
-                const float s = scale[c], b = a->beta[c], t = floor[c];
+                const float s = scale[c], b = a->beta[c], t = threshold[c];
                 for (i64 p = 0; p < P; ++p) y[c * P + p] = tlu(x[c * P + p] * s + b, t);
             }
         } else {
             for (i64 p = 0; p < P; ++p) {
                 for (i64 c = 0; c < C; ++c) {
-                    y[p * C + c] = tlu(x[p * C + c] * scale[c] + a->beta[c], floor[c]);
+                    y[p * C + c] = tlu(x[p * C + c] * scale[c] + a->beta[c], threshold[c]);
                 }
             }
         }
     }
     free(squares);
-    free(scale);
-    free(floor);
     return 0;
 }
 
@@ -608,19 +583,12 @@ static inline float frn_passed(float x, float g, float scale, float beta, float 
 static int frn_backward_range(const void *args, i64 begin, i64 end) {
     const FilterResponseBackward *a = (const FilterResponseBackward *)args;
     const i64 C = a->C, P = a->P;
-    double *acc = malloc(sizeof(double) * 3 * C);
-    float *scale = malloc(sizeof(float) * C), *slope = malloc(sizeof(float) * C);
-    float *floor = malloc(sizeof(float) * C);
-    if (!acc || !scale || !slope || !floor) {
-        free(acc);
-        free(scale);
-        free(slope);
-        free(floor);
-        return 1;
-    }
+    double *acc = scratch(3 * C, 3 * C);
+    if (!acc) return 1;
+    float *scale = (float *)(acc + 3 * C), *slope = scale + C, *threshold = slope + C;
     double *ps = acc, *bs = acc + C, *gs = acc + 2 * C;
     const int gated = a->tau != NULL;
-    for (i64 c = 0; c < C; ++c) floor[c] = gated ? a->tau[c] : 0.0f;
+    for (i64 c = 0; c < C; ++c) threshold[c] = gated ? a->tau[c] : 0.0f;
     for (i64 n = begin; n < end; ++n) {
         const float *x = a->x + n * C * P, *g = a->grad + n * C * P, *invrms = a->invrms + n * C;
         float *dx = a->x_grad + n * C * P;
@@ -628,7 +596,7 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
         for (i64 k = 0; k < 3 * C; ++k) acc[k] = 0.0;
         if (!a->channels_last) {
             for (i64 c = 0; c < C; ++c) {
-                const float s = scale[c], b = a->beta[c], t = floor[c];
+                const float s = scale[c], b = a->beta[c], t = threshold[c];
                 double tp = 0, tb = 0, tg = 0;
                 for (i64 p = 0; p < P; ++p) {
                     const float xv = x[c * P + p], gv = g[c * P + p];
@@ -644,7 +612,7 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
                 for (i64 c = 0; c < C; ++c) {
                     const float xv = x[p * C + c], gv = g[p * C + c];
                     const float passed =
-                        frn_passed(xv, gv, scale[c], a->beta[c], floor[c], gated);
+                        frn_passed(xv, gv, scale[c], a->beta[c], threshold[c], gated);
                     ps[c] += passed * xv;
                     bs[c] += passed;
                     gs[c] += gv;
@@ -660,7 +628,7 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
         }
         if (!a->channels_last) {
             for (i64 c = 0; c < C; ++c) {
-                const float s = scale[c], b = a->beta[c], t = floor[c], k = slope[c];
+                const float s = scale[c], b = a->beta[c], t = threshold[c], k = slope[c];
                 for (i64 p = 0; p < P; ++p) {
                     const float xv = x[c * P + p], gv = g[c * P + p];
                     const float passed = frn_passed(xv, gv, s, b, t, gated);
@@ -672,16 +640,13 @@ static int frn_backward_range(const void *args, i64 begin, i64 end) {
                 for (i64 c = 0; c < C; ++c) {
                     const float xv = x[p * C + c], gv = g[p * C + c];
                     const float passed =
-                        frn_passed(xv, gv, scale[c], a->beta[c], floor[c], gated);
+                        frn_passed(xv, gv, scale[c], a->beta[c], threshold[c], gated);
                     dx[p * C + c] = passed * scale[c] + xv * slope[c];
                 }
             }
         }
     }
     free(acc);
-    free(scale);
-    free(slope);
-    free(floor);
     return 0;
 }
 
