@@ -63,7 +63,7 @@ sweep-slurm: install ## submit the NORMS grid of EXP to Slurm as a job array (DD
 
 # The fast tests are single-threaded (tests/conftest.py): one pytest worker per core.
 test: install ## run the test suite (fast tests, one worker per core)
-	$(BIN)/python -m pytest -n auto $(ARGS)
+	$(BIN)/python -m pytest -n auto --dist worksteal $(ARGS)
 
 test-slow: install ## run the slow tests too (and the multi-process ones)
 	$(BIN)/python -m pytest -m "(slow or ddp or not slow) and not gpu and not slurm" $(ARGS)

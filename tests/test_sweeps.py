@@ -136,6 +136,9 @@ def test_optuna_search_stores_trials_in_sqlite_and_resumes(tmp_path):
         assert 0.0 <= trial.value <= 1.0
 
 
+# Slow (25 s, two sweeps of three trials): make test keeps a failed Optuna trial
+# (test_optuna_still_fails_a_trial_that_logged_no_metric) and an Optuna resume (above).
+@pytest.mark.slow
 def test_a_failed_trial_is_stored_as_failed_and_the_resumed_study_proposes_new_points(tmp_path):
     sweep_dir = tmp_path / "optuna"
     search = (
