@@ -266,7 +266,7 @@ def b0_backward(
     offset = slope.neg() * instance_mean.reshape(n, channels)
     if batch_mean is not None:
         batch_side = (instance_sums.sum(0) - q_sums.sum(0)) * weight
-        batch_slope = batch_side / (stds[1] * (x.numel() // channels))
+        batch_slope = batch_side / (stds[1].view(channels) * (x.numel() // channels))
         slope = slope + batch_slope
         offset = offset - batch_slope * batch_mean.reshape(-1)
     x_grad = torch.empty_like(x)
@@ -310,4 +310,6 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def _flat(t: Tensor) -> Tensor:
-    return t.detach().reshape(-1).contiguous()
+    """t's values as one dense buffer, the kernels' view of it: t itself when it is one already
+    (parameters and statistics always are: no reshape or detach per call on the hot path)."""
+    return t.contiguous()
